@@ -1,0 +1,58 @@
+"""`qed-fit`: LightningCLI for every stage, with `fit` as the default subcommand.
+
+    qed-fit --config configs/demo/sft.yaml            # same as: qed-fit fit --config ...
+    qed-fit --config configs/rl.yaml --print_config   # validate a paper-scale config without running it
+
+Configs use omegaconf mode, so `${...}` interpolation works. The model's `model_name_or_path` is linked to the data
+module's `tokenizer`, so the checkpoint is named once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningCLI
+
+from qed_lightning.modules.base import QEDModule
+
+SUBCOMMANDS = {"fit", "validate", "test", "predict"}
+
+
+class QEDCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer", apply_on="parse")
+
+
+def _with_default_subcommand(args: list[str]) -> list[str]:
+    if args and (args[0] in SUBCOMMANDS or args[0] in {"-h", "--help"}):
+        return args
+    return ["fit", *args]
+
+
+def make_cli(args: list[str] | None = None, run: bool = True) -> QEDCLI:
+    """Build the CLI (tests call this with `args=` to run the real entry point in-process)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = _with_default_subcommand(list(sys.argv[1:] if args is None else args))
+    if not run and argv and argv[0] in SUBCOMMANDS:
+        argv = argv[1:]
+    return QEDCLI(
+        QEDModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+def main() -> None:
+    make_cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Chat templating with an assistant-only loss mask.
+
+The paper trains on the assistant turn only, thinking and proof both. We render the conversation with the
+tokenizer's own chat template (so the model sees exactly what it will see at inference) and mark as trainable the
+characters of each assistant turn that come *after* its generation prompt: for a Qwen3-Thinking template the
+generation prompt is `<|im_start|>assistant\\n<think>\\n`, so the trained span is `reasoning...</think>\\n\\nproof
+<|im_end|>`, which is exactly what the model generates at inference. The span is found by rendering prefixes of the
+conversation (with and without the generation prompt), which works for any template whose rendering of a prefix is
+a prefix of the full rendering; templates that rewrite earlier turns are detected and rejected with a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on tokens that carry no loss
+    truncated: bool = False
+
+    @property
+    def num_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` and return (text, [(start, end)]) character spans of the trainable assistant text."""
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        with_prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not full.startswith(upto):
+            raise ValueError("The chat template renders earlier turns differently once later turns are added; "
+                             "assistant-only masking needs a prefix-stable template.")
+        start = len(os.path.commonprefix([with_prompt, upto]))
+        end = len(upto.rstrip())  # the turn's end marker (e.g. <|im_end|>) is trained, the newline after it is not
+        if end > start:
+            spans.append((start, end))
+    return full, spans
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | None = None) -> TokenizedExample:
+    """Tokenize a chat with labels on the assistant spans only; truncate to `max_length` tokens if given."""
+    text, spans = assistant_char_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids: list[int] = enc["input_ids"]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    span_iter = iter(spans)
+    span = next(span_iter, None)
+    for idx, (tok_start, tok_end) in enumerate(enc["offset_mapping"]):
+        while span is not None and tok_start >= span[1]:
+            span = next(span_iter, None)
+        if span is not None and tok_start >= span[0] and tok_end <= span[1] and tok_end > tok_start:
+            labels[idx] = input_ids[idx]
+    truncated = max_length is not None and len(input_ids) > max_length
+    if truncated:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return TokenizedExample(input_ids=input_ids, labels=labels, truncated=truncated)

@@ -1,0 +1,146 @@
+"""FineProofs-SFT as a LightningDataModule: validate, template, mask, truncate or drop, pack.
+
+Truncation policy (`truncation`):
+- "drop" (default): an example longer than `max_length` tokens is left out. A truncated proof trace teaches the
+  model to stop mid-thought, which is the length failure mode the paper warns about, so we would rather lose it.
+- "truncate": keep the first `max_length` tokens (the loss then covers the start of the thinking only).
+Either way the counts are logged (`data/truncated`, `data/dropped`) and reported at setup.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from functools import partial
+from typing import Literal
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from qed_lightning.data.chat import TokenizedExample, tokenize_conversation
+from qed_lightning.data.loading import DataError, chat_messages, load_rows, remap, validate_rows
+from qed_lightning.data.packing import collate_rows, first_fit_decreasing, pack_row
+
+log = logging.getLogger(__name__)
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Chat-format SFT data (FineProofs-SFT or any file with a `messages` column).
+
+    Args:
+        path: hub id (e.g. "lm-provers/FineProofs-SFT") or a local .jsonl/.json/.parquet file.
+        tokenizer: tokenizer name or folder; linked to the model's `model_name_or_path` by `qed-fit`.
+        subset: hub config name (FineProofs-SFT has "default" and "all").
+        split: hub split.
+        columns: map of our field names onto the file's columns, e.g. {"messages": "conversation"}.
+        max_length: maximum tokens per example (and per packed row).
+        truncation: "drop" or "truncate" examples longer than `max_length` (see module docstring).
+        packing: pack several examples per row (position ids restart per example).
+        batch_size: rows per micro-batch.
+        val_fraction: fraction of examples held out for validation (0 = no validation loop).
+        seed: seed of the split and of the packing order.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        path: str = "lm-provers/FineProofs-SFT",
+        tokenizer: str | None = None,
+        subset: str | None = None,
+        split: str = "train",
+        columns: dict[str, str] | None = None,
+        max_length: int = 16384,
+        truncation: Literal["drop", "truncate"] = "drop",
+        packing: bool = True,
+        batch_size: int = 1,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        problems = []
+        if max_length < 2:
+            problems.append(f"data.max_length must be >= 2, got {max_length}")
+        if batch_size < 1:
+            problems.append(f"data.batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            problems.append(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.save_hyperparameters()
+        self.train_rows: list[dict] = []
+        self.val_rows: list[dict] = []
+        self.stats: dict[str, float] = {}
+        self.pad_id = 0
+
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if self.hparams.tokenizer is None:
+            raise ValueError("SFTDataModule needs `data.tokenizer` (qed-fit links it to model.model_name_or_path).")
+        return AutoTokenizer.from_pretrained(self.hparams.tokenizer)
+
+    def _examples(self, tokenizer) -> list[TokenizedExample]:
+        hp = self.hparams
+        rows = load_rows(hp.path, subset=hp.subset, split=hp.split)
+        validate_rows(rows, {"messages": chat_messages}, where=hp.path, columns=hp.columns)
+        examples, dropped, truncated, no_labels = [], 0, 0, 0
+        for row in rows:
+            ex = tokenize_conversation(tokenizer, remap(row, hp.columns, ["messages"])["messages"], hp.max_length)
+            if ex.truncated:
+                truncated += 1
+                if hp.truncation == "drop":
+                    dropped += 1
+                    continue
+            if ex.num_trained == 0:
+                no_labels += 1
+                continue
+            examples.append(ex)
+        self.stats = {"data/examples": len(rows), "data/truncated": truncated, "data/dropped": dropped + no_labels}
+        if not examples:
+            raise DataError(f"{hp.path}: all {len(rows)} examples were dropped ({truncated} longer than "
+                            f"data.max_length={hp.max_length}); raise data.max_length or set data.truncation=truncate.")
+        return examples
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_rows:
+            return
+        hp = self.hparams
+        tokenizer = self._tokenizer()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        examples = self._examples(tokenizer)
+        random.Random(hp.seed).shuffle(examples)
+        n_val = int(round(len(examples) * hp.val_fraction))
+        self.train_rows = self._rows(examples[n_val:])
+        self.val_rows = self._rows(examples[:n_val])
+        real = sum(len(r["input_ids"]) for r in self.train_rows)
+        capacity = len(self.train_rows) * hp.max_length if hp.packing else real
+        self.stats["data/rows"] = len(self.train_rows)
+        self.stats["data/pack_fill"] = real / max(capacity, 1)
+        rank_zero_info(
+            f"SFT data: {self.stats['data/examples']} examples from {hp.path}, {self.stats['data/truncated']} over "
+            f"max_length={hp.max_length} ({hp.truncation}), {self.stats['data/dropped']} dropped, "
+            f"{len(self.train_rows)} train rows, {len(self.val_rows)} val rows"
+        )
+
+    def _rows(self, examples: list[TokenizedExample]) -> list[dict]:
+        if not self.hparams.packing:
+            return [pack_row([ex]) for ex in examples]
+        bins = first_fit_decreasing([len(ex.input_ids) for ex in examples], self.hparams.max_length)
+        return [pack_row([examples[i] for i in b]) for b in bins]
+
+    def _loader(self, rows: list[dict], shuffle: bool) -> DataLoader:
+        return DataLoader(
+            rows,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            collate_fn=partial(collate_rows, pad_id=self.pad_id),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_rows, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_rows, shuffle=False) if self.val_rows else []
