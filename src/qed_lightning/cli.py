@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
@@ -21,8 +22,18 @@ SUBCOMMANDS = {"fit", "validate", "test", "predict"}
 
 
 class QEDCLI(LightningCLI):
+    """LightningCLI with our conventions: tokenizer linked to the model, CSV metrics under the run's root dir."""
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer", apply_on="parse")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config["trainer"]
+        if trainer.get("logger") in (None, True):  # no logger configured: CSV metrics in <default_root_dir>/csv
+            root = trainer.get("default_root_dir") or "runs"
+            trainer["logger"] = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                                          init_args=Namespace(save_dir=str(root), name="csv"))
 
 
 def _with_default_subcommand(args: list[str]) -> list[str]:

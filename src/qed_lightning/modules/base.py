@@ -39,6 +39,9 @@ class QEDModule(L.LightningModule):
         export_hf: write the final weights with `save_pretrained` into `<run dir>/hf` when training ends.
     """
 
+    #: init arguments that are components (not plain values) and so stay out of `hparams`
+    _hparams_ignore: tuple[str, ...] = ("optimizer", "lr_scheduler")
+
     def __init__(
         self,
         model_name_or_path: str,
@@ -50,7 +53,7 @@ class QEDModule(L.LightningModule):
         export_hf: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=list(self._hparams_ignore))
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.optimizer_factory = optimizer

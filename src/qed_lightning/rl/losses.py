@@ -1,0 +1,192 @@
+"""The clipped policy-gradient loss of GRPO-style RL, with four aggregation modes (SPEC section 4).
+
+Per generated token t of sequence i (all tensors `[N, T]` except the advantages `[N]`):
+
+    rho_t = exp(logp_t - logp_old_t)
+    L_t   = min(rho_t * A_i, clip(rho_t, 1 - clip_low, 1 + clip_high) * A_i) + entropy_coef * H_t - kl_coef * KL_t
+    KL_t  = exp(c) - c - 1,  c = clamp(logp_ref_t - logp_t, -5, 5)        (the "k3" estimator)
+
+`logp_old` is the *sampler's* log-prob of the token (the rollout may be up to ~1 step off-policy; rho corrects for
+it), so both must use the same temperature convention (see `logprobs.py`). `L_t` is maximised; the returned loss
+is its negative.
+
+Paper's choice (reference implementation): `clip_low = clip_high = 4` (so it almost never clips), entropy bonus
+`entropy_coef = 1e-4`, no KL (`kl_coef = 0`), and aggregation `"seq_sum_over_batch"`:
+`loss = -(1/B) * sum_i sum_t L_t`, B = sequences in the optimizer step. It is a token *sum* over a constant, so a
+long proof weighs more than a short one, and the result is the same for any micro-batch split or world size.
+
+Alternatives (`aggregation=`):
+- `"token_mean"` (DAPO): `-(sum L_t) / num_tokens`, num_tokens = masked tokens in the step.
+- `"seq_mean_token_mean"` (original GRPO): each sequence's mean over its own tokens, then `-(sum) / B`.
+- `"dr_grpo"` (Dr. GRPO): `-(sum L_t) / (B * max_len)`, max_len = the generation budget (defaults to T).
+
+Every mode divides by step-level constants, so summing the micro-batch losses of an optimizer step gives exactly
+the step's loss: pass the *step's* `num_sequences`, `num_tokens` and `max_len` to every micro-batch (the default
+`max_len=T` is per call, so set it explicitly when micro-batches are padded to different lengths). DDP *averages*
+gradients over W ranks, so there each rank passes the global count divided by W: `num_sequences` = global B / W
+(the per-rank B when ranks get equal shares), `num_tokens` = all-reduced token count / W (may be fractional).
+
+The mask is boolean in meaning (nonzero = counts). Masked positions may hold any value, inf and NaN included: they
+are replaced before `exp`, so they reach neither the loss nor the gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Aggregation = Literal["seq_sum_over_batch", "token_mean", "seq_mean_token_mean", "dr_grpo"]
+AGGREGATIONS: tuple[str, ...] = ("seq_sum_over_batch", "token_mean", "seq_mean_token_mean", "dr_grpo")
+KL_CLAMP = 5.0
+
+
+def _check_inputs(logprobs: Tensor, advantages: Tensor, others: dict[str, Tensor | None]) -> None:
+    """Collect every shape problem into one ValueError."""
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [N, T], got shape {tuple(logprobs.shape)}")
+    problems = [
+        f"{name} must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(t.shape)}"
+        for name, t in others.items()
+        if t is not None and t.shape != logprobs.shape
+    ]
+    if advantages.shape != logprobs.shape[:1]:
+        problems.append(f"advantages must be [N] = [{logprobs.shape[0]}], got {tuple(advantages.shape)}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _check_options(
+    n: int, aggregation: str, num_sequences: int, num_tokens: float | None, max_len: int | None
+) -> None:
+    problems = []
+    if aggregation not in AGGREGATIONS:
+        problems.append(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if num_sequences < max(n, 1):
+        problems.append(
+            f"num_sequences={num_sequences} but the micro-batch has {n} sequences; num_sequences is the number "
+            "of sequences in the whole optimizer step"
+        )
+    if aggregation == "token_mean" and num_tokens is None:
+        problems.append("aggregation='token_mean' needs num_tokens (the optimizer step's count of masked tokens)")
+    if num_tokens is not None and not num_tokens > 0:
+        problems.append(f"num_tokens must be > 0, got {num_tokens}")
+    if max_len is not None and max_len < 1:
+        problems.append(f"max_len must be >= 1, got {max_len}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _check_coefs(entropy_coef: float, entropy: Tensor | None, kl_coef: float, ref_logprobs: Tensor | None) -> None:
+    """A coefficient whose tensor is missing would silently do nothing: that is a configuration bug."""
+    problems = []
+    if entropy_coef != 0.0 and entropy is None:
+        problems.append(f"entropy_coef={entropy_coef} but entropy is None; pass entropy or set entropy_coef=0")
+    if kl_coef != 0.0 and ref_logprobs is None:
+        problems.append(f"kl_coef={kl_coef} but ref_logprobs is None; pass ref_logprobs or set kl_coef=0")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _clipped_surrogate(
+    log_ratio: Tensor, advantages: Tensor, clip_low: float, clip_high: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return the per-token surrogate `min(rho A, clip(rho) A)`, rho, and where the clipped term won."""
+    rho = torch.exp(log_ratio)  # [N, T]
+    adv = advantages.unsqueeze(1).to(rho.dtype)  # [N, 1]
+    unclipped = rho * adv  # [N, T]
+    clipped = torch.clamp(rho, 1.0 - clip_low, 1.0 + clip_high) * adv  # [N, T]
+    return torch.minimum(unclipped, clipped), rho, clipped < unclipped
+
+
+def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(policy || ref): `exp(c) - c - 1`, `c = clamp(ref - logp, -5, 5)`. `[N, T]`."""
+    c = torch.clamp(ref_logprobs - logprobs, -KL_CLAMP, KL_CLAMP)  # [N, T]
+    return torch.exp(c) - c - 1.0
+
+
+def _aggregate(
+    objective: Tensor,
+    mask: Tensor,
+    aggregation: str,
+    num_sequences: int,
+    num_tokens: float | None,
+    max_len: int | None,
+) -> Tensor:
+    """Turn the masked per-token objective `[N, T]` (zeros off-mask) into the scalar loss to minimise."""
+    total = objective.sum()
+    if aggregation == "seq_sum_over_batch":
+        return -total / num_sequences
+    if aggregation == "token_mean":
+        return -total / num_tokens
+    if aggregation == "dr_grpo":
+        return -total / (num_sequences * (max_len if max_len is not None else objective.shape[1]))
+    per_seq = objective.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [N]; seq_mean_token_mean
+    return -per_seq.sum() / num_sequences
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    num_sequences: int,
+    clip_low: float = 4.0,
+    clip_high: float = 4.0,
+    aggregation: Aggregation = "seq_sum_over_batch",
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    num_tokens: float | None = None,
+    max_len: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Return `(loss, metrics)` for one micro-batch; see the module docstring for the formula and modes.
+
+    A nonzero `entropy_coef` needs `entropy`, and a nonzero `kl_coef` needs `ref_logprobs` (a coefficient that
+    would silently do nothing is an error). Metrics are detached, over masked tokens of this micro-batch.
+    """
+    same_shape = {"old_logprobs": old_logprobs, "mask": mask, "entropy": entropy, "ref_logprobs": ref_logprobs}
+    _check_inputs(logprobs, advantages, same_shape)
+    _check_options(logprobs.shape[0], aggregation, num_sequences, num_tokens, max_len)
+    _check_coefs(entropy_coef, entropy, kl_coef, ref_logprobs)
+    keep = mask != 0  # [N, T]
+    # Zero the log-ratio off-mask *before* exp, so garbage there (inf, NaN) reaches neither loss nor gradient.
+    log_ratio = torch.where(keep, logprobs - old_logprobs, 0.0)  # [N, T]
+    objective, rho, clip_won = _clipped_surrogate(log_ratio, advantages, clip_low, clip_high)  # [N, T] x3
+    if entropy is not None and entropy_coef != 0.0:
+        objective = objective + entropy_coef * entropy
+    kl = None
+    if ref_logprobs is not None:  # cleaned too: k3 has an exp
+        kl = k3_kl(torch.where(keep, logprobs, 0.0), torch.where(keep, ref_logprobs, 0.0))  # [N, T]
+        if kl_coef != 0.0:
+            objective = objective - kl_coef * kl
+    objective = torch.where(keep, objective, 0.0)  # [N, T]; drops padding, and its gradient with it
+    loss = _aggregate(objective, keep, aggregation, num_sequences, num_tokens, max_len)
+    return loss, _metrics(keep, rho, clip_won, entropy, kl)
+
+
+@torch.no_grad()
+def _metrics(
+    keep: Tensor, rho: Tensor, clip_won: Tensor, entropy: Tensor | None, kl: Tensor | None
+) -> dict[str, Tensor]:
+    """Detached means over masked tokens; 0 when the micro-batch has no masked token."""
+    count = keep.sum()
+    denom = count.clamp(min=1).to(rho.dtype)
+
+    def masked_mean(x: Tensor) -> Tensor:
+        return torch.where(keep, x.detach().to(rho.dtype), 0.0).sum() / denom
+
+    metrics = {
+        "clip_frac": masked_mean(clip_won.to(rho.dtype)),
+        "ratio_mean": masked_mean(rho),
+        "ratio_max": torch.where(keep, rho.detach(), 0.0).max() if keep.numel() else rho.new_zeros(()),
+        "num_tokens": count,
+    }
+    if entropy is not None:
+        metrics["entropy"] = masked_mean(entropy)
+    if kl is not None:
+        metrics["kl"] = masked_mean(kl)
+    return metrics

@@ -1,0 +1,96 @@
+"""Rollout engines against the trainer's own forward pass: same log-prob convention, real weight sync."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from qed_lightning.rl import token_logprobs
+from qed_lightning.rollout import HFEngine, SamplingConfig, VLLMEngine, iter_full_parameters
+
+T = 0.8
+
+
+def _prompt(tokenizer) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Prove that 2 is prime."}], add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _trainer_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    lp = token_logprobs(logits, ids[:, 1:], temperature=T)[0]
+    return lp[len(prompt) - 1:]
+
+
+def _perturb(model) -> None:
+    """One SGD step on a next-token loss: a real training update of every weight."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = torch.arange(3, 40).unsqueeze(0)
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model_dir):
+    engine = VLLMEngine(model=str(tiny_model_dir), max_model_len=1024, seed=0)
+    engine.start()
+    yield engine
+    engine.close()
+
+
+@pytest.mark.slow
+def test_vllm_logprobs_match_trainer_and_follow_weight_sync(vllm_engine, tiny_model_dir, tiny_tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompt = _prompt(tiny_tokenizer)
+    sampling = SamplingConfig(temperature=T, max_new_tokens=24, seed=7)
+
+    (before,) = vllm_engine.generate([prompt], sampling, n=1)[0]
+    assert len(before.completion_ids) == len(before.logprobs) > 0
+    torch.testing.assert_close(torch.tensor(before.logprobs), _trainer_logprobs(model, prompt, before.completion_ids), atol=1e-4, rtol=0)
+
+    old_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model.train()
+    _perturb(model)
+    model.eval()
+    vllm_engine.load_weights(iter_full_parameters(model))
+    vllm_engine.set_policy_version(1)
+
+    (after,) = vllm_engine.generate([prompt], sampling, n=1)[0]
+    assert after.policy_version == 1
+    new_lp = _trainer_logprobs(model, prompt, after.completion_ids)
+    torch.testing.assert_close(torch.tensor(after.logprobs), new_lp, atol=1e-4, rtol=0)
+    old_lp = _trainer_logprobs(old_model, prompt, after.completion_ids)
+    assert (torch.tensor(after.logprobs) - old_lp).abs().max() > 1e-2  # the engine no longer samples from the old weights
+
+
+@pytest.mark.slow
+def test_vllm_groups_finish_reasons_and_seeds(vllm_engine, tiny_tokenizer):
+    prompt = _prompt(tiny_tokenizer)
+    groups = vllm_engine.generate([prompt, prompt[:-3]], SamplingConfig(temperature=1.0, max_new_tokens=6, seed=1), n=3)
+    assert [len(g) for g in groups] == [3, 3]
+    for c in groups[0] + groups[1]:
+        assert c.finish_reason in {"stop", "length"}
+        assert c.finish_reason == "stop" or len(c.completion_ids) == 6
+    again = vllm_engine.generate([prompt, prompt[:-3]], SamplingConfig(temperature=1.0, max_new_tokens=6, seed=1), n=3)
+    assert [c.completion_ids for g in again for c in g] == [c.completion_ids for g in groups for c in g]
+    with pytest.raises(ValueError, match="max_model_len"):
+        vllm_engine.generate([[1] * 2000], SamplingConfig(max_new_tokens=4))
+
+
+def test_hf_engine_logprobs_match_trainer(tiny_model_dir, tiny_tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    engine = HFEngine()
+    engine.attach(model, tiny_tokenizer)
+    prompt = _prompt(tiny_tokenizer)
+    groups = engine.generate([prompt, prompt[2:]], SamplingConfig(temperature=T, max_new_tokens=12, seed=3), n=2)
+    assert [len(g) for g in groups] == [2, 2]
+    model.eval()
+    for group, p in zip(groups, [prompt, prompt[2:]]):
+        for c in group:
+            assert c.finish_reason == "stop" or len(c.completion_ids) == 12
+            torch.testing.assert_close(torch.tensor(c.logprobs), _trainer_logprobs(model, p, c.completion_ids), atol=1e-4, rtol=0)
