@@ -36,7 +36,8 @@ class QEDModule(L.LightningModule):
         dtype: dtype the weights are loaded in ("float32" on CPU; "bfloat16" with `precision: bf16-true`).
         attn_implementation: transformers attention backend ("sdpa", "eager", "flash_attention_2"); None = default.
         gradient_checkpointing: recompute activations in the backward pass (saves memory on long sequences).
-        export_hf: write the final weights with `save_pretrained` into `<run dir>/hf` when training ends.
+        export_hf: write the final weights with `save_pretrained` when training ends.
+        export_dir: where to export (None = `<run dir>/hf`, next to the run's metrics and config).
     """
 
     #: init arguments that are components (not plain values) and so stay out of `hparams`
@@ -51,6 +52,7 @@ class QEDModule(L.LightningModule):
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
         export_hf: bool = True,
+        export_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=list(self._hparams_ignore))
@@ -130,4 +132,4 @@ class QEDModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.hparams.export_hf:
-            self.export_hf(self.run_dir / "hf")
+            self.export_hf(self.hparams.export_dir or self.run_dir / "hf")

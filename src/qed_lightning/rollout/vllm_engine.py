@@ -16,6 +16,7 @@ On GPU, `enable_sleep_mode=True` lets the engine release its KV cache (level 1) 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Iterable
@@ -55,6 +56,8 @@ class VLLMEngine(RolloutEngine):
         enable_sleep_mode: release memory while the trainer steps (GPU only).
         seed: engine seed.
         tensor_parallel_size: GPUs per engine.
+        kv_cache_memory_gib: an explicit KV-cache size; None = derived from `gpu_memory_utilization` on GPU, and
+            0.5 GiB on CPU, where vLLM otherwise subtracts the whole trainer process's memory from its share.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class VLLMEngine(RolloutEngine):
         enable_sleep_mode: bool = False,
         seed: int = 0,
         tensor_parallel_size: int = 1,
+        kv_cache_memory_gib: float | None = None,
     ) -> None:
         self.model = model
         self.kwargs = dict(
@@ -80,6 +84,7 @@ class VLLMEngine(RolloutEngine):
             seed=seed,
             tensor_parallel_size=tensor_parallel_size,
         )
+        self.kv_cache_memory_gib = kv_cache_memory_gib
         self.max_model_len = max_model_len
         self.llm = None
         self.policy_version = 0
@@ -101,7 +106,13 @@ class VLLMEngine(RolloutEngine):
             kwargs.pop("enable_sleep_mode")
             if kwargs["dtype"] == "auto":
                 kwargs["dtype"] = "float32"
+        kv_gib = self.kv_cache_memory_gib if self.kv_cache_memory_gib is not None else (None if torch.cuda.is_available() else 0.5)
+        if kv_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
         self.llm = LLM(model=self.model, logprobs_mode="processed_logprobs", **kwargs)
+        # a tied lm_head has no checkpoint entry, so every in-place reload warns about it; _refresh_tied_lm_head
+        # handles that layer, so the warning is noise
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         torch.set_num_threads(threads)  # vLLM's CPU backend lowers it to 1 for serving; the trainer wants them all
         log.info("vLLM engine ready on %s (max_model_len=%d)", self.model, self.max_model_len)
 
@@ -161,4 +172,6 @@ class VLLMEngine(RolloutEngine):
             self._asleep = False
 
     def close(self) -> None:
-        self.llm = None
+        if self.llm is not None:
+            self.llm = None
+            gc.collect()

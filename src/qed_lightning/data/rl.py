@@ -1,0 +1,142 @@
+"""FineProofs-RL as a LightningDataModule: problems with their marking schemes, batched as prompts per RL step.
+
+One batch is one RL step's worth of problems (`prompts_per_step`, 64 in the paper); the module samples `group_size`
+completions of each. Rows are validated before any model loads: a non-empty problem, a rubric (markdown or list
+form) whose checkpoints add up to 7, and a policy prompt that fits the engine's context.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from qed_lightning.data.loading import DataError, load_rows, nonempty_str, remap, validate_rows
+from qed_lightning.rewards.rubric import render_rubric, rubric_total
+
+POLICY_PROMPT = "Generate a rigorous proof to the following question:\n\n{problem}"
+
+
+@dataclass
+class ProofProblem:
+    """One RL problem: the statement, its rendered marking scheme, and the tokenized policy prompt."""
+
+    index: int
+    problem: str
+    rubric: str
+    source: str = ""
+    prompt_ids: list[int] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def check_rubric(value: Any) -> str | None:
+    """A data-layer check: the rubric renders and (markdown form) its checkpoints total 7 points."""
+    if isinstance(value, list):
+        try:
+            render_rubric(value)
+        except (ValueError, TypeError) as err:
+            return str(err)
+        total = sum(int(item.get("points", 0)) for item in value)
+        return None if total == 7 else f"rubric items total {total} points, expected 7"
+    problem = nonempty_str(value)
+    if problem:
+        return problem
+    try:
+        total = rubric_total(value)
+    except ValueError as err:
+        return str(err)
+    return None if total == 7 else f"rubric checkpoints total {total} points, expected 7 (chains count by their maximum)"
+
+
+def render_policy_prompt(tokenizer, problem: str, template: str = POLICY_PROMPT) -> list[int]:
+    """The paper's policy prompt (one user turn, no system prompt), chat-templated and tokenized."""
+    messages = [{"role": "user", "content": template.replace("{problem}", problem)}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _collate(batch: list[ProofProblem]) -> list[ProofProblem]:
+    return batch
+
+
+class ProofRLDataModule(L.LightningDataModule):
+    """Problems + rubrics for rubric RL (FineProofs-RL, or any file with a problem and a rubric column).
+
+    Args:
+        path: hub id (e.g. "lm-provers/FineProofs-RL") or a local .jsonl/.json/.parquet file.
+        tokenizer: linked to the model's `model_name_or_path` by `qed-fit`.
+        subset: hub config name. split: hub split.
+        columns: map of our fields ("problem", "rubrics", "source") onto the file's columns.
+        prompts_per_step: problems per RL step (each gets `group_size` rollouts).
+        val_size: problems held out for the periodic validation pass (graded, not trained on).
+        max_prompt_tokens: refuse problems whose policy prompt is longer (keep it below the engine's max length
+            minus the completion budget).
+        prompt_template: the policy prompt; `{problem}` is replaced by the statement.
+        seed: shuffling seed.
+    """
+
+    def __init__(
+        self,
+        path: str = "lm-provers/FineProofs-RL",
+        tokenizer: str | None = None,
+        subset: str | None = None,
+        split: str = "train",
+        columns: dict[str, str] | None = None,
+        prompts_per_step: int = 64,
+        val_size: int = 0,
+        max_prompt_tokens: int = 4096,
+        prompt_template: str = POLICY_PROMPT,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if prompts_per_step < 1:
+            raise ValueError(f"data.prompts_per_step must be >= 1, got {prompts_per_step}")
+        if val_size < 0:
+            raise ValueError(f"data.val_size must be >= 0, got {val_size}")
+        if "{problem}" not in prompt_template:
+            raise ValueError("data.prompt_template must contain the placeholder {problem}")
+        self.save_hyperparameters()
+        self.train_problems: list[ProofProblem] = []
+        self.val_problems: list[ProofProblem] = []
+
+    def load_problems(self, tokenizer) -> list[ProofProblem]:
+        hp = self.hparams
+        rows = load_rows(hp.path, subset=hp.subset, split=hp.split)
+        validate_rows(rows, {"problem": nonempty_str, "rubrics": check_rubric}, where=hp.path, columns=hp.columns)
+        problems = []
+        for i, row in enumerate(rows):
+            fields = remap(row, hp.columns, ["problem", "rubrics", "source"])
+            ids = render_policy_prompt(tokenizer, fields["problem"], hp.prompt_template)
+            if len(ids) > hp.max_prompt_tokens:
+                raise DataError(f"{hp.path}: row {i}, column 'problem': the policy prompt has {len(ids)} tokens, more "
+                                f"than data.max_prompt_tokens={hp.max_prompt_tokens}; raise it (and the engine's max_model_len).")
+            problems.append(ProofProblem(i, fields["problem"], render_rubric(fields["rubrics"]), fields["source"] or "", ids))
+        return problems
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_problems:
+            return
+        from transformers import AutoTokenizer
+
+        if self.hparams.tokenizer is None:
+            raise ValueError("ProofRLDataModule needs `data.tokenizer` (qed-fit links it to model.model_name_or_path).")
+        problems = self.load_problems(AutoTokenizer.from_pretrained(self.hparams.tokenizer))
+        random.Random(self.hparams.seed).shuffle(problems)
+        n_val = self.hparams.val_size
+        if n_val >= len(problems):
+            raise DataError(f"{self.hparams.path}: data.val_size={n_val} leaves no training problems out of {len(problems)}.")
+        self.val_problems, self.train_problems = problems[:n_val], problems[n_val:]
+        rank_zero_info(f"RL data: {len(self.train_problems)} train and {len(self.val_problems)} validation problems from {self.hparams.path}")
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_problems, batch_size=self.hparams.prompts_per_step, shuffle=True,
+                          collate_fn=_collate, drop_last=len(self.train_problems) >= self.hparams.prompts_per_step)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_problems:
+            return []
+        return DataLoader(self.val_problems, batch_size=self.hparams.prompts_per_step, shuffle=False, collate_fn=_collate)

@@ -1,0 +1,87 @@
+"""Judge prompt templates as versioned text files, and a brace-safe renderer (SPEC 4, 6).
+
+Paper's choice: the reference's "v1" rubric prompt (problem statement, marking scheme, proof; XML answer with a
+0..7 score) and the IMO-ProofBench grading protocol (reference solution, guidelines, `<points>N out of 7</points>`).
+Ours: both written in our own words under `prompts/`, loaded by name (`"rubric_v1"`) or from a user's file path.
+A run records `JudgePrompt.version` = name + the first 8 hex digits of the text's sha256, so editing a template in
+place can never be mistaken for the same prompt (and never hits the grade cache of the old text).
+
+Rendering substitutes the exact placeholders `{problem}`, `{rubric}`, `{proof}`, `{reference_solution}` and
+`{guidelines}` in one pass. It does not use `str.format`, because the substituted LaTeX is full of braces
+(`\\frac{a}{b}`), and one pass means text inside a substituted value (a proof that happens to contain `{rubric}`)
+is never substituted again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["PLACEHOLDERS", "JudgePrompt", "load_prompt", "packaged_prompts"]
+
+PLACEHOLDERS = ("problem", "rubric", "proof", "reference_solution", "guidelines")
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+_PACKAGE_DIR = "prompts"
+
+
+@dataclass(frozen=True)
+class JudgePrompt:
+    """A judge prompt template. `version` (name@short-sha) is what a run records and what keys the grade cache."""
+
+    name: str
+    version: str
+    text: str
+    sha: str
+
+    @property
+    def placeholders(self) -> set[str]:
+        """The placeholders that occur in the template."""
+        return set(_PLACEHOLDER.findall(self.text))
+
+    def require(self, fields: set[str]) -> None:
+        """Raise if the template lacks a placeholder that the judge must fill (e.g. `{proof}`)."""
+        missing = sorted(fields - self.placeholders)
+        if missing:
+            names = ", ".join("{" + m + "}" for m in missing)
+            raise ValueError(f"judge prompt {self.name!r} lacks the placeholder(s) {names}; add them to the template.")
+
+    def render(self, **values: str) -> str:
+        """Substitute the placeholders in one pass; every placeholder present in the template needs a value.
+
+        >>> p = make_prompt("t", "Problem: {problem}\\nProof: {proof}")
+        >>> p.render(problem=r"Show $\\frac{a}{b} \\ge 0$ for {a, b}.", proof="{rubric} stays as is")
+        'Problem: Show $\\\\frac{a}{b} \\\\ge 0$ for {a, b}.\\nProof: {rubric} stays as is'
+        """
+        missing = sorted(self.placeholders - {k for k, v in values.items() if v is not None})
+        if missing:
+            raise ValueError(f"judge prompt {self.name!r} needs values for {missing}; got {sorted(values)}.")
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.text)
+
+
+def make_prompt(name: str, text: str) -> JudgePrompt:
+    """A JudgePrompt from a name and a text; the version is `name@` + the first 8 hex digits of sha256(text)."""
+    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return JudgePrompt(name=name, version=f"{name}@{sha[:8]}", text=text, sha=sha)
+
+
+def packaged_prompts() -> list[str]:
+    """Names of the templates shipped with the package."""
+    folder = resources.files(__package__) / _PACKAGE_DIR
+    return sorted(p.name[: -len(".txt")] for p in folder.iterdir() if p.name.endswith(".txt"))
+
+
+def load_prompt(name_or_path: str) -> JudgePrompt:
+    """Load a packaged template by name ("rubric_v1") or a user's template file by path."""
+    packaged = resources.files(__package__) / _PACKAGE_DIR / f"{name_or_path}.txt"
+    if "/" not in name_or_path and packaged.is_file():
+        return make_prompt(name_or_path, packaged.read_text(encoding="utf-8"))
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return make_prompt(path.stem, path.read_text(encoding="utf-8"))
+    raise ValueError(
+        f"judge prompt {name_or_path!r} is neither a packaged template ({', '.join(packaged_prompts())}) "
+        "nor an existing file; set the judge's `prompt` to one of those names or to a template path."
+    )

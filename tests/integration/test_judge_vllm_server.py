@@ -1,0 +1,100 @@
+"""The judge client against a REAL vLLM OpenAI-compatible server running the tiny model (CPU build of vLLM).
+
+The tiny random model cannot grade, so its replies carry no score: what this proves is the protocol round trip on
+both APIs (request bodies vLLM accepts, reply bodies the client reads), ending in "parse_fail" with the reply
+recorded, never in "error".
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from qed_lightning.rewards import GradeRequest, OpenAIJudgeClient, RubricJudge
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+SERVED_NAME = "tiny-judge"
+STARTUP_S = 180.0
+# Short texts: the judge prompt must stay well inside the tiny model's 2,048-token context (~2 chars per token).
+PROBLEM = "Prove that $n^2 + n$ is even for every integer $n$."
+RUBRIC = "## Checkpoints (7 pts total)\n- **3 pts**: writes $n^2+n = n(n+1)$\n- **4 pts**: one of two consecutive integers is even"
+PROOF = "<think>factor it</think>Since $n^2+n = n(n+1)$ and one of $n, n+1$ is even, the product is even."
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vLLM server exited with code {proc.returncode} during startup:\n{_log_tail(log_path)}")
+        try:
+            if httpx.get(f"{url}/models", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    pytest.fail(f"vLLM server not ready after {STARTUP_S:.0f}s:\n{_log_tail(log_path)}")
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model_dir, tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
+           "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--enforce-eager", "--gpu-memory-utilization", "0.1", "--max-model-len", "2048"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        _wait_ready(proc, url, log_path)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_models_endpoint_lists_the_served_model(vllm_server):
+    models = httpx.get(f"{vllm_server}/models", timeout=10.0).json()
+    assert [m["id"] for m in models["data"]] == [SERVED_NAME]
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_rubric_judge_round_trip_on_a_real_server(vllm_server, api):
+    client = OpenAIJudgeClient(vllm_server, SERVED_NAME, api=api, api_key_env=None, max_tokens=32, timeout_s=120.0,
+                               max_retries=1)
+    judge = RubricJudge(client)
+    requests = [GradeRequest(PROBLEM, RUBRIC, PROOF), GradeRequest(PROBLEM, RUBRIC, PROOF + " Hence done."),
+                GradeRequest(PROBLEM, RUBRIC, "<think>ran out of tokens")]
+    try:
+        grades = judge.grade(requests)
+    finally:
+        judge.close()
+    graded, truncated = grades[:2], grades[2]
+    # A random tiny model writes no valid <score> tag: the round trip worked, the reply is recorded, nothing errored.
+    assert [g.status for g in graded] == ["parse_fail", "parse_fail"], [g.reply for g in graded]
+    assert all(g.reply.strip() and g.reward == 0.0 and g.latency_s > 0 for g in graded)
+    assert truncated.status == "truncated"
+    assert judge.counters == {"parse_fail": 2, "truncated": 1, "calls": 2, "cache_hits": 0}

@@ -1,0 +1,81 @@
+"""Stage 2 through the real entry point, with the vLLM CPU engine and the scripted judge over HTTP."""
+
+from __future__ import annotations
+
+import csv
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qed_lightning.cli import make_cli
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _metrics(root: Path) -> list[dict[str, float]]:
+    (run_dir,) = sorted((root / "csv").glob("version_*"))
+    with open(run_dir / "metrics.csv") as fh:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
+
+
+def _series(rows: list[dict[str, float]], key: str) -> list[float]:
+    return [r[key] for r in rows if key in r]
+
+
+def _run(tiny_model_dir: Path, root: Path, *overrides: str) -> list[dict[str, float]]:
+    make_cli(args=[
+        "--config", str(REPO / "configs/demo/rl.yaml"),
+        "--trainer.default_root_dir", str(root),
+        "--model.init_args.model_name_or_path", str(tiny_model_dir),
+        "--model.init_args.export_dir", str(root / "hf"),
+        "--model.init_args.judge.init_args.cache_path", str(root / "grades.sqlite"),
+        "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"),
+        *overrides,
+    ])
+    return _metrics(root)
+
+
+@pytest.mark.slow
+def test_demo_rl_steps_sync_weights_and_log_everything(tiny_model_dir, tmp_path):
+    rows = _run(tiny_model_dir, tmp_path, "--trainer.max_steps", "3")
+    steps = _series(rows, "rollout/reward_mean")
+    assert len(steps) == 3
+    for key in ["train/loss", "train/grad_norm", "rollout/reward_std", "rollout/zero_adv_group_frac",
+                "rollout/response_len_mean", "rollout/truncated_frac", "judge/latency_mean_s", "judge/error",
+                "judge/parse_fail", "judge/score_0", "train/tokens_per_sec", "rollout/logprob_diff_max"]:
+        assert len(_series(rows, key)) == 3, key
+    # 4 prompts x G=4 graded per step by the scripted judge over HTTP, with no failures
+    assert _series(rows, "judge/ok") == [16.0, 16.0, 16.0]
+    assert sum(_series(rows, "judge/error")) == 0
+    # the engine gets the new weights after each step: sampler and trainer log-probs agree (on-policy)
+    assert max(_series(rows, "rollout/logprob_diff_max")) < 1e-3
+    assert _series(rows, "rollout/policy_version") == [1.0, 2.0, 3.0]  # one push after each optimizer step
+    assert _series(rows, "val/reward_mean")  # the held-out problems were graded
+    # every grade was stored in the persistent cache
+    with sqlite3.connect(tmp_path / "grades.sqlite") as db:
+        (count,) = db.execute("select count(*) from grades").fetchone()
+    assert count > 0
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert [k for k in before if torch.equal(before[k], after[k])] == []
+
+
+@pytest.mark.slow
+def test_rubric_rl_raises_mean_reward_on_a_learnable_judge(tiny_model_dir, tmp_path):
+    """Learning test. Task: the scripted judge scores a response by its share of vowels (rule char_fraction,
+    charset aeiouAEIOU: score = round(7 * share)), a property the tiny model can learn by shifting its token
+    distribution. From the random tiny model (seed 0), 30 steps of 4 prompts x G=8, 24 new tokens, lr 3e-3:
+    measured mean reward 0.28 over the first 5 steps and 0.57 over the last 5. Threshold: +0.15."""
+    rows = _run(
+        tiny_model_dir, tmp_path,
+        "--trainer.max_steps", "30", "--model.init_args.group_size", "8", "--model.init_args.max_new_tokens", "24",
+        "--model.init_args.optimizer.init_args.lr", "3e-3", "--data.init_args.val_size", "0",
+        "--model.init_args.export_hf", "false",
+    )
+    rewards = _series(rows, "rollout/reward_mean")
+    assert len(rewards) == 30
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.15, rewards
