@@ -30,10 +30,16 @@ class QEDCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config["trainer"]
+        root = str(trainer.get("default_root_dir") or "runs")
         if trainer.get("logger") in (None, True):  # no logger configured: CSV metrics in <default_root_dir>/csv
-            root = trainer.get("default_root_dir") or "runs"
             trainer["logger"] = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
-                                          init_args=Namespace(save_dir=str(root), name="csv"))
+                                          init_args=Namespace(save_dir=root, name="csv"))
+        for callback in trainer.get("callbacks") or []:
+            # checkpoints in one fixed folder per run, so `--ckpt_path last` finds them after a restart (the
+            # default, <log dir>/checkpoints, moves to a new version folder every time the run is resumed)
+            init = callback.get("init_args") if hasattr(callback, "get") else None
+            if init is not None and str(callback.get("class_path", "")).endswith("ModelCheckpoint") and not init.get("dirpath"):
+                init["dirpath"] = f"{root}/checkpoints"
 
 
 def _with_default_subcommand(args: list[str]) -> list[str]:

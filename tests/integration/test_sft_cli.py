@@ -30,9 +30,11 @@ def sft_run(tiny_model_dir, tmp_path_factory):
         "--trainer.default_root_dir", str(root),
         "--model.init_args.model_name_or_path", str(tiny_model_dir),
         "--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl"),
+        "--model.init_args.export_dir", str(root / "csv" / "version_0" / "hf"),
     ]
     make_cli(args=args)
     (run_dir,) = sorted((root / "csv").glob("version_*"))
+    assert (run_dir / "hf" / "config.json").exists()
     return run_dir
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 
 from qed_lightning.data.loading import DataError, load_rows, nonempty_str, remap, validate_rows
 from qed_lightning.rewards.rubric import render_rubric, rubric_total
@@ -59,8 +58,54 @@ def render_policy_prompt(tokenizer, problem: str, template: str = POLICY_PROMPT)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def _collate(batch: list[ProofProblem]) -> list[ProofProblem]:
-    return batch
+class ProblemBatches:
+    """The RL step's problems, in a seeded order per epoch, that resumes exactly where a checkpoint left off.
+
+    Lightning saves the `state_dict` of any loader that has one with each checkpoint and restores it on resume, so
+    a run killed mid-epoch neither repeats nor skips a problem (a plain shuffling DataLoader restarts its epoch).
+    The order of epoch e is a permutation seeded by (seed, e), identical on every rank; rank r takes every W-th
+    problem of it. Lightning does not prefetch from a loader of known length, so at checkpoint time the batches
+    handed out are exactly the batches trained (the kill-and-resume test pins this). Each new pass over the loader
+    is the next epoch, except the first pass after a restore, which finishes the restored epoch.
+    """
+
+    def __init__(self, problems: list[ProofProblem], batch_size: int, seed: int, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.problems, self.batch_size, self.seed, self.shuffle = problems, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.consumed, self._resume_at, self._started = 0, 0, 0, False
+
+    def _order(self, epoch: int) -> list[ProofProblem]:
+        order = list(self.problems)
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        """Batches per epoch, the same on every rank (a data-parallel step needs all ranks): full batches only,
+        the remainder waits for the next epoch's order; a dataset smaller than one global batch gives one
+        partial batch."""
+        full = len(self.problems) // (self.batch_size * self.world_size)
+        return full if full > 0 else 1
+
+    def __iter__(self):
+        if self._started:
+            self.epoch += 1
+        self._started = True
+        start, self._resume_at = self._resume_at, 0
+        mine = self._order(self.epoch)
+        self.consumed = start
+        for pos in range(start, len(self)):
+            self.consumed = pos + 1
+            yield mine[pos * self.batch_size : (pos + 1) * self.batch_size]
+
+    def state_dict(self) -> dict[str, int]:
+        if self._started and self.consumed >= len(self):
+            return {"epoch": self.epoch + 1, "consumed": 0, "seed": self.seed}
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._resume_at, self._started = int(state["epoch"]), int(state["consumed"]), False
 
 
 class ProofRLDataModule(L.LightningDataModule):
@@ -71,7 +116,8 @@ class ProofRLDataModule(L.LightningDataModule):
         tokenizer: linked to the model's `model_name_or_path` by `qed-fit`.
         subset: hub config name. split: hub split.
         columns: map of our fields ("problem", "rubrics", "source") onto the file's columns.
-        prompts_per_step: problems per RL step (each gets `group_size` rollouts).
+        prompts_per_step: problems per RL step *per training process* (each gets `group_size` rollouts); the
+            step's batch is `prompts_per_step x world size x group_size` sequences.
         val_size: problems held out for the periodic validation pass (graded, not trained on).
         max_prompt_tokens: refuse problems whose policy prompt is longer (keep it below the engine's max length
             minus the completion budget).
@@ -132,11 +178,13 @@ class ProofRLDataModule(L.LightningDataModule):
         self.val_problems, self.train_problems = problems[:n_val], problems[n_val:]
         rank_zero_info(f"RL data: {len(self.train_problems)} train and {len(self.val_problems)} validation problems from {self.hparams.path}")
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_problems, batch_size=self.hparams.prompts_per_step, shuffle=True,
-                          collate_fn=_collate, drop_last=len(self.train_problems) >= self.hparams.prompts_per_step)
+    def _batches(self, problems: list[ProofProblem], shuffle: bool) -> ProblemBatches:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return ProblemBatches(problems, self.hparams.prompts_per_step, self.hparams.seed, shuffle, rank, world)
 
-    def val_dataloader(self) -> DataLoader | list:
-        if not self.val_problems:
-            return []
-        return DataLoader(self.val_problems, batch_size=self.hparams.prompts_per_step, shuffle=False, collate_fn=_collate)
+    def train_dataloader(self) -> ProblemBatches:
+        return self._batches(self.train_problems, shuffle=True)
+
+    def val_dataloader(self) -> ProblemBatches | list:
+        return self._batches(self.val_problems, shuffle=False) if self.val_problems else []

@@ -67,8 +67,14 @@ class QEDModule(L.LightningModule):
     # -- model ---------------------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
+        if self.model is None:
+            self._load_model()
+        if self.device_mesh is not None:  # Lightning's ModelParallelStrategy (FSDP2): shard layer by layer
+            from qed_lightning.parallel import apply_fsdp2
+
+            apply_fsdp2(self.model, self.device_mesh["data_parallel"])
+
+    def _load_model(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         hp = self.hparams
@@ -131,5 +137,8 @@ class QEDModule(L.LightningModule):
         return out
 
     def on_train_end(self) -> None:
-        if self.hparams.export_hf:
+        # a pre-empted run (PreemptionCheckpoint) resumes later: exporting its intermediate weights would only spend
+        # the grace period before the kill
+        preempted = any(getattr(cb, "preempted", False) for cb in self.trainer.callbacks)
+        if self.hparams.export_hf and not preempted:
             self.export_hf(self.hparams.export_dir or self.run_dir / "hf")

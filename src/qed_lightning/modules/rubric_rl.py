@@ -14,8 +14,9 @@ One optimizer step = sample, grade, advantage, loss, step:
 Where we differ from the paper: the paper generates asynchronously on separate GPUs, up to ~1 step off-policy.
 Colocated, each step here is on-policy unless `sync_interval > 1`; the ratio rho corrects either way.
 
-Override points: `compute_rewards(problems, rollouts)` and `compute_loss(...)`. Components: `engine`
-(`VLLMEngine`, `HFEngine`, ...) and `judge` (`RubricJudge` with any client) are injected by `class_path`.
+Override points: `compute_rewards(problems, rollouts)` and `compute_loss(...)`; `rl_step(prompts)` (sample, grade,
+advantage, loss, step on a list of prompts) is what `ReasoningCacheRLModule` reuses on its RC states. Components:
+`engine` (`VLLMEngine`, `HFEngine`, ...) and `judge` (`RubricJudge` with any client) are injected by `class_path`.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class RubricRLModule(QEDModule):
     _hparams_ignore = ("optimizer", "lr_scheduler", "engine", "judge")
 
     def configure_callbacks(self):
-        return [WeightSyncCallback(self.engine, self.hparams.sync_interval)]
+        return [WeightSyncCallback(self.engine, self.hparams.sync_interval), *self.engine.callbacks()]
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -119,13 +120,17 @@ class RubricRLModule(QEDModule):
 
     # -- 1. sample -----------------------------------------------------------------------------------------------
 
-    def sampling(self, n_step: int) -> SamplingConfig:
+    def sampling(self, problems: list[ProofProblem], step: int | None = None) -> SamplingConfig:
+        """The step's sampling settings, seeded by (seed, step, problem): reproducible across resumes and ranks.
+        `step` defaults to the current one (`AsyncRollouts` asks for the next step's settings ahead of time)."""
         hp = self.hparams
-        return SamplingConfig(hp.temperature, hp.top_p, hp.top_k, hp.max_new_tokens, seed=hp.seed + 100_003 * n_step)
+        step = self.global_step if step is None else step
+        seeds = tuple(hp.seed + 100_003 * step + 7_919 * p.index for p in problems)
+        return SamplingConfig(hp.temperature, hp.top_p, hp.top_k, hp.max_new_tokens, seeds=seeds)
 
     def generate_rollouts(self, problems: list[ProofProblem], n: int) -> list[Completion]:
         """`[P * n]` completions, the n of one problem adjacent."""
-        groups = self.engine.generate([p.prompt_ids for p in problems], self.sampling(self.global_step), n=n)
+        groups = self.engine.generate([p.prompt_ids for p in problems], self.sampling(problems), n=n)
         return [c for group in groups for c in group]
 
     # -- 2. grade ------------------------------------------------------------------------------------------------
@@ -175,25 +180,59 @@ class RubricRLModule(QEDModule):
         """Accumulate the step's gradient over packed micro-batches, clip, and take one optimizer step."""
         members = [i for i in range(len(rollouts)) if bool(valid[i]) and rollouts[i].completion_ids]
         lengths = [len(rollouts[i].completion_ids) for i in members]
-        totals = {"sequences": max(len(members), 1), "tokens": max(sum(lengths), 1), "max_len": max(lengths, default=1)}
+        totals = self._step_totals(len(members), sum(lengths), max(lengths, default=1))
         opt = self.optimizers()
         opt.zero_grad()
         sums: dict[str, float] = {"loss": 0.0, "logprob_diff_sum": 0.0, "logprob_diff_max": 0.0, "clip_frac": 0.0, "entropy": 0.0}
         plan = plan_microbatches([len(rollouts[i].prompt_ids) + lengths[j] for j, i in enumerate(members)], self.hparams.micro_batch_tokens)
         for mb in plan:
             loss, metrics = self.compute_loss(rollouts, advantages, [members[j] for j in mb], totals)
-            self.manual_backward(loss)
+            self.manual_backward(loss * self.trainer.world_size)  # DDP/FSDP average over ranks; see _step_totals
             sums["loss"] += float(loss.detach())
             sums["logprob_diff_sum"] += float(metrics["logprob_diff_sum"])
             sums["logprob_diff_max"] = max(sums["logprob_diff_max"], float(metrics["logprob_diff_max"]))
             weight = float(metrics["num_tokens"]) / totals["tokens"]
             sums["clip_frac"] += float(metrics["clip_frac"]) * weight
             sums["entropy"] += float(metrics.get("entropy", torch.tensor(0.0))) * weight
+        for _ in range(self._missing_microbatches(len(plan))):
+            self.manual_backward(self._idle_loss())
+        sums["loss"] = self._sum_over_ranks(sums["loss"])  # each rank holds its part of the step's loss
         grad_norm = self._clip_and_step(opt, sums["loss"])
         return {"train/loss": sums["loss"], "train/grad_norm": grad_norm, "train/clip_frac": sums["clip_frac"],
                 "train/entropy": sums["entropy"], "train/micro_batches": float(len(plan)),
                 "rollout/logprob_diff_mean": sums["logprob_diff_sum"] / totals["tokens"],
                 "rollout/logprob_diff_max": sums["logprob_diff_max"]}
+
+    def _step_totals(self, sequences: int, tokens: int, max_len: int) -> dict[str, int]:
+        """The optimizer step's sequence/token counts and longest completion, over all ranks.
+
+        Each rank normalises its token sum by the *global* counts, and its loss is multiplied by the world size
+        before backward, because data-parallel strategies average gradients: the result is exactly the paper's
+        `-(1/B) sum L` over the whole step, however the sequences are spread over ranks and micro-batches.
+        """
+        local = torch.tensor([sequences, tokens, max_len], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            gathered = self.all_gather(local)  # [W, 3]
+            local = torch.cat([gathered[:, :2].sum(0), gathered[:, 2].max().reshape(1)])
+        return {"sequences": max(int(local[0]), 1), "tokens": max(int(local[1]), 1), "max_len": max(int(local[2]), 1)}
+
+    def _missing_microbatches(self, n: int) -> int:
+        """Passes this rank adds so that all ranks run as many forward/backward passes: each pass is a collective
+        under DDP and FSDP, and a rank with fewer packed micro-batches would leave the others waiting forever."""
+        if self.trainer.world_size == 1:
+            return 0
+        most = self.trainer.strategy.reduce(torch.tensor(float(n), device=self.device), reduce_op="max")
+        return int(most) - n
+
+    def _idle_loss(self) -> torch.Tensor:
+        """A zero loss through the whole model (one token): a pass's collectives, no gradient contribution."""
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        return self(ids, ids).sum() * 0.0
+
+    def _sum_over_ranks(self, value: float) -> float:
+        if self.trainer.world_size == 1:
+            return value
+        return float(self.trainer.strategy.reduce(torch.tensor(value, dtype=torch.float64, device=self.device), reduce_op="sum"))
 
     def _clip_and_step(self, opt, loss: float) -> float:
         params = [p for p in self.parameters() if p.grad is not None]
@@ -218,6 +257,12 @@ class RubricRLModule(QEDModule):
     # -- the step, as a list of named steps ----------------------------------------------------------------------
 
     def training_step(self, batch: list[ProofProblem], batch_idx: int) -> None:
+        metrics, _, _ = self.rl_step(batch)
+        self.log_step(metrics, len(batch))
+
+    def rl_step(self, batch: list[ProofProblem]) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        """Sample, grade, advantage, loss and step on `batch` (each item one GRPO prompt: its `prompt_ids`, graded
+        against its `problem` and `rubric`); returns the metrics, the rewards `[P * G]` and their validity `[P * G]`."""
         hp = self.hparams
         t0 = time.perf_counter()
         rollouts = self.generate_rollouts(batch, hp.group_size)  # 1. sample
@@ -234,8 +279,11 @@ class RubricRLModule(QEDModule):
         tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
         metrics.update({"time/generate_s": t1 - t0, "time/grade_s": t2 - t1, "time/train_s": t3 - t2,
                         "train/tokens_per_sec": tokens / max(t3 - t0, 1e-9)})
-        self.log_dict(metrics, batch_size=len(batch))
-        self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False, batch_size=len(batch))
+        return metrics, rewards, valid
+
+    def log_step(self, metrics: dict[str, float], batch_size: int) -> None:
+        self.log_dict(metrics, batch_size=batch_size)
+        self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False, batch_size=batch_size)
 
     def validation_step(self, batch: list[ProofProblem], batch_idx: int) -> None:
         rollouts = self.generate_rollouts(batch, self.hparams.val_samples)

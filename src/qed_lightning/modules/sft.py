@@ -6,7 +6,9 @@ the checkpoint after 372 optimizer steps (the paper's other SFT hyperparameters 
 Loss: token-weighted mean of the cross-entropy over the labelled tokens of a micro-batch. With packing, this is the
 same number as the token-weighted mean of the per-example losses (a test pins it). Across gradient accumulation,
 Lightning averages micro-batch means; packed rows hold similar token counts, so the difference from a global token
-mean is small, and we keep Lightning's convention rather than a custom accumulation loop.
+mean is small, and we keep Lightning's convention rather than a custom accumulation loop. Across data-parallel ranks
+the loss is exact: each rank's mean is weighted by its share of the step's labelled tokens (`global_token_mean`), so
+N processes train exactly as one process with the same global batch.
 """
 
 from __future__ import annotations
@@ -52,19 +54,30 @@ class SFTModule(QEDModule):
         if stats:
             self.log_dict({k: float(v) for k, v in stats.items()}, rank_zero_only=True)
 
+    def global_token_mean(self, loss: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+        """Rescale this rank's token mean so that the ranks' average (what DDP/FSDP do to gradients, and `sync_dist`
+        to the logged value) is the token mean over every rank's tokens: the loss of one process with the same
+        global batch (a distributed test pins it). No-op on one process."""
+        world = self.trainer.world_size
+        if world == 1:
+            return loss
+        total = self.trainer.strategy.reduce(n_tokens.detach().float(), reduce_op="sum")
+        return loss * (n_tokens * world / total.clamp(min=1))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, n_tokens = self.compute_loss(batch)
+        loss = self.global_token_mean(loss, n_tokens)
         elapsed = self.tick()
         total = batch["input_ids"].numel()
         real = int(batch["num_real_tokens"])
         metrics = {
-            "train/loss": loss.detach(),
             "train/trained_tokens": n_tokens.float(),
             "train/padding_fraction": torch.tensor(1.0 - real / total),
         }
         if elapsed > 0:
             metrics["train/tokens_per_sec"] = torch.tensor(real / elapsed)
         self.log_dict(metrics, prog_bar=False, batch_size=batch["input_ids"].size(0))
+        self.log("train/loss", loss.detach(), batch_size=batch["input_ids"].size(0), sync_dist=True)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch["input_ids"].size(0))
         return loss
 

@@ -83,7 +83,8 @@ class BaseJudge:
         self.prompt = load_prompt(prompt)
         self.prompt.require(set(self.prompt_fields))
         self.require_think_close, self.on_failure, self.banding = require_think_close, on_failure, banding
-        self.cache = GradeCache(cache_path) if cache_path else None
+        # a command-line `...cache_path null` on a nested component reaches us as the string "None" (jsonargparse)
+        self.cache = GradeCache(cache_path) if cache_path not in (None, "", "None", "null") else None
         self.counters: Counter[str] = Counter()
         self.latencies: list[float] = []
         self._stats_lock = threading.Lock()

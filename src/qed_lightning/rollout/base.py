@@ -26,7 +26,9 @@ class SamplingConfig:
         top_p: nucleus sampling mass (1.0 = off).
         top_k: top-k cut-off (-1 or 0 = off).
         max_new_tokens: completion budget; a completion that hits it has finish reason "length".
-        seed: base seed for reproducible sampling (None = nondeterministic).
+        seed: base seed for reproducible sampling (None = nondeterministic); prompt i uses `seed + i`.
+        seeds: one seed per prompt, overriding `seed` (the RL modules seed by problem and step, so a problem gets
+            the same samples whichever rank or batch position it lands on).
     """
 
     temperature: float = 0.8
@@ -34,6 +36,13 @@ class SamplingConfig:
     top_k: int = -1
     max_new_tokens: int = 256
     seed: int | None = None
+    seeds: tuple[int, ...] | None = None
+
+    def prompt_seed(self, i: int) -> int | None:
+        """The seed of prompt i of a `generate` call."""
+        if self.seeds is not None:
+            return self.seeds[i]
+        return None if self.seed is None else self.seed + i
 
 
 @dataclass
@@ -81,3 +90,7 @@ class RolloutEngine(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the engine's resources."""
+
+    def callbacks(self) -> list:
+        """Lightning callbacks the engine needs next to the module's (e.g. `AsyncRollouts`' prefetch); none by default."""
+        return []

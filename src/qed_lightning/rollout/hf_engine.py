@@ -83,15 +83,20 @@ class HFEngine(RolloutEngine):
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, n: int = 1) -> list[list[Completion]]:
         if self.model is None:
             raise RuntimeError("HFEngine.attach(policy, tokenizer) must be called before generate")
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        flat = [p for p in prompts for _ in range(n)]
+        seeded = bool(prompts) and sampling.prompt_seed(0) is not None
+        # Seeded: each prompt's n samples in their own calls, from their own seed, so a prompt gets the same samples
+        # whichever rank or batch it lands on (as vLLM's per-request seeds); unseeded: one batched pass.
+        calls = [[i] for i in range(len(prompts))] if seeded else [list(range(len(prompts)))]
         was_training = self.model.training
         self.model.eval()
         try:
             done: list[Completion] = []
-            for start in range(0, len(flat), self.batch_size):
-                done.extend(self._generate_batch(flat[start:start + self.batch_size], sampling))
+            for call in calls:
+                if seeded:
+                    torch.manual_seed(sampling.prompt_seed(call[0]))
+                flat = [prompts[i] for i in call for _ in range(n)]
+                for start in range(0, len(flat), self.batch_size):
+                    done.extend(self._generate_batch(flat[start:start + self.batch_size], sampling))
         finally:
             self.model.train(was_training)
         return [done[i * n:(i + 1) * n] for i in range(len(prompts))]

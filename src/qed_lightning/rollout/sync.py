@@ -50,14 +50,28 @@ class WeightSyncCallback(Callback):
         self.interval = interval
         self.syncs = 0
 
-    @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def _start(self, pl_module: L.LightningModule) -> None:
         start = getattr(self.engine, "start", None)
         if start is not None:
             start(pl_module.hparams.model_name_or_path)
         attach = getattr(self.engine, "attach", None)
         if attach is not None:
             attach(pl_module.model, pl_module.tokenizer)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(pl_module)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """On a resumed run, push the restored weights: the engine started from `model_name_or_path`.
+        (Not in `on_fit_start`: the step counter, and for sharded strategies the weights, are restored after it.)"""
+        if trainer.global_step > 0 and self.engine.policy_version != trainer.global_step:
+            self.sync(pl_module, trainer.global_step)
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(pl_module)
 
     def sync(self, pl_module: L.LightningModule, version: int) -> float:
         started = time.perf_counter()

@@ -138,7 +138,7 @@ class VLLMEngine(RolloutEngine):
         too_long = [i for i, p in enumerate(prompts) if len(p) >= self.max_model_len]
         if too_long:
             raise ValueError(f"prompt(s) {too_long} have >= max_model_len={self.max_model_len} tokens; raise the engine's max_model_len")
-        params = [self._sampling_params(sampling, n, None if sampling.seed is None else sampling.seed + i) for i in range(len(prompts))]
+        params = [self._sampling_params(sampling, n, sampling.prompt_seed(i)) for i in range(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [[self._completion(out.prompt_token_ids, o) for o in out.outputs] for out in outputs]
 

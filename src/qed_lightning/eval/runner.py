@@ -1,0 +1,211 @@
+"""`Evaluator`: generate n samples per benchmark problem with a scaffold, grade them, report (SPEC 6).
+
+The run, as a short list of named steps:
+1. load: the benchmark is read and validated, the judge is checked against what the benchmark provides, and the
+   folder's manifest against this run's settings, all before a model loads;
+2. plan: keys (problem id, sample index, scaffold) already graded are skipped; generated but ungraded ones are
+   graded without regenerating (`store`);
+3. generate + grade, chunk by chunk (`batch_size` samples per scaffold call): generations are appended to
+   `generations.jsonl` as soon as they exist, grades to `samples.jsonl` as soon as they exist;
+4. report: `summary.json`, a rich table and `scores.png`, from every graded sample in the folder.
+
+Grading: a trailing "Self Evaluation"-style section is cut from the proof before any judge sees it
+(`EvalProblem.grade_request`, for the rubric judge too), and grades go through the judge's grade cache, which the
+evaluator puts at `<output_dir>/grades.sqlite` when the judge has none. A judge failure is reported as such
+(`failure_rate`), scored as the judge's `on_failure` says, and regraded on the next run (`regrade_failures`).
+Samples record the judge they were graded by; switching the judge regrades stored generations without regenerating.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from qed_lightning.eval import report
+from qed_lightning.eval.agreement import judge_agreement, load_human_grades
+from qed_lightning.eval.benchmarks import Benchmark, EvalProblem
+from qed_lightning.eval.scaffolds import DirectScaffold, Scaffold, sampling_settings
+from qed_lightning.eval.store import JsonlLog, SampleKey, SampleStore, check_manifest, sample_key
+from qed_lightning.rewards.cache import GradeCache
+from qed_lightning.rewards.judge import BaseJudge
+from qed_lightning.rollout.base import RolloutEngine, SamplingConfig
+
+__all__ = ["Evaluator", "judge_id"]
+
+log = logging.getLogger(__name__)
+
+
+def judge_id(judge: BaseJudge) -> str:
+    """What identifies a judge's grades: class, judge model, prompt version and what it grades."""
+    return f"{type(judge).__name__}|{judge.client.model_name}|{judge.prompt.version}|think={judge.require_think_close}"
+
+
+class Evaluator:
+    """Generate, grade and report on one benchmark; see the module docstring.
+
+    Args:
+        model: the policy checkpoint (local folder or hub id); its tokenizer renders the prompts.
+        benchmark: `IMOProofBench`, `ProofBench` or `RubricBenchmark` (FineProofs-RL-test).
+        judge: `ProofBenchJudge` (IMO-ProofBench) or `RubricJudge` (rubric benchmarks), with any judge client.
+        engine: rollout engine; None = `VLLMEngine()` on `model`.
+        scaffold: `DirectScaffold` (None), `ReasoningCacheScaffold` or `GenerateVerifyRefine`.
+        n: samples per problem; sample k of every problem forms run k (the std is over runs).
+        temperature, top_p, top_k, max_new_tokens: sampling (SPEC 6: T 0.8, or 0.6 with top_p 0.95).
+        output_dir: where samples, grades, the summary and the plot go; rerunning resumes there.
+        seed: sampling seed; a chunk's calls start at seed + the run position of its first sample (the engine adds
+            the prompt's index within a call), so an uninterrupted direct run samples each key with its own seed.
+        batch_size: samples per scaffold call; each finished chunk is written before the next starts.
+        regrade_failures: on a rerun, ask the judge again about samples whose grading failed.
+        plot: write `scores.png`.
+    """
+
+    def __init__(self, model: str, benchmark: Benchmark, judge: BaseJudge, engine: RolloutEngine | None = None,
+                 scaffold: Scaffold | None = None, n: int = 4, temperature: float = 0.8, top_p: float = 1.0,
+                 top_k: int = -1, max_new_tokens: int = 49152, output_dir: str = "runs/eval", seed: int = 0,
+                 batch_size: int = 256, regrade_failures: bool = True, plot: bool = True) -> None:
+        problems = [f"{name} must be >= 1, got {value}" for name, value in
+                    (("n", n), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)) if value < 1]
+        if temperature < 0:
+            problems.append(f"temperature must be >= 0, got {temperature}")
+        missing = sorted(set(judge.request_fields) - benchmark.provides)
+        if missing:
+            problems.append(f"the judge {type(judge).__name__} needs {missing}, which {benchmark.name} does not provide; "
+                            "grade IMO-ProofBench with qed_lightning.rewards.ProofBenchJudge and rubric benchmarks "
+                            "(ProofBench, FineProofs-RL-test) with qed_lightning.rewards.RubricJudge")
+        engine_model = getattr(engine, "model", None)
+        if isinstance(engine_model, str) and engine_model != model:
+            problems.append(f"engine.init_args.model={engine_model!r} differs from model={model!r}; leave the engine's "
+                            "model unset (the evaluator passes `model` to it)")
+        if problems:
+            raise ValueError("qed-eval: " + "; ".join(problems) + ".")
+        from qed_lightning.rollout.vllm_engine import VLLMEngine
+
+        self.model, self.benchmark, self.judge = model, benchmark, judge
+        self.engine = engine if engine is not None else VLLMEngine()
+        self.scaffold = scaffold if scaffold is not None else DirectScaffold()
+        self.n, self.seed, self.batch_size = n, seed, batch_size
+        self.sampling = SamplingConfig(temperature, top_p, top_k, max_new_tokens, seed)
+        self.output_dir = Path(output_dir)
+        self.regrade_failures, self.plot = regrade_failures, plot
+        if judge.cache is None:
+            judge.cache = GradeCache(self.output_dir / "grades.sqlite")
+        self.tokenizer = None
+        self.stats: Counter[str] = Counter()
+
+    # -- settings ----------------------------------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        """What determines this scaffold's samples (the manifest refuses to resume a folder made otherwise)."""
+        b = self.benchmark
+        return {"model": self.model, "engine": type(self.engine).__name__, "scaffold": self.scaffold.settings(),
+                "benchmark": {"class": b.name, "path": b.path, "subset": b.subset, "split": b.split, "columns": b.columns},
+                "sampling": sampling_settings(self.sampling)}
+
+    # -- the run -----------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Generate, grade and report; returns the summary (also written to `summary.json`)."""
+        problems = self.benchmark.load()
+        check_manifest(self.output_dir, self.scaffold.name, self.settings())
+        store = SampleStore(self.output_dir)
+        by_id = {p.problem_id: p for p in problems}
+        wanted = [(p.problem_id, k, self.scaffold.name) for p in problems for k in range(self.n)]
+        to_generate, to_grade = store.plan(wanted, judge_id(self.judge), self.regrade_failures)
+        log.info("qed-eval %s/%s: %d samples wanted, %d already graded, %d to grade, %d to generate",
+                 self.benchmark.name, self.scaffold.name, len(wanted),
+                 len(wanted) - len(to_generate) - len(to_grade), len(to_grade), len(to_generate))
+        if to_grade:
+            self._grade(store, by_id, to_grade)
+        position = {key: i for i, key in enumerate(wanted)}
+        for start in range(0, len(to_generate), self.batch_size):
+            chunk = to_generate[start:start + self.batch_size]
+            generations = self._generate(by_id, chunk, self.seed + position[chunk[0]])
+            store.generations.append(generations)
+            self._grade(store, by_id, generations)
+            log.info("qed-eval: %d of %d samples generated and graded", start + len(chunk), len(to_generate))
+        return self.report(store, wanted)
+
+    def _start_engine(self) -> None:
+        if self.tokenizer is not None:
+            return
+        from transformers import AutoTokenizer
+
+        from qed_lightning.rollout.hf_engine import HFEngine
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model)
+        if isinstance(self.engine, HFEngine):
+            self.engine.model_path, self.engine.shared = self.model, False
+            self.engine.attach(None, self.tokenizer)
+        elif hasattr(self.engine, "start"):
+            self.engine.start(self.model)
+
+    def _generate(self, by_id: dict[str, EvalProblem], keys: list[SampleKey], seed: int) -> list[dict[str, Any]]:
+        self._start_engine()
+        sampling = replace(self.sampling, seed=seed)
+        outputs = self.scaffold.run([by_id[pid].problem for pid, _, _ in keys], self.engine, self.tokenizer, sampling)
+        self.stats["generated"] += len(keys)
+        return [{"problem_id": pid, "sample": k, "scaffold": name, "prompt": out.prompt, "output": out.response,
+                 "tokens": out.tokens, "truncated": out.truncated, "calls": out.calls, "trace": out.trace}
+                for (pid, k, name), out in zip(keys, outputs, strict=True)]
+
+    def _grade(self, store: SampleStore, by_id: dict[str, EvalProblem], generations: list[dict[str, Any]]) -> None:
+        requests = [by_id[g["problem_id"]].grade_request(g["output"]) for g in generations]
+        grades = self.judge.grade(requests)
+        self.stats["graded"] += len(grades)
+        graded_by = judge_id(self.judge)
+        records = []
+        for generation, grade in zip(generations, grades, strict=True):
+            meta = by_id[generation["problem_id"]].meta
+            records.append({**{k: generation[k] for k in ("problem_id", "sample", "scaffold")}, **meta,
+                            "score": grade.score, "status": grade.status, "reward": grade.reward,
+                            "judge_reply": grade.reply, "judge_cached": grade.cached, "judge": graded_by,
+                            **{k: generation[k] for k in ("tokens", "truncated", "calls", "prompt", "output", "trace")}})
+        store.samples.append(records)
+
+    # -- reports -----------------------------------------------------------------------------------------------
+
+    def report(self, store: SampleStore, wanted: list[SampleKey]) -> dict[str, Any]:
+        """Summary of every scaffold's graded samples of this benchmark's problems (sample index < n)."""
+        problems, current = {pid for pid, _, _ in wanted}, judge_id(self.judge)
+        rows = [r for key, r in store.graded().items()
+                if key[0] in problems and key[1] < self.n and r.get("judge") == current]
+        scaffolds = report.summarize(rows, self.judge.on_failure)
+        title = f"{self.benchmark.name} ({self.benchmark.path}), model {self.model}"
+        summary = {"benchmark": self.benchmark.name, "path": self.benchmark.path, "model": self.model,
+                   "judge": current, "n": self.n, "scaffolds": scaffolds,
+                   "this_run": {**{k: self.stats[k] for k in ("generated", "graded")}, **self.judge.pop_metrics()}}
+        report.write_json(self.output_dir / "summary.json", summary)
+        report.print_table(scaffolds, title, _console())
+        if self.plot and scaffolds:
+            report.plot_scores(scaffolds, self.output_dir / "scores.png", title)
+        return summary
+
+    def agreement(self, human_grades: str, columns: dict[str, str] | None = None) -> dict[str, Any]:
+        """Grade human-graded samples with the judge; writes `agreement.jsonl` and `agreement.json`."""
+        problems = {p.problem_id: p for p in self.benchmark.load(select=False)}
+        grades = load_human_grades(human_grades, problems, columns)
+        numbers, records = judge_agreement(self.judge, problems, grades)
+        path = self.output_dir / "agreement.jsonl"
+        path.unlink(missing_ok=True)
+        JsonlLog(path).append(records)
+        summary = {"human_grades": human_grades, "judge": judge_id(self.judge), "agreement": numbers,
+                   "this_run": self.judge.pop_metrics()}
+        report.write_json(self.output_dir / "agreement.json", summary)
+        report.print_agreement(numbers, f"judge agreement: {judge_id(self.judge)} vs {human_grades}", _console())
+        return summary
+
+    def close(self) -> None:
+        """Free the engine and close the judge (connections, a scripted server, the grade cache)."""
+        self.engine.close()
+        self.judge.close()
+
+
+def _console() -> Console:
+    width = None if os.isatty(1) else 160  # a wide table in captured or redirected output
+    return Console(width=width)

@@ -1,0 +1,149 @@
+"""`qed-export`: a Lightning checkpoint (one file, or the directory a sharded strategy writes) to one HF model folder.
+
+    qed-export runs/rl/csv/version_0/checkpoints/last.ckpt runs/rl/hf-step200
+    qed-export CKPT OUT --base runs/sft/hf          # config + tokenizer from another folder than the run's model
+
+Reads, without any process group:
+- FSDP2 (`FSDP2Strategy`/`ModelParallelStrategy`) directories: torch distributed checkpoints (DCP). Only the model's
+  tensors are read, straight into a model skeleton (`torch.distributed.checkpoint.load`): the optimizer state in the
+  same directory is never loaded, so memory stays at one model.
+- DeepSpeed directories: consolidated first with Lightning's `convert_zero_checkpoint_to_fp32_state_dict`.
+- single files (DDP, one device, `save_distributed_checkpoint: false`): `torch.load` with mmap.
+Lightning stores the module's parameters under "model." (the `QEDModule.model` attribute), which is stripped to give
+the HF names; a frozen reference model ("ref_model.") is left out. The config and tokenizer come from the run's
+`model_name_or_path` (saved in the checkpoint's hyper-parameters) unless `--base` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PREFIX = "model."
+
+
+def checkpoint_kind(path: Path) -> str:
+    """"dcp", "deepspeed" or "file"."""
+    if path.is_file():
+        return "file"
+    if (path / ".metadata").exists():
+        return "dcp"
+    if (path / "latest").exists() or (path / "checkpoint").is_dir():
+        return "deepspeed"
+    raise ValueError(f"{path} is neither a checkpoint file, a distributed checkpoint (no .metadata) nor a DeepSpeed "
+                     "checkpoint directory (no `latest`)")
+
+
+def _meta(path: Path, kind: str) -> dict:
+    if kind == "dcp":
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+        return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+    if kind == "file":
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return {}
+
+
+def _skeleton(base: str, dtype: torch.dtype):
+    """The HF model of `base`'s config, in `dtype`, without spending time on a random initialisation."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _missing_ok(model, missing: list[str]) -> list[str]:
+    """Drop tied weights (stored once, under the embedding's name) from a list of missing names."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    if getattr(model.config, "tie_word_embeddings", False):
+        tied.add("lm_head.weight")
+    return [k for k in missing if k not in tied]
+
+
+def load_dcp_into(model, path: Path) -> None:
+    """Fill `model`'s tensors in place from the "state_dict.model.*" entries of a distributed checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    wanted = {}
+    for name, tensor in model.state_dict().items():
+        if f"state_dict.{PREFIX}{name}" in stored:
+            wanted[PREFIX + name] = tensor
+    missing = _missing_ok(model, [n for n in model.state_dict() if PREFIX + n not in wanted])
+    if missing:
+        raise KeyError(f"{path}: the checkpoint has no tensors for {missing[:5]} ({len(missing)} missing); is --base the "
+                       "model this run trained?")
+    dcp.load({"state_dict": wanted}, checkpoint_id=str(path))
+
+
+def load_state_into(model, state: dict[str, torch.Tensor], where: Path) -> None:
+    hf = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+    result = model.load_state_dict(hf, strict=False)
+    missing = _missing_ok(model, list(result.missing_keys))
+    if missing or result.unexpected_keys:
+        raise KeyError(f"{where}: missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}")
+
+
+def _dtype_of(path: Path, kind: str, state: dict | None) -> torch.dtype:
+    if kind == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        first = next(v for k, v in stored.items() if k.startswith(f"state_dict.{PREFIX}") and hasattr(v, "properties"))
+        return first.properties.dtype
+    return next(v.dtype for k, v in state.items() if k.startswith(PREFIX) and v.is_floating_point())
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, base: str | None = None) -> Path:
+    """Write `ckpt`'s model weights as a HF folder `out` (config and tokenizer from `base`); returns `out`."""
+    from transformers import AutoTokenizer
+
+    path, out = Path(ckpt), Path(out)
+    kind = checkpoint_kind(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "deepspeed":
+            from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(Path(tmp) / "full.ckpt"))
+            path = Path(tmp) / "full.ckpt"
+            kind = "file"
+        meta = _meta(path, kind)
+        base = base or meta.get("hyper_parameters", {}).get("model_name_or_path")
+        if not base:
+            raise ValueError(f"{ckpt}: no model_name_or_path in the checkpoint's hyper-parameters; pass --base MODEL_DIR")
+        state = meta.get("state_dict") if kind == "file" else None
+        model = _skeleton(base, _dtype_of(path, kind, state))
+        if kind == "dcp":
+            load_dcp_into(model, path)
+        else:
+            load_state_into(model, state, path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    log.info("exported %s (step %s) to %s", ckpt, meta.get("global_step"), out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="qed-export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a Lightning .ckpt file or a sharded checkpoint directory")
+    parser.add_argument("out_dir", help="HF folder to write (config, safetensors, tokenizer)")
+    parser.add_argument("--base", default=None, help="model folder for config and tokenizer (default: the run's model_name_or_path)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    export_checkpoint(args.checkpoint, args.out_dir, args.base)
+
+
+if __name__ == "__main__":
+    main()

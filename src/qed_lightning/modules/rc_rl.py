@@ -1,0 +1,319 @@
+"""Stage 3: reasoning-cache (RC) RL (SPEC 5): train the policy to improve on a summary of its own earlier attempt.
+
+One optimizer step:
+0. cache: run the RC loop (`qed_lightning.rc.ReasoningCache`) on the step's problems with the current policy and the
+   step's sampling: K cycles of reason -> summarize, all problems batched per cycle, giving states s_0..s_K per
+   problem (s_0 has an empty summary, s_{k+1} carries the summary of attempt k);
+1. states: sample `states_per_trajectory` (m) of each trajectory's K+1 states without replacement (seeded by the
+   step and the problem); optionally a share `replay_ratio` of them is drawn from a buffer of earlier steps' states;
+2. sample, grade, advantage, loss, step exactly as stage 2 (`RubricRLModule.rl_step`): each state's exact reasoning
+   prompt is one GRPO prompt with `group_size` (G) fresh rollouts, each graded against the ORIGINAL problem and
+   rubric (never the RC prompt); per-turn reward, no credit assigned across cycles;
+3. log: stage-2 metrics plus `rc/` metrics (reward per cycle index, improvement between consecutive cycles,
+   summary length, empty and truncated summaries, RC loop latencies).
+Sequences per step: P problems x m states x G (paper: 32 x 2 x 16 = 1,024).
+
+Paper's choice and ours where they differ:
+- Summarizer: the paper uses a separate frozen `Qwen/Qwen3-4B-Instruct-2507` (T 0.7, top_p 0.8, top_k 20, 2,048
+  tokens). Ours: `summarizer` is an injected engine (a second `VLLMEngine` that never receives policy weights,
+  started with `summarizer_model`), or None: the policy summarizes itself through its own engine (what the demo
+  does; it needs no second model in memory).
+- Trajectory turns: the paper paid to grade the trajectory's own attempts without training on them. Ours grades them
+  only with `grade_trajectory_turns=True`, for the `rc/turn_reward_*` metrics; they never enter the loss.
+- Replay of states from earlier steps (`replay_size`, `replay_ratio`) is our addition, off by default; the buffer
+  is saved in the module's checkpoint.
+- Colocated and on-policy per step, as stage 2 here (the paper generates asynchronously).
+- Validation runs the test-time scaffold (`summarize_last=False`) and logs the reward of every cycle's attempt.
+
+Override points: those of `RubricRLModule` (`compute_rewards`, `compute_loss`), plus `select_states` (which states
+are trained on). The RC prompts are versioned files (`reasoning_prompt`, `summary_prompt`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import replace
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from typing_extensions import override
+
+from qed_lightning.data.rl import ProofProblem
+from qed_lightning.modules.base import default_optimizer
+from qed_lightning.modules.rubric_rl import RubricRLModule
+from qed_lightning.rc.loop import RCState, RCTrajectory, ReasoningCache, shift_seeds
+from qed_lightning.rewards import RubricJudge
+from qed_lightning.rollout.base import RolloutEngine, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+# seed offsets: the RC loop's own sampling, each state's cycle, replayed states and validation repeats of a problem
+_RC_SEED_OFFSET = 30_000_001
+_STATE_SEED_STRIDE = 3_001
+_REPLAY_SEED_OFFSET = 1_501
+_REPEAT_SEED_STRIDE = 50_000_017
+
+
+def sample_state_indices(num_states: int, m: int, rng: random.Random) -> list[int]:
+    """`min(m, num_states)` distinct state indices, in increasing order.
+
+    >>> sample_state_indices(4, 2, random.Random(0))
+    [1, 3]
+    >>> sample_state_indices(3, 5, random.Random(0))
+    [0, 1, 2]
+    """
+    return sorted(rng.sample(range(num_states), min(m, num_states)))
+
+
+def state_prompt(problem: ProofProblem, state: RCState, replayed: bool = False) -> ProofProblem:
+    """One RC state as a GRPO prompt: the state's reasoning prompt, graded against the original problem and rubric."""
+    return ProofProblem(problem.index, problem.problem, problem.rubric, problem.source, list(state.prompt_ids),
+                        {"cycle": state.cycle, "replayed": replayed})
+
+
+def cycle_rewards(cycles: list[int], rewards: torch.Tensor, valid: torch.Tensor, group_size: int, prefix: str) -> dict[str, float]:
+    """Mean valid reward per cycle index (`{prefix}reward_cycle_k`) and the change from each cycle to the next that is
+    present (`{prefix}improvement_k` = reward of cycle k - reward of cycle k-1). `cycles[i]` is prompt i's cycle."""
+    per, ok = rewards.view(-1, group_size), valid.view(-1, group_size)  # [P, G]
+    means: dict[int, float] = {}
+    for k in sorted(set(cycles)):
+        rows = torch.tensor([c == k for c in cycles])
+        kept = per[rows][ok[rows]]
+        if kept.numel():
+            means[k] = float(kept.mean())
+    metrics = {f"{prefix}reward_cycle_{k}": v for k, v in means.items()}
+    metrics.update({f"{prefix}improvement_{k}": means[k] - means[k - 1] for k in means if k - 1 in means})
+    return metrics
+
+
+def summary_metrics(trajectories: list[RCTrajectory], timings: dict[str, float]) -> dict[str, float]:
+    """`rc/` metrics of the summaries and the RC loop: length, empty and truncated shares, latencies, tokens."""
+    outs = [s for t in trajectories for s in t.summaries if s is not None]
+    later = [s for t in trajectories for s in t.states[1:]]
+    n = max(len(outs), 1)
+    return {
+        "rc/summary_len_mean": sum(len(s.completion_ids) for s in outs) / n,
+        "rc/summary_empty_frac": sum(not s.summary for s in later) / max(len(later), 1),
+        "rc/summary_truncated_frac": sum(s.truncated for s in outs) / n,
+        "rc/summarizer_s": timings["summarize_s"],
+        "rc/reason_s": timings["reason_s"],
+        "rc/trajectory_tokens_mean": sum(t.tokens for t in trajectories) / max(len(trajectories), 1),
+    }
+
+
+class FrozenEngineCallback(Callback):
+    """Own a frozen engine (the separate summarizer): start it with its own model, close it at the end. Unlike
+    `WeightSyncCallback`, it never pushes policy weights."""
+
+    def __init__(self, engine: RolloutEngine, model: str) -> None:
+        self.engine = engine
+        self.model = model
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        start = getattr(self.engine, "start", None)
+        if start is not None:
+            start(self.model)
+        attach = getattr(self.engine, "attach", None)
+        if attach is not None:  # HFEngine(model=...): loads its own copy; decodes with the summarizer's tokenizer
+            from transformers import AutoTokenizer
+
+            attach(pl_module.model, AutoTokenizer.from_pretrained(self.model))
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.engine.close()
+
+
+class ReasoningCacheRLModule(RubricRLModule):
+    """Reasoning-cache RL (stage 3). See the module docstring for the algorithm.
+
+    Args (beyond `RubricRLModule`'s):
+        cycles: RC cycles per problem (K); states s_0..s_K.
+        states_per_trajectory: states trained on per trajectory (m), sampled without replacement.
+        reasoning_prompt / summary_prompt: packaged RC template names or template paths.
+        summarizer: a separate frozen engine for the summaries (paper: Qwen3-4B-Instruct-2507); None = the policy
+            summarizes itself through `engine`.
+        summarizer_model: the separate summarizer's weights and tokenizer (required with `summarizer`).
+        summarizer_temperature/top_p/top_k/max_new_tokens: the summarizer's sampling.
+        grade_trajectory_turns: also grade the trajectory's own attempts (logged as `rc/turn_*`, never trained on).
+        replay_size: states of earlier steps kept for replay (0 = no buffer).
+        replay_ratio: share of a step's trained states drawn from the buffer.
+    """
+
+    _hparams_ignore = ("optimizer", "lr_scheduler", "engine", "judge", "summarizer")
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        engine: RolloutEngine,
+        judge: RubricJudge,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        export_hf: bool = True,
+        export_dir: str | None = None,
+        group_size: int = 16,
+        temperature: float = 0.8,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        max_new_tokens: int = 49152,
+        micro_batch_tokens: int = 65536,
+        clip_low: float = 4.0,
+        clip_high: float = 4.0,
+        entropy_coef: float = 1e-4,
+        kl_coef: float = 0.0,
+        aggregation: Literal["seq_sum_over_batch", "token_mean", "seq_mean_token_mean", "dr_grpo"] = "seq_sum_over_batch",
+        advantage_scale: Literal["none", "std"] = "none",
+        grad_clip: float = 0.3,
+        sync_interval: int = 1,
+        max_nonfinite_steps: int = 3,
+        val_samples: int = 1,
+        seed: int = 0,
+        cycles: int = 3,
+        states_per_trajectory: int = 2,
+        reasoning_prompt: str = "rc_reasoning_v1",
+        summary_prompt: str = "rc_summary_v1",
+        summarizer: RolloutEngine | None = None,
+        summarizer_model: str | None = None,
+        summarizer_temperature: float = 0.7,
+        summarizer_top_p: float = 0.8,
+        summarizer_top_k: int = 20,
+        summarizer_max_new_tokens: int = 2048,
+        grade_trajectory_turns: bool = False,
+        replay_size: int = 0,
+        replay_ratio: float = 0.0,
+    ) -> None:
+        super().__init__(
+            model_name_or_path, engine, judge, optimizer, lr_scheduler, dtype, attn_implementation, gradient_checkpointing,
+            export_hf, export_dir, group_size, temperature, top_p, top_k, max_new_tokens, micro_batch_tokens, clip_low,
+            clip_high, entropy_coef, kl_coef, aggregation, advantage_scale, grad_clip, sync_interval, max_nonfinite_steps,
+            val_samples, seed,
+        )
+        problems = []
+        if cycles < 1:
+            problems.append(f"model.cycles must be >= 1, got {cycles}")
+        if states_per_trajectory < 1:
+            problems.append(f"model.states_per_trajectory must be >= 1, got {states_per_trajectory}")
+        if replay_size < 0 or not 0.0 <= replay_ratio < 1.0:
+            problems.append(f"model.replay_size must be >= 0 and model.replay_ratio in [0, 1), got {replay_size} and {replay_ratio}")
+        if replay_ratio > 0 and replay_size == 0:
+            problems.append("model.replay_ratio > 0 needs a buffer: set model.replay_size > 0")
+        if (summarizer is None) != (summarizer_model is None):
+            problems.append("model.summarizer (a separate engine) and model.summarizer_model (its weights and tokenizer, e.g. "
+                            "Qwen/Qwen3-4B-Instruct-2507) go together; leave both unset for the policy to summarize itself")
+        if problems:
+            raise ValueError("; ".join(problems))
+        if states_per_trajectory > cycles + 1:
+            log.warning("model.states_per_trajectory=%d > cycles + 1 = %d states: every state is trained on",
+                        states_per_trajectory, cycles + 1)
+        sampling = SamplingConfig(summarizer_temperature, summarizer_top_p, summarizer_top_k, summarizer_max_new_tokens)
+        self.rc = ReasoningCache(cycles, reasoning_prompt, summary_prompt, summarizer, summarizer_model, sampling)
+        self.summarizer = summarizer
+        self.replay: list[dict] = []
+
+    def configure_callbacks(self):
+        callbacks = super().configure_callbacks()
+        if self.summarizer is not None:
+            callbacks.append(FrozenEngineCallback(self.summarizer, self.hparams.summarizer_model))
+        return callbacks
+
+    # -- 0. cache ------------------------------------------------------------------------------------------------
+
+    def sampling(self, problems: list[ProofProblem], step: int | None = None) -> SamplingConfig:
+        """Stage 2's seeds (seed, step, problem), moved apart for each RC state (cycle, replayed) and validation repeat
+        of a problem, so two prompts of one problem never share a random stream."""
+        sampling = super().sampling(problems, step)
+        offsets = [_STATE_SEED_STRIDE * (p.meta.get("cycle", -1) + 1) + _REPLAY_SEED_OFFSET * bool(p.meta.get("replayed"))
+                   + _REPEAT_SEED_STRIDE * p.meta.get("repeat", 0) for p in problems]
+        return replace(sampling, seeds=tuple(s + o for s, o in zip(sampling.seeds, offsets, strict=True)))
+
+    def build_trajectories(self, problems: list[ProofProblem], summarize_last: bool = True) -> list[RCTrajectory]:
+        """Run the RC loop on `problems` with the current policy (seeded apart from the step's rollouts)."""
+        sampling = shift_seeds(self.sampling(problems), _RC_SEED_OFFSET)
+        trajectories = self.rc.run([p.problem for p in problems], self.engine, self.tokenizer, sampling, summarize_last)
+        if self.summarizer is not None:
+            self.summarizer.sleep()
+        return trajectories
+
+    # -- 1. states -----------------------------------------------------------------------------------------------
+
+    def select_states(self, problems: list[ProofProblem], trajectories: list[RCTrajectory]) -> list[ProofProblem]:
+        """The step's GRPO prompts: m states per trajectory (seeded by seed, step and problem, so whichever rank or
+        batch position a problem lands on), a `replay_ratio` share of them swapped for states of earlier steps; then
+        this step's states join the replay buffer (one buffer per rank; the checkpoint holds rank 0's)."""
+        hp = self.hparams
+        fresh = [state_prompt(p, t.states[i]) for p, t in zip(problems, trajectories, strict=True)
+                 for i in sample_state_indices(len(t.states), hp.states_per_trajectory,
+                                               random.Random(f"{hp.seed}/{self.global_step}/{p.index}"))]
+        rng = random.Random(f"{hp.seed}/{self.global_step}/replay/{self.global_rank}")
+        n_replay = min(round(hp.replay_ratio * len(fresh)), len(self.replay))
+        keep = sorted(rng.sample(range(len(fresh)), len(fresh) - n_replay))
+        chosen = [fresh[i] for i in keep] + [self._from_replay(e) for e in rng.sample(self.replay, n_replay)]
+        if hp.replay_size > 0:
+            self.replay.extend(self._to_replay(p, s) for p, t in zip(problems, trajectories, strict=True) for s in t.states)
+            del self.replay[:-hp.replay_size]
+        return chosen
+
+    @staticmethod
+    def _to_replay(problem: ProofProblem, state: RCState) -> dict:
+        return {"index": problem.index, "problem": problem.problem, "rubric": problem.rubric, "source": problem.source,
+                "cycle": state.cycle, "summary": state.summary, "prompt_text": state.prompt_text,
+                "prompt_ids": list(state.prompt_ids)}
+
+    @staticmethod
+    def _from_replay(entry: dict) -> ProofProblem:
+        problem = ProofProblem(entry["index"], entry["problem"], entry["rubric"], entry["source"])
+        state = RCState(entry["cycle"], entry["summary"], entry["prompt_text"], entry["prompt_ids"])
+        return state_prompt(problem, state, replayed=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rc_replay"] = list(self.replay)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.replay = list(checkpoint.get("rc_replay", []))
+
+    # -- the step ------------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: list[ProofProblem], batch_idx: int) -> None:
+        hp = self.hparams
+        t0 = time.perf_counter()
+        trajectories = self.build_trajectories(batch)  # 0. cache
+        t1 = time.perf_counter()
+        states = self.select_states(batch, trajectories)  # 1. states
+        metrics, rewards, valid = self.rl_step(states)  # 2. sample, grade, advantage, loss, step
+        metrics.update(cycle_rewards([s.meta["cycle"] for s in states], rewards, valid, hp.group_size, "rc/"))
+        metrics.update(summary_metrics(trajectories, self.rc.timings))
+        metrics.update({"time/rc_loop_s": t1 - t0, "rc/states": float(len(states)),
+                        "rc/replayed_frac": sum(s.meta["replayed"] for s in states) / len(states)})
+        if hp.grade_trajectory_turns:
+            metrics.update(self.grade_turns(batch, trajectories, "rc/turn_"))
+        self.log_step(metrics, len(batch))
+
+    def grade_turns(self, problems: list[ProofProblem], trajectories: list[RCTrajectory], prefix: str) -> dict[str, float]:
+        """Grade every trajectory's own attempts against the original problem (`{prefix}reward_cycle_k`), plus the
+        judge counters of these grades (`{prefix}judge_*`); nothing here is trained on."""
+        attempts = [a for t in trajectories for a in t.attempts]
+        rewards, valid, _ = self.compute_rewards(problems, attempts)
+        cycles = [k for t in trajectories for k in range(len(t.attempts))]
+        metrics = cycle_rewards(cycles, rewards, valid, 1, prefix)
+        metrics.update({f"{prefix}judge_{k.split('/', 1)[1]}": v for k, v in self.judge.pop_metrics().items()})
+        return metrics
+
+    def validation_step(self, batch: list[ProofProblem], batch_idx: int) -> None:
+        """The test-time scaffold on held-out problems (`val_samples` runs each): reward of every cycle's attempt;
+        `val/reward_mean` is the reward of the final attempt."""
+        problems = [replace(p, meta={**p.meta, "repeat": r}) for p in batch for r in range(self.hparams.val_samples)]
+        trajectories = self.build_trajectories(problems, summarize_last=False)
+        metrics = self.grade_turns(problems, trajectories, "val/")
+        metrics["val/reward_mean"] = metrics.get(f"val/reward_cycle_{self.hparams.cycles - 1}", 0.0)
+        metrics["val/truncated_frac"] = sum(t.attempts[-1].truncated for t in trajectories) / len(trajectories)
+        self.log_dict(metrics, batch_size=len(batch))

@@ -1,0 +1,187 @@
+"""Generation overlapped with training (PipelineRL-style), with a bound on how off-policy a sample may be.
+
+`AsyncRollouts` wraps any engine whose generator is separate from the trainer's policy (a `VLLMServerEngine` pool,
+an `HFEngine(model=...)` copy). As soon as step k's rollouts are handed to the trainer, it starts generating step
+k+1's in a background thread, with the weights the engine has then (version k), while the trainer grades, computes
+the loss and steps. So step k+1 trains on samples one optimizer step old: the importance ratio rho of the loss
+(sampler log-probs vs. the trainer's) corrects for it, as in the paper.
+
+Every completion carries the policy version that generated it. When the trainer asks for step k's rollouts, prompts
+whose samples are more than `max_lag` steps behind the trainer are dropped, counted (`rollout/stale_dropped`) and
+generated again with the current weights. Also logged: `rollout/prefetch_hit` (1 if the step's rollouts came from
+the background job) and `rollout/prefetch_wait_s` (time the trainer still waited for them).
+
+Where we differ from PipelineRL: it swaps weights into the servers while requests are in flight (a sample may mix
+two versions); we let the in-flight batch finish before pushing new weights (`load_weights` waits for it), so each
+sample has exactly one version and the lag is exact. The next step's prompts come from Lightning's one-batch
+lookahead (the fit loop fetches one batch ahead to know when an epoch ends); at an epoch boundary there is none, and
+that step generates synchronously. The prefetched job is keyed by its prompts, sampling and group size: any other
+request (validation, a reasoning-cache cycle) is served synchronously after it and leaves it in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from typing_extensions import override
+
+from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+_Key = tuple[tuple[tuple[int, ...], ...], SamplingConfig, int]
+
+
+def _key(prompts: list[list[int]], sampling: SamplingConfig, n: int) -> _Key:
+    return tuple(tuple(p) for p in prompts), sampling, n
+
+
+class AsyncRollouts(RolloutEngine):
+    """Prefetch the next step's rollouts in a background thread; drop (and regenerate) samples older than `max_lag`.
+
+    Args:
+        engine: the generator (must not share the trainer's policy module).
+        max_lag: the most optimizer steps a sample's policy may be behind the trainer (1 = the paper's one step).
+        overlap: False keeps only the lag bound (no background generation).
+    """
+
+    def __init__(self, engine: RolloutEngine, max_lag: int = 1, overlap: bool = True) -> None:
+        if max_lag < 0:
+            raise ValueError(f"max_lag must be >= 0, got {max_lag}")
+        self.engine = engine
+        self.max_lag = max_lag
+        self.overlap = overlap
+        self.trainer_step: int | None = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
+        self._next: tuple[list[list[int]], SamplingConfig, int] | None = None
+        self._pending: tuple[_Key, Future] | None = None
+        self._metrics = {"rollout/stale_dropped": 0.0, "rollout/prefetch_hit": 0.0, "rollout/prefetch_wait_s": 0.0}
+
+    # -- what the module and the callbacks call -------------------------------------------------------------------
+
+    @property
+    def policy_version(self) -> int:  # type: ignore[override]
+        return self.engine.policy_version
+
+    def set_policy_version(self, version: int) -> None:
+        self.engine.set_policy_version(version)
+
+    def start(self, model: str | None = None) -> None:
+        start = getattr(self.engine, "start", None)
+        if start is not None:
+            start(model)
+
+    def attach(self, policy, tokenizer) -> None:
+        if self.overlap and getattr(self.engine, "shared", False):
+            raise ValueError("AsyncRollouts(overlap=True) cannot generate with the policy being trained (HFEngine "
+                             "without `model`): use VLLMServerEngine, HFEngine(model=...), or set overlap: false")
+        attach = getattr(self.engine, "attach", None)
+        if attach is not None:
+            attach(policy, tokenizer)
+
+    def schedule_next(self, prompts: list[list[int]], sampling: SamplingConfig, n: int) -> None:
+        """The next training step's request, started in the background right after the current one is served."""
+        self._next = (prompts, sampling, n) if self.overlap else None
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, n: int = 1) -> list[list[Completion]]:
+        key = _key(prompts, sampling, n)
+        if self._pending is not None and self._pending[0] == key:
+            started = time.perf_counter()
+            groups = self._pending[1].result()
+            self._pending = None
+            self._metrics["rollout/prefetch_hit"] = 1.0
+            self._metrics["rollout/prefetch_wait_s"] += time.perf_counter() - started
+        else:
+            groups = self._worker.submit(self.engine.generate, prompts, sampling, n).result()
+        groups = self._drop_stale(groups, prompts, sampling, n)
+        if self._next is not None and self._pending is None:
+            nxt, self._next = self._next, None
+            self._pending = (_key(*nxt), self._worker.submit(self.engine.generate, *nxt))
+        return groups
+
+    def _drop_stale(self, groups: list[list[Completion]], prompts, sampling: SamplingConfig, n: int) -> list[list[Completion]]:
+        """Regenerate, with the current weights, the prompts whose samples are more than `max_lag` steps old."""
+        now = self.trainer_step if self.trainer_step is not None else self.engine.policy_version
+        stale = [i for i, g in enumerate(groups) if g and now - min(c.policy_version for c in g) > self.max_lag]
+        if not stale:
+            return groups
+        self._metrics["rollout/stale_dropped"] += float(sum(len(groups[i]) for i in stale))
+        seeds = tuple(sampling.prompt_seed(i) for i in stale) if sampling.prompt_seed(0) is not None else None
+        redo = SamplingConfig(sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_new_tokens, seeds=seeds)
+        fresh = self._worker.submit(self.engine.generate, [prompts[i] for i in stale], redo, n).result()
+        groups = list(groups)
+        for i, group in zip(stale, fresh):
+            groups[i] = group
+        return groups
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        if self._pending is not None:  # let the in-flight batch finish on the weights it started with
+            self._pending[1].result()
+        self.engine.load_weights(named_tensors)
+
+    def pop_metrics(self) -> dict[str, float]:
+        metrics = dict(self._metrics)
+        self._metrics = dict.fromkeys(self._metrics, 0.0)
+        return metrics
+
+    def sleep(self) -> None:
+        """No-op: the background generation keeps the engine busy while the trainer steps."""
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending[1].cancel()
+            self._pending = None
+        self._worker.shutdown(wait=True)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
+        self.engine.close()
+
+    def callbacks(self) -> list[Callback]:
+        return [RolloutPrefetch(self)]
+
+
+def _next_batch(trainer: L.Trainer):
+    """The batch the fit loop has already fetched for the next step (Lightning prefetches one), or None."""
+    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+    batches = getattr(fetcher, "batches", None)
+    if not batches:
+        return None
+    item = batches[0]
+    return item[0] if isinstance(item, tuple) and len(item) == 3 else item
+
+
+class RolloutPrefetch(Callback):
+    """Tell `AsyncRollouts` the trainer's step and the next step's request; log its counters after each step."""
+
+    def __init__(self, engine: AsyncRollouts) -> None:
+        self.engine = engine
+        self._expect_hit = False
+        self._warned = False
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.engine.trainer_step = trainer.global_step
+        self._expect_hit = self.engine._pending is not None
+        upcoming = _next_batch(trainer)
+        sampling = getattr(pl_module, "sampling", None)
+        if not upcoming or sampling is None or not all(hasattr(p, "prompt_ids") for p in upcoming):
+            return
+        self.engine.schedule_next([p.prompt_ids for p in upcoming], sampling(upcoming, step=trainer.global_step + 1),
+                                  pl_module.hparams.group_size)
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        metrics = self.engine.pop_metrics()
+        if self._expect_hit and not metrics["rollout/prefetch_hit"] and not self._warned:
+            self._warned = True
+            log.warning("AsyncRollouts: the prefetched rollouts were not used (this module does not sample its batch's "
+                        "policy prompts, e.g. reasoning-cache RL), so generation is not overlapped; set overlap: false")
+        pl_module.log_dict(metrics, batch_size=1)

@@ -1,0 +1,332 @@
+"""Disaggregated rollouts: the policy served by a pool of OpenAI-compatible vLLM servers, addressed by URL.
+
+Paper (PipelineRL): 24 of 32 GPUs run vLLM servers that generate while 8 GPUs train; new weights are pushed to the
+servers after every optimizer step. Here each training rank sends its prompts to the pool (prompt i of a call to
+server i mod len(urls), rotating between calls) as token ids on `/v1/completions`, with the log-prob of each sampled
+token (`logprobs: 0`) and the token ids themselves (`return_token_ids`, `return_tokens_as_token_ids`). Sampling is
+seeded per prompt, so a prompt's samples do not depend on the server it lands on.
+
+Start every server of the pool with the trainer's starting weights and:
+
+    VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model runs/sft/hf \\
+        --logprobs-mode processed_logprobs --generation-config vllm --max-model-len 53248 --port 8000 \\
+        --worker-extension-cls qed_lightning.rollout.vllm_worker.QEDWorkerExtension
+
+- `--logprobs-mode processed_logprobs` (required): log-probs under the sampling temperature, the convention of
+  the trainer's `token_logprobs(..., temperature)`; the default (raw) is off by ~0.3 nats a token at T=0.8 (SPEC 7).
+- `--generation-config vllm`: ignore the checkpoint's generation_config.json sampling defaults (Qwen3 ships
+  top_k=20, top_p=0.95), which would truncate the distribution; requests also pass every knob explicitly.
+- `VLLM_SERVER_DEV_MODE=1` (checkpoint sync): enables `/collective_rpc` and `/reset_prefix_cache`.
+- `--worker-extension-cls ...QEDWorkerExtension` (checkpoint sync, needed on CPU servers): adds the
+  `refresh_tied_lm_head` RPC, see below.
+- `--weight-transfer-config '{"backend": "nccl"}'` (NCCL sync, GPU): enables vLLM's weight-transfer API.
+
+Weight sync, after every optimizer step (`WeightSyncCallback` calls `load_weights`):
+- `sync: checkpoint` (works everywhere, tested on CPU): every trainer rank walks the parameters (a sharded trainer
+  gathers them one at a time); rank 0 streams them into safetensors shards of `shard_bytes` in `sync_dir/v<N>` (a
+  directory every server can read: shared file system), then each server runs `reload_weights` from it through
+  `POST /collective_rpc` and drops its prefix cache. At most one shard is held in memory.
+- `sync: nccl` (GPU clusters; not testable on CPU): vLLM's own trainer-side weight transfer
+  (`NCCLTrainerWeightTransferEngine`): rank 0 joins an NCCL group with each server's workers and broadcasts the
+  parameters (FSDP shards gathered one by one by vLLM's `ModuleSource`); no file system involved.
+Tied lm_head: an in-place reload of a tied checkpoint leaves a stale pre-packed lm_head on vLLM's CPU backend (see
+`vllm_engine._refresh_tied_lm_head`), and a reload *from a path* through `/collective_rpc` has the same problem
+(found by tests/integration/test_disaggregated.py: after a sync the server's log-probs matched the new body with the
+old output embeddings to 1e-6). vLLM skips `lm_head.weight` of tied models, so writing it into the checkpoint does
+not help; after each reload the engine calls the `refresh_tied_lm_head` RPC of our worker extension, which repacks
+the head (a no-op on GPU). Without the extension it warns once per server and carries on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import httpx
+import torch
+from torch import Tensor
+
+from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "qed_lightning.rollout.vllm_worker.QEDWorkerExtension"
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def write_safetensors(named_tensors: Iterable[tuple[str, Tensor]], out: Path | None, shard_bytes: int = 2**30) -> int:
+    """Stream (name, tensor) pairs into safetensors shards of about `shard_bytes` plus their index; returns the bytes
+    written. With `out=None` the pairs are only consumed (the other ranks of a sharded trainer take part in each
+    parameter's gather). At most one shard is held in memory."""
+    from safetensors.torch import save_file
+
+    shard: dict[str, Tensor] = {}
+    weight_map: dict[str, str] = {}
+    size = total = 0
+    files = 0
+
+    def flush() -> None:
+        nonlocal shard, size, files
+        if shard:
+            files += 1
+            name = f"model-{files:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        shard, size = {}, 0
+
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    for name, tensor in named_tensors:
+        if out is None:
+            continue
+        data = tensor.detach().to("cpu").contiguous()
+        shard[name] = data
+        size += data.numel() * data.element_size()
+        total += data.numel() * data.element_size()
+        if size >= shard_bytes:
+            flush()
+    if out is not None:
+        flush()
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return total
+
+
+class VLLMServerEngine(RolloutEngine):
+    """A pool of vLLM OpenAI-compatible servers as the rollout engine (see the module docstring for server flags).
+
+    Args:
+        urls: server roots, e.g. ["http://gpu-node-3:8000", "http://gpu-node-3:8001"] (a trailing /v1 is ignored).
+        model: served model name; None = the first name `/v1/models` lists.
+        sync: "checkpoint" (shared directory + `/collective_rpc reload_weights`) or "nccl" (vLLM weight transfer).
+        sync_dir: directory the trainer writes and every server reads (checkpoint sync); required for it.
+        shard_bytes: size of one safetensors shard written during a checkpoint sync.
+        reset_on_start: reload the servers from the trainer's `model_name_or_path` when training starts, so a pool
+            left updated by an earlier run starts from the same weights as the trainer (needs a local folder).
+        timeout_s: per request. max_concurrency: requests in flight per training rank. max_retries: attempts per
+            request on connection errors and HTTP 5xx.
+        startup_timeout_s: how long `start` waits for every server to answer `/v1/models`.
+        nccl_master_address: this trainer's address as the servers see it (NCCL sync); nccl_port: first rendezvous
+            port (server i uses nccl_port + i).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        model: str | None = None,
+        sync: Literal["checkpoint", "nccl"] = "checkpoint",
+        sync_dir: str | None = None,
+        shard_bytes: int = 2**30,
+        reset_on_start: bool = True,
+        timeout_s: float = 3600.0,
+        max_concurrency: int = 64,
+        max_retries: int = 3,
+        startup_timeout_s: float = 900.0,
+        nccl_master_address: str | None = None,
+        nccl_port: int = 29600,
+    ) -> None:
+        problems = []
+        if not urls:
+            problems.append("engine.urls must list at least one server URL")
+        if sync == "checkpoint" and not sync_dir:
+            problems.append("engine.sync_dir is required with sync=checkpoint (a directory the servers can read)")
+        if sync == "nccl" and not nccl_master_address:
+            problems.append("engine.nccl_master_address is required with sync=nccl (this node's address as the servers see it)")
+        if problems:
+            raise ValueError("VLLMServerEngine: " + "; ".join(problems))
+        self.urls = [u.rstrip("/").removesuffix("/v1") for u in urls]
+        self.model = model
+        self.sync = sync
+        self.sync_dir = Path(sync_dir) if sync_dir else None
+        self.shard_bytes = shard_bytes
+        self.reset_on_start = reset_on_start
+        self.timeout_s = timeout_s
+        self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
+        self.startup_timeout_s = startup_timeout_s
+        self.nccl_master_address = nccl_master_address
+        self.nccl_port = nccl_port
+        self.policy_version = 0
+        self.client: httpx.Client | None = None
+        self.policy: torch.nn.Module | None = None
+        self._senders: list | None = None
+        self._syncs = 0
+        self._turn = 0
+        self._no_extension: set[str] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    def start(self, model: str | None = None) -> None:
+        """Wait for every server, resolve the served model name, optionally reset the pool to `model`'s weights."""
+        if self.client is not None:
+            return
+        self.client = httpx.Client(timeout=self.timeout_s, limits=httpx.Limits(max_connections=self.max_concurrency))
+        names = [self._wait_ready(url) for url in self.urls]
+        self.model = self.model or names[0][0]
+        missing = [u for u, served in zip(self.urls, names) if self.model not in served]
+        if missing:
+            raise ValueError(f"VLLMServerEngine: servers {missing} do not serve {self.model!r}")
+        if self.reset_on_start and model and Path(model).is_dir() and self.sync == "checkpoint":
+            if _rank() == 0:
+                self._reload_all(Path(model).resolve())
+            _barrier()
+        log.info("rollout pool ready: %d server(s) serving %s", len(self.urls), self.model)
+
+    def attach(self, policy: torch.nn.Module, tokenizer) -> None:
+        self.policy = policy  # the NCCL sync reads parameters straight from it
+
+    def _wait_ready(self, url: str) -> list[str]:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            try:
+                reply = self.client.get(f"{url}/v1/models", timeout=10.0)
+                if reply.status_code == 200:
+                    return [m["id"] for m in reply.json()["data"]]
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rollout server {url} did not answer /v1/models within {self.startup_timeout_s:.0f}s")
+            time.sleep(2.0)
+
+    def close(self) -> None:
+        for sender in self._senders or []:
+            sender.shutdown()
+        self._senders = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    # -- generation ----------------------------------------------------------------------------------------------
+
+    def _post(self, url: str, body: dict) -> dict:
+        for attempt in range(1, self.max_retries + 1):
+            try:
+                reply = self.client.post(url, json=body)
+                if reply.status_code < 500:
+                    reply.raise_for_status()
+                    return reply.json() if reply.content else {}
+                error: Exception = httpx.HTTPStatusError(f"HTTP {reply.status_code}: {reply.text[:300]}", request=reply.request, response=reply)
+            except (httpx.TransportError, httpx.TimeoutException) as err:
+                error = err
+            if attempt == self.max_retries:
+                raise RuntimeError(f"{url} failed after {attempt} attempts: {error}") from error
+            time.sleep(min(2.0**attempt, 30.0))
+        raise AssertionError("unreachable")
+
+    def request_body(self, prompt: list[int], sampling: SamplingConfig, n: int, seed: int | None) -> dict:
+        """A `/v1/completions` request that pins every sampling knob (no server-side default can change the law)."""
+        body = {
+            "model": self.model, "prompt": list(prompt), "n": n, "max_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k if sampling.top_k > 0 else -1,
+            "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+            "logprobs": 0, "return_tokens_as_token_ids": True, "return_token_ids": True, "skip_special_tokens": True,
+        }
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
+    @staticmethod
+    def parse_choice(prompt: list[int], choice: dict, version: int) -> Completion:
+        logprobs = choice["logprobs"]
+        ids = choice.get("token_ids")
+        if ids is None:  # older servers: "token_id:123" strings (return_tokens_as_token_ids)
+            ids = [int(t.rsplit(":", 1)[1]) for t in logprobs["tokens"]]
+        lps = [float(x) for x in logprobs["token_logprobs"]]
+        if len(lps) != len(ids):
+            raise ValueError(f"server returned {len(ids)} tokens but {len(lps)} log-probs")
+        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        return Completion(list(prompt), list(ids), lps, finish, choice.get("text", ""), version)
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, n: int = 1) -> list[list[Completion]]:
+        if self.client is None:
+            self.start()
+        version = self.policy_version
+        turn, self._turn = self._turn, self._turn + len(prompts)
+
+        def one(i: int) -> list[Completion]:
+            url = self.urls[(turn + i) % len(self.urls)]
+            reply = self._post(f"{url}/v1/completions", self.request_body(prompts[i], sampling, n, sampling.prompt_seed(i)))
+            choices = sorted(reply["choices"], key=lambda c: c["index"])
+            return [self.parse_choice(prompts[i], c, version) for c in choices]
+
+        if not prompts:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
+            return list(pool.map(one, range(len(prompts))))
+
+    # -- weight sync ---------------------------------------------------------------------------------------------
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        if self.client is None:
+            self.start()
+        if self.sync == "nccl":
+            self._send_nccl()  # reads the attached policy; the iterator is left unread on every rank alike
+        else:
+            self._sync_checkpoint(iter(named_tensors))
+        _barrier()  # no rank samples from the pool before every server has the new weights
+
+    def _sync_checkpoint(self, named_tensors: Iterator[tuple[str, Tensor]]) -> None:
+        self._syncs += 1
+        target = (self.sync_dir / f"v{self._syncs}").resolve() if _rank() == 0 else None
+        write_safetensors(named_tensors, target, self.shard_bytes)
+        if target is None:
+            return
+        self._reload_all(target)
+        for old in self.sync_dir.glob("v*"):  # the servers have read it: keep only the newest
+            if old.is_dir() and old.resolve() != target:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _reload_all(self, path: Path) -> None:
+        rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(path), "is_checkpoint_format": True}}
+
+        def one(url: str) -> None:
+            self._post(f"{url}/collective_rpc", rpc)
+            self._refresh_tied_lm_head(url)
+            self._post(f"{url}/reset_prefix_cache", {})
+
+        with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
+            list(pool.map(one, self.urls))
+
+    def _refresh_tied_lm_head(self, url: str) -> None:
+        """Repack a tied lm_head after the reload (the CPU backend keeps the old one otherwise; found by the test)."""
+        if url in self._no_extension:
+            return
+        reply = self.client.post(f"{url}/collective_rpc", json={"method": "refresh_tied_lm_head"})
+        if reply.status_code != 200:
+            self._no_extension.add(url)
+            log.warning("%s has no qed worker extension (start it with --worker-extension-cls %s): a tied lm_head is "
+                        "not repacked after reloads, which leaves CPU servers sampling from stale output embeddings "
+                        "(GPU servers are unaffected)", url, WORKER_EXTENSION)
+
+    def _send_nccl(self) -> None:
+        """vLLM's trainer-side NCCL weight transfer, one group per server (GPU only; untested on CPU)."""
+        from vllm.distributed.weight_transfer.base import ModuleSource
+        from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+
+        if self.policy is None:
+            raise RuntimeError("VLLMServerEngine(sync=nccl) needs the policy: WeightSyncCallback attaches it at fit start")
+        if self._senders is None:
+            self._senders = []
+            for i, url in enumerate(self.urls):
+                workers = int(self.client.get(f"{url}/get_world_size").json()["world_size"])
+                info = NCCLTrainerInitInfo(master_address=self.nccl_master_address, master_port=self.nccl_port + i,
+                                           world_size=1 + workers, rank=_rank())
+                self._senders.append(NCCLTrainerWeightTransferEngine.trainer_init(
+                    info, client=HTTPVLLMWeightSyncClient(url, timeout=self.timeout_s), source=ModuleSource(self.policy)))
+        for sender in self._senders:
+            sender.send_weights()

@@ -1,0 +1,123 @@
+"""Data parallel on 2 CPU processes (gloo), through the real entry point: DDP and FSDP2 train exactly as 1 process.
+
+Each case runs `qed-fit ... --trainer.devices N --config configs/strategy/{ddp,fsdp2}.yaml` in a subprocess (Lightning
+launches the second process itself) and reads `train/loss` from metrics.csv. The 1-process baseline runs with the
+DDP strategy on 1 device, so it reads the data through the same `DistributedSampler` permutation: 2 ranks x B rows
+are then exactly the 1 x 2B rows of the baseline, step after step.
+
+Tolerances. SFT: the loss is a token mean over the step's labelled tokens, made exact across ranks by
+`SFTModule.global_token_mean`; what remains is float32 summation order (per-rank partial sums, the gradient
+all-reduce, right-padding to another batch width), measured at <= 5e-7 over 3 steps; we allow 1e-5.
+RL: samples are seeded per (step, problem) and the HF engine generates each prompt in its own seeded call, so
+2 ranks x 2 prompts sample exactly the tokens of 1 rank x 4 prompts; the loss uses the step's global counts
+(`_step_totals`). Logits differ only by packing (another micro-batch composition, another GEMM shape): measured
+<= 4e-7 over 3 steps; we allow 1e-5.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 3
+TOL = 1e-5
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1"}
+
+
+def _fit(root: Path, *args: str) -> list[dict[str, float]]:
+    cmd = [sys.executable, "-m", "qed_lightning.cli", *args, "--trainer.default_root_dir", str(root),
+           "--trainer.max_steps", str(STEPS)]
+    log = root.with_suffix(".log")
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, timeout=900)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    (run_dir,) = sorted((root / "csv").glob("version_*"))
+    with open(run_dir / "metrics.csv") as fh:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
+
+
+def _losses(rows: list[dict[str, float]]) -> list[float]:
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+def _sft(tiny: Path, root: Path, strategy: str, devices: int, rows_per_rank: int, *extra: str) -> list[dict[str, float]]:
+    return _fit(root, "--config", str(REPO / "configs/demo/sft.yaml"), "--config", str(REPO / f"configs/strategy/{strategy}.yaml"),
+                "--trainer.devices", str(devices), "--data.init_args.batch_size", str(rows_per_rank),
+                "--model.init_args.model_name_or_path", str(tiny), "--model.init_args.export_dir", str(root / "hf"),
+                "--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl"), *extra)
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tiny_model_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("sft_dist")
+    no_ckpt = ("--trainer.enable_checkpointing", "false", "--model.init_args.export_hf", "false")
+    return {
+        "one": _sft(tiny_model_dir, base / "one", "ddp", 1, 4, *no_ckpt),
+        "ddp": _sft(tiny_model_dir, base / "ddp", "ddp", 2, 2, *no_ckpt),
+        # FSDP2 with activation checkpointing, a sharded checkpoint at the last step, and the HF export at the end
+        "fsdp2": _sft(tiny_model_dir, base / "fsdp2", "fsdp2", 2, 2, "--model.init_args.gradient_checkpointing", "true",
+                      "--trainer.callbacks+=qed_lightning.callbacks.AtomicModelCheckpoint",
+                      "--trainer.callbacks.every_n_train_steps", str(STEPS), "--trainer.callbacks.save_last", "true"),
+        "root": base,
+    }
+
+
+def test_sft_ddp_and_fsdp2_on_two_processes_match_one_process(sft_runs):
+    one = _losses(sft_runs["one"])
+    assert len(one) == STEPS and one[0] > one[-1]  # it trained
+    for name in ("ddp", "fsdp2"):
+        torch.testing.assert_close(torch.tensor(_losses(sft_runs[name])), torch.tensor(one), atol=TOL, rtol=0, msg=name)
+
+
+def test_fsdp2_sharded_checkpoint_exports_to_the_trained_weights(sft_runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    root = sft_runs["root"] / "fsdp2"
+    ckpt = root / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard per rank
+    out = tmp_path / "exported"
+    proc = subprocess.run([str(Path(sys.executable).parent / "qed-export"), str(ckpt), str(out)], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the HF export gathered the in-memory FSDP2 model at the end of training (get_model_state_dict, full)
+    gathered = load_file(str(root / "hf" / "model.safetensors"))
+    exported = load_file(str(out / "model.safetensors"))
+    assert set(exported) == set(gathered)
+    assert all(torch.equal(exported[k], gathered[k]) for k in gathered)
+    a = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(root / "hf").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert (out / "tokenizer.json").exists()
+
+
+def _rl(tiny: Path, root: Path, strategy: str, devices: int, prompts_per_rank: int) -> list[dict[str, float]]:
+    return _fit(root, "--config", str(REPO / "configs/demo/rl.yaml"), "--config", str(REPO / f"configs/strategy/{strategy}.yaml"),
+                "--trainer.devices", str(devices), "--data.init_args.prompts_per_step", str(prompts_per_rank),
+                "--trainer.enable_checkpointing", "false", "--model.init_args.export_hf", "false",
+                "--model.init_args.model_name_or_path", str(tiny), "--model.init_args.max_new_tokens", "16",
+                "--model.init_args.engine", '{"class_path": "qed_lightning.rollout.HFEngine"}',
+                "--model.init_args.judge.init_args.cache_path", str(root / "grades.sqlite"),
+                "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"), "--data.init_args.val_size", "0",
+                "--trainer.callbacks", "[]")
+
+
+def test_rl_ddp_and_fsdp2_on_two_processes_match_one_process(tiny_model_dir, tmp_path):
+    one = _losses(_rl(tiny_model_dir, tmp_path / "one", "ddp", 1, 4))
+    assert len(one) == STEPS and len(set(one)) == STEPS  # three different steps, not a constant
+    for name in ("ddp", "fsdp2"):
+        losses = _losses(_rl(tiny_model_dir, tmp_path / name, name, 2, 2))
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(one), atol=TOL, rtol=0, msg=name)
