@@ -24,6 +24,8 @@ Deliberate differences, inherent to each trainer:
 
 How to read: "ratio" = median(ours tokens/s) / median(TRL tokens/s); > 1 means ours trains faster. The sides
 alternate (ours, trl, ours, trl, ...), each in its own subprocess so that peak RSS (`ru_maxrss`) is per side.
+"cpu s" is the process CPU time over the same window: when other jobs share the machine ("load 1m" above the
+thread count), wall time inflates and tokens per CPU-second is the steadier comparison (exact at --threads 1).
 
 Usage: .venv/bin/python scripts/bench_sft.py [--rounds 2] [--steps 10] [--json OUT]
 """
@@ -74,12 +76,12 @@ class Meter:
     """Per-step end times and per-batch token counts, in training order."""
 
     def __init__(self) -> None:
-        self.ticks: list[float] = []  # ticks[0] = train start, ticks[i] = end of optimizer step i
+        self.ticks: list[tuple[float, float]] = []  # (wall, process CPU) at train start, then after each step
         self.batches: list[tuple[int, int, int]] = []  # (labelled, real, total) per micro-batch
         self.threads = 0
 
     def tick(self) -> None:
-        self.ticks.append(time.perf_counter())
+        self.ticks.append((time.perf_counter(), time.process_time()))
 
     def count(self, batch: dict, real: int | None = None) -> None:
         import torch
@@ -94,14 +96,15 @@ class Meter:
             raise RuntimeError(f"{side}: ran {len(self.ticks) - 1} steps / {len(self.batches)} batches, expected "
                                f"{warmup + steps}; raise --repeat so the data lasts {warmup + steps} steps.")
         timed = self.batches[warmup : warmup + steps]
-        seconds = self.ticks[warmup + steps] - self.ticks[warmup]
+        (wall0, cpu0), (wall1, cpu1) = self.ticks[warmup], self.ticks[warmup + steps]
         labelled, real, total = (sum(col) for col in zip(*timed))
         return {
-            "side": side, "tokens_per_s": labelled / seconds, "trained_tokens": labelled, "seconds": seconds,
+            "side": side, "tokens_per_s": labelled / (wall1 - wall0), "trained_tokens": labelled,
+            "seconds": wall1 - wall0, "cpu_seconds": cpu1 - cpu0, "tokens_per_cpu_s": labelled / (cpu1 - cpu0),
             "padding_fraction": 1 - real / total, "tokens_per_step": total / steps,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "threads": self.threads, "labelled_per_pass": labelled_per_pass, "packed_rows": rows,
-            "load_1m": os.getloadavg()[0],  # other processes on the machine skew the timing; shown for honesty
+            "load_1m": os.getloadavg()[0],
         }
 
 
@@ -170,15 +173,15 @@ def run_trl(args: argparse.Namespace) -> dict:
     def counting(collate):  # TRL refuses a custom collator with padding-free packing, so wrap its own afterwards
         def wrapped(examples):
             batch = collate(examples)
-            real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else None
-            meter.count(batch, real=real)
+            meter.count(batch, real=int(batch["attention_mask"].sum()) if "attention_mask" in batch else None)
             return batch
         return wrapped
 
     set_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    out_dir = tempfile.TemporaryDirectory(prefix="bench_sft_trl_")  # nothing is saved; removed at exit
     config = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench_sft_trl_"), max_steps=args.warmup + args.steps,
+        output_dir=out_dir.name, max_steps=args.warmup + args.steps,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, learning_rate=LR,
         lr_scheduler_type="constant", max_grad_norm=0.0, max_length=args.max_length, packing=True,
         packing_strategy="bfd", completion_only_loss=True, gradient_checkpointing=False, bf16=False, fp16=False,
@@ -208,8 +211,11 @@ def run_side(args: argparse.Namespace) -> None:
 def prepare_inputs(args: argparse.Namespace, workdir: Path) -> None:
     """Build the model (unless --model) and write the data file repeated --repeat times; sets args in place."""
     if args.model is None:
+        from transformers.utils.logging import disable_progress_bar
+
         from qed_lightning.tiny import build_tiny
 
+        disable_progress_bar()
         args.model = str(build_tiny(workdir / "model", preset="bench"))
     lines = [line for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
     repeated = workdir / "sft_repeated.jsonl"
@@ -231,34 +237,47 @@ def spawn(args: argparse.Namespace, side: str) -> dict:
 
 
 def summarize(runs: list[dict]) -> dict:
-    median = {s: statistics.median(r["tokens_per_s"] for r in runs if r["side"] == s) for s in ("ours", "trl")}
-    return {"median_tokens_per_s": median, "ratio_ours_over_trl": median["ours"] / median["trl"]}
+    def median(side: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs if r["side"] == side)
+
+    wall = {s: median(s, "tokens_per_s") for s in ("ours", "trl")}
+    cpu = {s: median(s, "tokens_per_cpu_s") for s in ("ours", "trl")}
+    return {"median_tokens_per_s": wall, "ratio_ours_over_trl": wall["ours"] / wall["trl"],
+            "median_tokens_per_cpu_s": cpu, "cpu_ratio_ours_over_trl": cpu["ours"] / cpu["trl"]}
+
+
+COLUMNS = {  # header: (result key, format)
+    "side": ("side", "{}"), "round": ("round", "{}"), "tokens/s": ("tokens_per_s", "{:.0f}"),
+    "trained tok": ("trained_tokens", "{}"), "wall s": ("seconds", "{:.1f}"), "cpu s": ("cpu_seconds", "{:.1f}"),
+    "padding": ("padding_fraction", "{:.1%}"), "tok/step": ("tokens_per_step", "{:.0f}"),
+    "peak RSS MiB": ("peak_rss_mib", "{:.0f}"), "threads": ("threads", "{}"),
+    "labelled/pass": ("labelled_per_pass", "{}"), "rows": ("packed_rows", "{}"), "load 1m": ("load_1m", "{:.1f}"),
+}
 
 
 def report(runs: list[dict], summary: dict) -> None:
-    cols = ["side", "round", "tokens/s", "trained tok", "seconds", "padding", "tok/step", "peak RSS MiB",
-            "threads", "labelled/pass", "rows", "load 1m"]
-    cells = [[r["side"], str(r["round"]), f"{r['tokens_per_s']:.0f}", str(r["trained_tokens"]), f"{r['seconds']:.2f}",
-              f"{r['padding_fraction']:.1%}", f"{r['tokens_per_step']:.0f}", f"{r['peak_rss_mib']:.0f}",
-              str(r["threads"]), str(r["labelled_per_pass"]), str(r["packed_rows"]),
-              f"{r['load_1m']:.1f}"] for r in runs]
-    med = summary["median_tokens_per_s"]
-    footer = (f"median tokens/s: ours {med['ours']:.0f}, trl {med['trl']:.0f}; "
-              f"ratio ours/trl = {summary['ratio_ours_over_trl']:.3f}")
+    cells = [[fmt.format(r[key]) for key, fmt in COLUMNS.values()] for r in runs]
+    wall, cpu = summary["median_tokens_per_s"], summary["median_tokens_per_cpu_s"]
+    footer = (f"median trained tokens/s: ours {wall['ours']:.0f}, trl {wall['trl']:.0f}; "
+              f"ratio ours/trl = {summary['ratio_ours_over_trl']:.3f}\n"
+              f"per CPU-second (less sensitive to other load): ours {cpu['ours']:.0f}, trl {cpu['trl']:.0f}; "
+              f"ratio ours/trl = {summary['cpu_ratio_ours_over_trl']:.3f}")
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        for row in [cols, *cells]:
+        for row in [list(COLUMNS), *cells]:
             print("  ".join(f"{c:>13}" for c in row))
         print(footer)
         return
-    table = Table(title="SFT throughput (trained tokens/s)", caption=footer)
-    for c in cols:
+    table = Table(title="SFT throughput (trained tokens/s)")
+    for c in COLUMNS:
         table.add_column(c, justify="left" if c == "side" else "right")
     for row in cells:
         table.add_row(*row)
-    Console(width=140).print(table)
+    console = Console(width=160)
+    console.print(table)
+    console.print(footer, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
+import threading
 import time
 
 import pytest
 from jsonargparse import ArgumentParser
 
 from qed_lightning.rewards import (
+    JudgeDownError,
     BaseJudge,
     GradeCache,
     GradeRequest,
@@ -54,6 +56,7 @@ def make_judge(server):
     def make(judge_cls=RubricJudge, api="chat", timeout_s=2.0, max_retries=3, api_key_env=None, **judge_kwargs):
         client = OpenAIJudgeClient(server.url, "judge-model", api=api, api_key_env=api_key_env, timeout_s=timeout_s,
                                    max_retries=max_retries, backoff_s=0.01, max_tokens=256)
+        judge_kwargs.setdefault("max_down_s", 0.0)  # failure accounting without the circuit breaker (tested below)
         judge = judge_cls(client, **judge_kwargs)
         judges.append(judge)
         return judge
@@ -389,3 +392,33 @@ def test_engine_judge_client_batches_and_uses_the_chat_template(tiny_tokenizer):
     text = tiny_tokenizer.decode(engine.batches[0][0])
     assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n<think>\n")
     assert "=== Proof Solution ===\nQED\n=== End of Proof Solution ===" in text
+
+
+def test_circuit_breaker_pauses_while_the_judge_is_down_then_regrades(server, make_judge):
+    judge = make_judge(max_down_s=30.0, probe_interval_s=0.2)
+    server.down = True
+    threading.Timer(0.5, lambda: setattr(server, "down", False)).start()  # back after ~0.5 s
+    grades = judge.grade([req("QED QED"), req("QED")])
+    # no zero rewards from an outage: both were regraded once the judge answered again
+    assert [(g.status, g.score) for g in grades] == [("ok", 2), ("ok", 1)]
+    metrics = judge.pop_metrics()
+    assert metrics["judge/outages"] == 1.0 and metrics["judge/down_s"] >= 0.4
+    assert metrics["judge/error"] == 0.0
+
+
+def test_circuit_breaker_gives_up_after_max_down_s_with_a_clear_error(server, make_judge):
+    judge = make_judge(max_down_s=0.5, probe_interval_s=0.1)
+    server.down = True
+    start = time.perf_counter()
+    with pytest.raises(JudgeDownError, match=r"has not answered for \d+ s \(max_down_s=0.5\).*--ckpt_path last"):
+        judge.grade([req("QED")])
+    assert time.perf_counter() - start < 5.0
+
+
+def test_partial_failures_do_not_trip_the_breaker(server, make_judge):
+    judge = make_judge(max_down_s=30.0, probe_interval_s=5.0, max_retries=1)
+    server.inject("http500")  # one request fails (no retry), the other succeeds
+    start = time.perf_counter()
+    grades = judge.grade([req("QED"), req("QED QED")])
+    assert sorted(g.status for g in grades) == ["error", "ok"]
+    assert time.perf_counter() - start < 3.0  # no pause: the judge is answering

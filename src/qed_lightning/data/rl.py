@@ -99,6 +99,13 @@ class ProblemBatches:
             self.consumed = pos + 1
             yield mine[pos * self.batch_size : (pos + 1) * self.batch_size]
 
+    def peek(self) -> list[ProofProblem] | None:
+        """The batch the running pass yields next, without consuming it (None at the end of a pass): what
+        `AsyncRollouts` generates while the current step trains."""
+        if not self._started or self.consumed >= len(self):
+            return None
+        return self._order(self.epoch)[self.consumed * self.batch_size : (self.consumed + 1) * self.batch_size]
+
     def state_dict(self) -> dict[str, int]:
         if self._started and self.consumed >= len(self):
             return {"epoch": self.epoch + 1, "consumed": 0, "seed": self.seed}

@@ -81,6 +81,13 @@ class QEDModule(L.LightningModule):
         kwargs = {"dtype": DTYPES[hp.dtype]}
         if hp.attn_implementation:
             kwargs["attn_implementation"] = hp.attn_implementation
+        strategy = getattr(self._trainer, "strategy", None)
+        if getattr(strategy, "zero_stage_3", False):
+            # DeepSpeed ZeRO-3 (Lightning runs this hook inside `deepspeed.zero.Init`): transformers must know, so it
+            # loads each weight into its partitions; the config object must stay alive while the model is used
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_deepspeed_config = HfDeepSpeedConfig(strategy.config)
         self.model = AutoModelForCausalLM.from_pretrained(hp.model_name_or_path, **kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(hp.model_name_or_path)
         if hp.gradient_checkpointing:
@@ -120,6 +127,11 @@ class QEDModule(L.LightningModule):
         """The model's full (unsharded) state dict on CPU; strategies that shard override the gathering."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        if any(hasattr(p, "ds_id") for p in self.model.parameters()):  # DeepSpeed ZeRO-3: gather one by one
+            from qed_lightning.rollout.sync import iter_full_parameters
+
+            zero = self.trainer.is_global_zero
+            return {k: v.cpu() for k, v in iter_full_parameters(self.model) if zero}
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return get_model_state_dict(self.model, options=options)

@@ -107,6 +107,21 @@ class RubricRLModule(QEDModule):
 
     _hparams_ignore = ("optimizer", "lr_scheduler", "engine", "judge")
 
+    def setup(self, stage: str) -> None:
+        """Errors at the door: every prompt plus the completion budget must fit the engine's context."""
+        limit = getattr(self.engine, "max_model_len", None)
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        problems = [*getattr(datamodule, "train_problems", []), *getattr(datamodule, "val_problems", [])]
+        if limit is None or not problems:
+            return
+        longest = max(problems, key=lambda p: len(p.prompt_ids))
+        need = len(longest.prompt_ids) + self.hparams.max_new_tokens
+        if need > limit:
+            raise ValueError(
+                f"model.engine.init_args.max_model_len={limit} is shorter than the longest prompt ({len(longest.prompt_ids)} "
+                f"tokens, problem row {longest.index}) plus model.max_new_tokens={self.hparams.max_new_tokens}; raise "
+                f"max_model_len to at least {need}, or lower max_new_tokens / data.max_prompt_tokens.")
+
     def configure_callbacks(self):
         return [WeightSyncCallback(self.engine, self.hparams.sync_interval), *self.engine.callbacks()]
 
@@ -198,7 +213,8 @@ class RubricRLModule(QEDModule):
             self.manual_backward(self._idle_loss())
         sums["loss"] = self._sum_over_ranks(sums["loss"])  # each rank holds its part of the step's loss
         grad_norm = self._clip_and_step(opt, sums["loss"])
-        return {"train/loss": sums["loss"], "train/grad_norm": grad_norm, "train/clip_frac": sums["clip_frac"],
+        return {"train/loss": sums["loss"], "train/grad_norm": grad_norm, "train/nonfinite_skipped": float(self._nonfinite > 0),
+                "train/clip_frac": sums["clip_frac"],
                 "train/entropy": sums["entropy"], "train/micro_batches": float(len(plan)),
                 "rollout/logprob_diff_mean": sums["logprob_diff_sum"] / totals["tokens"],
                 "rollout/logprob_diff_max": sums["logprob_diff_max"]}

@@ -32,11 +32,15 @@ from qed_lightning.rewards.rubric import render_rubric
 from qed_lightning.rewards.templates import load_prompt
 from qed_lightning.rewards.types import Grade, GradeRequest
 
-__all__ = ["BaseJudge", "ProofBenchJudge", "RubricJudge"]
+__all__ = ["BaseJudge", "JudgeDownError", "ProofBenchJudge", "RubricJudge"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 STATUSES = ("ok", "truncated", "error", "parse_fail")
+
+
+class JudgeDownError(RuntimeError):
+    """The judge did not answer for longer than `max_down_s`: the run stops rather than train on zeros."""
 
 
 class _LoopThread:
@@ -76,6 +80,8 @@ class BaseJudge:
         on_failure: Literal["zero", "drop"] = "zero",
         banding: bool = False,
         cache_path: str | None = None,
+        max_down_s: float = 1800.0,
+        probe_interval_s: float = 30.0,
     ):
         if on_failure not in ("zero", "drop"):
             raise ValueError(f"on_failure must be 'zero' (paper: a failure scores 0) or 'drop', got {on_failure!r}.")
@@ -85,6 +91,7 @@ class BaseJudge:
         self.require_think_close, self.on_failure, self.banding = require_think_close, on_failure, banding
         # a command-line `...cache_path null` on a nested component reaches us as the string "None" (jsonargparse)
         self.cache = GradeCache(cache_path) if cache_path not in (None, "", "None", "null") else None
+        self.max_down_s, self.probe_interval_s = max_down_s, probe_interval_s
         self.counters: Counter[str] = Counter()
         self.latencies: list[float] = []
         self._stats_lock = threading.Lock()
@@ -125,7 +132,40 @@ class BaseJudge:
         """`grade` for async callers."""
         self._check_requests(requests)
         grades = list(await asyncio.gather(*(self._grade_one(r) for r in requests)))
+        grades = await self._ride_out_outage(requests, grades)
         self._record(grades)
+        return grades
+
+    # ---- circuit breaker ------------------------------------------------------------------------------------
+    async def _ride_out_outage(self, requests: list[GradeRequest], grades: list[Grade]) -> list[Grade]:
+        """When *every* judge call of a batch failed to get an answer (status "error"), the judge is down rather
+        than flaky: instead of training on a batch of zeros, pause, probe every `probe_interval_s`, and regrade the
+        failed requests once it answers again. Down for longer than `max_down_s` (0 = never pause): raise
+        `JudgeDownError`, which stops the run with a clear message (resume from the last checkpoint)."""
+        failed = [i for i, g in enumerate(grades) if g.status == "error"]
+        called = [g for g in grades if g.status != "truncated" and not g.cached]
+        if self.max_down_s <= 0 or not failed or len(failed) < len(called):
+            return grades
+        started = time.monotonic()
+        self.counters["outages"] += 1
+        while failed:
+            down = time.monotonic() - started
+            if down >= self.max_down_s:
+                raise JudgeDownError(f"the judge ({self.client.model_name}) has not answered for {down:.0f} s "
+                                     f"(max_down_s={self.max_down_s}); last error: {self._last_error}. Check the "
+                                     "judge server, then resume the run from its last checkpoint (--ckpt_path last).")
+            log.error("judge DOWN for %.0f s (%d requests unanswered): the run is paused; probing again in %.0f s, "
+                      "giving up after max_down_s=%.0f s. Last error: %s", down, len(failed),
+                      self.probe_interval_s, self.max_down_s, self._last_error)
+            await asyncio.sleep(self.probe_interval_s)
+            retried = await asyncio.gather(*(self._grade_one(requests[i]) for i in failed))
+            for i, grade in zip(failed, retried):
+                grades[i] = grade
+            failed = [i for i in failed if grades[i].status == "error"]
+            if len(failed) < len(retried):
+                break  # the judge answers again; the remaining failures are ordinary ones
+        self.counters["down_s"] += time.monotonic() - started
+        log.warning("judge answers again after %.0f s", time.monotonic() - started)
         return grades
 
     def _check_requests(self, requests: list[GradeRequest]) -> None:
@@ -191,7 +231,7 @@ class BaseJudge:
             counts, latencies = self.counters.copy(), list(self.latencies)
             self.counters.clear()
             self.latencies.clear()
-        metrics = {f"judge/{name}": float(counts[name]) for name in (*STATUSES, "cache_hits", "calls")}
+        metrics = {f"judge/{name}": float(counts[name]) for name in (*STATUSES, "cache_hits", "calls", "outages", "down_s")}
         metrics["judge/latency_mean_s"] = sum(latencies) / len(latencies) if latencies else 0.0
         metrics["judge/latency_max_s"] = max(latencies, default=0.0)
         return metrics
@@ -227,6 +267,9 @@ class RubricJudge(BaseJudge):
         on_failure: reward of a failed grade: "zero" (paper) or "drop" (None; excluded from its group).
         banding: map scores to the IMO scale (1..5 -> 1) before dividing by 7.
         cache_path: SQLite file of the grade cache (None = no cache).
+        max_down_s: circuit breaker: when every call of a batch fails, pause and probe the judge for up to this
+            many seconds, then stop the run with `JudgeDownError` (0 = never pause: failures follow on_failure).
+        probe_interval_s: seconds between probes while the judge is down.
     """
 
     request_fields = ("problem", "rubric")
@@ -240,8 +283,10 @@ class RubricJudge(BaseJudge):
         on_failure: Literal["zero", "drop"] = "zero",
         banding: bool = False,
         cache_path: str | None = None,
+        max_down_s: float = 1800.0,
+        probe_interval_s: float = 30.0,
     ):
-        super().__init__(client, prompt, require_think_close, on_failure, banding, cache_path)
+        super().__init__(client, prompt, require_think_close, on_failure, banding, cache_path, max_down_s, probe_interval_s)
 
     def prompt_values(self, request: GradeRequest, proof: str) -> dict[str, str]:
         return {"problem": request.problem, "rubric": render_rubric(request.rubric), "proof": proof}
@@ -268,8 +313,10 @@ class ProofBenchJudge(BaseJudge):
         on_failure: Literal["zero", "drop"] = "zero",
         banding: bool = False,
         cache_path: str | None = None,
+        max_down_s: float = 1800.0,
+        probe_interval_s: float = 30.0,
     ):
-        super().__init__(client, prompt, require_think_close, on_failure, banding, cache_path)
+        super().__init__(client, prompt, require_think_close, on_failure, banding, cache_path, max_down_s, probe_interval_s)
 
     def proof_of(self, response: str) -> str | None:
         proof = super().proof_of(response)

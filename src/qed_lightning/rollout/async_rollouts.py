@@ -13,10 +13,11 @@ the background job) and `rollout/prefetch_wait_s` (time the trainer still waited
 
 Where we differ from PipelineRL: it swaps weights into the servers while requests are in flight (a sample may mix
 two versions); we let the in-flight batch finish before pushing new weights (`load_weights` waits for it), so each
-sample has exactly one version and the lag is exact. The next step's prompts come from Lightning's one-batch
-lookahead (the fit loop fetches one batch ahead to know when an epoch ends); at an epoch boundary there is none, and
-that step generates synchronously. The prefetched job is keyed by its prompts, sampling and group size: any other
-request (validation, a reasoning-cache cycle) is served synchronously after it and leaves it in place.
+sample has exactly one version and the lag is exact. The next step's prompts come from the training loader's
+`peek()` (the RL data module's seeded order knows its next batch without consuming it, so checkpoints and resume are
+unaffected); at the end of a pass there is none, and the next epoch's first step generates synchronously.
+The prefetched job is keyed by its prompts, sampling and group size: any other request (validation, a
+reasoning-cache cycle) is served synchronously after it and leaves it in place.
 """
 
 from __future__ import annotations
@@ -149,13 +150,10 @@ class AsyncRollouts(RolloutEngine):
 
 
 def _next_batch(trainer: L.Trainer):
-    """The batch the fit loop has already fetched for the next step (Lightning prefetches one), or None."""
-    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
-    batches = getattr(fetcher, "batches", None)
-    if not batches:
-        return None
-    item = batches[0]
-    return item[0] if isinstance(item, tuple) and len(item) == 3 else item
+    """The next step's batch if the training loader can tell it without consuming it (`peek()`, as the RL data
+    module's `ProblemBatches`), else None."""
+    peek = getattr(trainer.train_dataloader, "peek", None)
+    return peek() if callable(peek) else None
 
 
 class RolloutPrefetch(Callback):

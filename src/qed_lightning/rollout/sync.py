@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 def iter_full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, full tensor) for every parameter and buffer that a checkpoint holds, one at a time.
 
-    DTensor shards (FSDP2) are gathered per parameter with `full_tensor()`; plain tensors are yielded as they are.
-    Tied weights are yielded once (under the first name), as `save_pretrained` does.
+    DTensor shards (FSDP2) are gathered per parameter with `full_tensor()`, DeepSpeed ZeRO-3 partitions with
+    `GatheredParameters` (a copy, since the gathered storage is released again); plain tensors are yielded as they
+    are. Every rank must walk the whole iterator (each gather is a collective). Tied weights are yielded once (under
+    the first name), as `save_pretrained` does.
     """
     seen: set[int] = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -34,9 +36,15 @@ def iter_full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Te
         if key in seen:
             continue
         seen.add(key)
-        data = tensor.detach()
-        if hasattr(data, "full_tensor"):
-            data = data.full_tensor()
+        if hasattr(tensor, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([tensor]):
+                data = tensor.detach().clone()
+        else:
+            data = tensor.detach()
+            if hasattr(data, "full_tensor"):
+                data = data.full_tensor()
         yield name, data
 
 

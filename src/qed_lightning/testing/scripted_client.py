@@ -43,7 +43,8 @@ class ScriptedJudgeClient(OpenAIJudgeClient):
         api: "chat" or "responses".
         faults: faults the server injects into the first requests (tests).
         delay_s: delay of the "timeout" fault.
-        timeout_s, max_retries, backoff_s, max_concurrency: as for `OpenAIJudgeClient`.
+        timeout_s, max_retries, backoff_s, max_concurrency, api_key_env: as for `OpenAIJudgeClient` (a key, if
+            set, is sent as a Bearer header, so tests can check it never leaks).
     """
 
     def __init__(
@@ -60,10 +61,11 @@ class ScriptedJudgeClient(OpenAIJudgeClient):
         max_retries: int = 3,
         backoff_s: float = 0.05,
         max_concurrency: int = 16,
+        api_key_env: str | None = None,
     ):
         self.rule = ScoringRule(rule, keyword, chars_per_point, charset, score)  # validates at the door
         super().__init__(
-            base_url=_NOT_STARTED, model="scripted-judge", api=api, api_key_env=None, max_tokens=1024,
+            base_url=_NOT_STARTED, model="scripted-judge", api=api, api_key_env=api_key_env, max_tokens=1024,
             timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s, max_concurrency=max_concurrency,
         )
         self.faults, self.delay_s = list(faults or []), delay_s

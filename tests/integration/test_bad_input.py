@@ -1,0 +1,102 @@
+"""Bad input is refused before any model loads, with an error naming the file, row, column or flag.
+
+Each case is one row of the README's "Bad input" table. `from_pretrained` of a causal LM is made to fail loudly, so
+an error raised by a model load (instead of by validation at the door) would show up as the wrong message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import transformers
+
+from qed_lightning.cli import make_cli
+
+REPO = Path(__file__).resolve().parents[2]
+RL_ROWS = [json.loads(line) for line in (REPO / "data/samples/fineproofs_rl.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(autouse=True)
+def _no_model_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was validated")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def _write(path: Path, rows: list[dict] | bytes) -> Path:
+    if isinstance(rows, bytes):
+        path.write_bytes(rows)
+    else:
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def _fit(config: str, tiny: Path, tmp: Path, *overrides: str) -> None:
+    make_cli(args=["--config", str(REPO / config), "--trainer.default_root_dir", str(tmp / "run"),
+                   "--model.init_args.model_name_or_path", str(tiny), *overrides])
+
+
+def _rl(tiny, tmp, data: Path, *overrides: str) -> None:
+    _fit("configs/demo/rl.yaml", tiny, tmp, "--data.init_args.path", str(data),
+         "--model.init_args.judge.init_args.cache_path", str(tmp / "g.sqlite"), *overrides)
+
+
+def _rows(**changes) -> list[dict]:
+    rows = [dict(r) for r in RL_ROWS[:6]]
+    for index, (column, value) in changes.items():
+        rows[int(index[1:])][column] = value
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ([{k: v for k, v in r.items() if k != "rubrics"} for r in RL_ROWS[:6]], r"missing column\(s\) \['rubrics'\]"),
+        (_rows(r2=("problem", "   ")), r"row 2, column 'problem': empty string"),
+        (_rows(r3=("rubrics", 5)), r"row 3, column 'rubrics': expected a string, got int"),
+        (_rows(r1=("rubrics", RL_ROWS[1]["rubrics"].replace("**1 pt**", "**2 pts**", 1))), r"row 1, column 'rubrics': rubric checkpoints total \d+ points, expected 7"),
+        (b'{"problem": "P", "rubrics": "R"}\n{"problem": "caf\xe9", "rubrics": "R"}\n', r"line 2: not valid UTF-8"),
+        (b"", r"the file is empty"),
+    ],
+    ids=["missing-column", "empty-value", "wrong-type", "rubric-not-7", "non-utf8", "empty-file"],
+)
+def test_malformed_rl_data_is_named(tiny_model_dir, tmp_path, rows, expected):
+    data = _write(tmp_path / "rl.jsonl", rows)
+    with pytest.raises(ValueError, match=expected) as info:
+        _rl(tiny_model_dir, tmp_path, data)
+    assert str(data) in str(info.value)
+
+
+def test_malformed_sft_messages_are_named(tiny_model_dir, tmp_path):
+    data = _write(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "q"}]}, {"messages": "text"}])
+    with pytest.raises(ValueError, match=r"row 0, column 'messages': no non-empty assistant message[\s\S]*row 1, column 'messages': expected a non-empty list"):
+        _fit("configs/demo/sft.yaml", tiny_model_dir, tmp_path, "--data.init_args.path", str(data))
+
+
+def test_negative_group_size_names_the_flag(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"model.group_size must be >= 1, got -2"):
+        _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl", "--model.init_args.group_size", "-2")
+
+
+def test_engine_context_shorter_than_prompt_names_the_flag(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"model.engine.init_args.max_model_len=64 is shorter than the longest prompt .* raise max_model_len to at least \d+"):
+        _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl", "--model.init_args.engine.init_args.max_model_len", "64")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--model.init_args.gruop_size", "4"], "gruop_size"),
+        (["--model.init_args.aggregation", "sum"], "aggregation"),
+        (["--data.init_args.prompts_per_step", "0"], "prompts_per_step must be >= 1"),
+    ],
+    ids=["typo-in-key", "unknown-choice", "zero-prompts"],
+)
+def test_bad_config_values_name_the_flag(tiny_model_dir, tmp_path, capsys, override, expected):
+    with pytest.raises((SystemExit, ValueError)) as info:
+        _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl", *override)
+    message = str(info.value) + capsys.readouterr().err
+    assert expected in message

@@ -1,0 +1,91 @@
+"""Numerical faults and secrets: a non-finite step changes no weight and is logged, N in a row abort the run; an API
+key from the environment appears in no log, checkpoint or saved config."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from qed_lightning.callbacks import AtomicModelCheckpoint
+from qed_lightning.cli import make_cli
+from qed_lightning.data import ProofRLDataModule
+from qed_lightning.modules import RubricRLModule
+from qed_lightning.rewards import RubricJudge
+from qed_lightning.rollout import HFEngine
+from qed_lightning.testing import ScriptedJudgeClient
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class NaNOnCalls(RubricRLModule):
+    """Makes the loss NaN on the given training-step calls (1-based) and records whether each step moved weights."""
+
+    def __init__(self, *args, nan_calls: tuple[int, ...] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.nan_calls, self.calls, self.moved = set(nan_calls), 0, []
+
+    def training_step(self, batch, batch_idx):
+        self.calls += 1
+        before = [p.detach().clone() for p in self.parameters()]
+        super().training_step(batch, batch_idx)
+        self.moved.append(any(not torch.equal(b, p) for b, p in zip(before, self.parameters())))
+
+    def compute_loss(self, *args, **kwargs):
+        loss, metrics = super().compute_loss(*args, **kwargs)
+        return (loss * float("nan"), metrics) if self.calls in self.nan_calls else (loss, metrics)
+
+
+def _fit(tiny: Path, root: Path, nan_calls: tuple[int, ...], max_steps: int) -> NaNOnCalls:
+    judge = RubricJudge(ScriptedJudgeClient(rule="char_fraction", charset="aeiou"), require_think_close=False)
+    module = NaNOnCalls(str(tiny), engine=HFEngine(), judge=judge, group_size=2, max_new_tokens=8,
+                        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), nan_calls=nan_calls, max_nonfinite_steps=3)
+    data = ProofRLDataModule(str(REPO / "data/samples/fineproofs_rl.jsonl"), tokenizer=str(tiny), prompts_per_step=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, default_root_dir=root, enable_progress_bar=False,
+                        logger=L.pytorch.loggers.CSVLogger(root, name="csv"), enable_checkpointing=False, log_every_n_steps=1)
+    try:
+        trainer.fit(module, datamodule=data)
+    finally:
+        judge.close()
+    return module
+
+
+def test_a_non_finite_step_is_skipped_and_logged(tiny_model_dir, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    module = _fit(tiny_model_dir, tmp_path, nan_calls=(2,), max_steps=3)
+    # calls 1, 3, 4 stepped; call 2 (NaN) changed nothing, and did not count as an optimizer step
+    assert module.moved == [True, False, True, True]
+    assert "non-finite loss" in caplog.text and "skipped, weights unchanged" in caplog.text
+    (run,) = (tmp_path / "csv").glob("version_*")
+    skipped = [float(r["train/nonfinite_skipped"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/nonfinite_skipped")]
+    assert skipped == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_consecutive_non_finite_steps_abort_with_a_clear_message(tiny_model_dir, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"3 consecutive non-finite steps; lower the learning rate or raise model.max_nonfinite_steps"):
+        _fit(tiny_model_dir, tmp_path, nan_calls=(1, 2, 3, 4), max_steps=4)
+
+
+def test_api_key_appears_in_no_log_checkpoint_or_config(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    secret = "sk-qed-test-" + "9" * 24
+    monkeypatch.setenv("QED_TEST_JUDGE_KEY", secret)
+    make_cli(args=[
+        "--config", str(REPO / "configs/demo/rl.yaml"), "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.max_steps", "2", "--trainer.callbacks.every_n_train_steps=1",
+        "--model.init_args.model_name_or_path", str(tiny_model_dir),
+        "--model.init_args.export_dir", str(tmp_path / "hf"),
+        "--model.init_args.judge.init_args.cache_path", str(tmp_path / "grades.sqlite"),
+        "--model.init_args.judge.init_args.client.init_args.api_key_env", "QED_TEST_JUDGE_KEY",
+        "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"),
+    ])
+    out, err = capfd.readouterr()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".ckpt" for p in files) and any(p.name == "config.yaml" for p in files)
+    leaks = [str(p) for p in files if secret.encode() in p.read_bytes()]
+    assert leaks == [] and secret not in out + err
+    # and the key really was used: the scripted server saw it on the wire (a Bearer header)
+    assert "QED_TEST_JUDGE_KEY" in (tmp_path / "csv" / "version_0" / "config.yaml").read_text()

@@ -1,0 +1,134 @@
+"""SLURM launchers and pre-emption, without a cluster: script syntax, the environment the training script hands to
+Lightning, and a real demo job that gets SIGUSR1, checkpoints, "requeues" (a fake `scontrol`) and resumes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qed_lightning.callbacks.preemption import slurm_job_id
+from qed_lightning.cli import make_cli
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted((REPO / "scripts" / "slurm").glob("*.sbatch")) + [REPO / "scripts" / "gpu_check.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_launch_scripts_are_valid_bash(script):
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _srun_qed_fit_args(script: Path, env: dict[str, str]) -> list[str]:
+    """The qed-fit arguments of the script's `srun` line, with the script's variables expanded from `env`."""
+    text = script.read_text().replace("\\\n", " ")
+    line = next(l for l in text.splitlines() if l.startswith("srun ") and "qed-fit" in l)
+    words = shlex.split(line)
+    args = words[next(i for i, w in enumerate(words) if w.endswith("qed-fit")) + 1:]
+    expanded = []
+    for word in args:
+        if word == "$@":
+            continue
+        expanded.append(re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], word))
+    return expanded
+
+
+def _task_env(rank: int, nodes: int, per_node: int) -> dict[str, str]:
+    """What srun sets for task `rank` of a `nodes` x `per_node` job (the variables Lightning's SLURMEnvironment reads)."""
+    return {
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "qed-train", "SLURM_NNODES": str(nodes),
+        "SLURM_NTASKS": str(nodes * per_node), "SLURM_NTASKS_PER_NODE": str(per_node),
+        "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % per_node), "SLURM_NODEID": str(rank // per_node),
+        "SLURM_NODELIST": "gpu[017-018]", "SLURM_CPUS_PER_TASK": "2",
+    }
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_train_sbatch_hands_lightning_the_slurm_world(rank, tiny_model_dir, monkeypatch):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    env = _task_env(rank, nodes=2, per_node=2)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    args = _srun_qed_fit_args(REPO / "scripts/slurm/train.sbatch",
+                              {**env, "VENV": ".venv", "CONFIG": str(REPO / "configs/demo/sft.yaml"),
+                               "STRATEGY": str(REPO / "configs/strategy/ddp.yaml")})
+    assert args[-2:] == ["--ckpt_path", "last"]  # resume from the newest last.ckpt, or start fresh
+    assert "--trainer.plugins.auto_requeue=false" in args and "--trainer.callbacks+=qed_lightning.callbacks.PreemptionCheckpoint" in args
+    # the CPU accelerator stands in for GPUs; everything else is the script's own argument list
+    cli = make_cli(args=[*args[:-2], "--trainer.accelerator", "cpu", "--model.init_args.model_name_or_path", str(tiny_model_dir)], run=False)
+    trainer = cli.trainer
+    environment = trainer.strategy.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
+    assert environment.creates_processes_externally  # srun started the tasks: Lightning launches nothing
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (4, rank, rank % 2, rank // 2)
+    assert trainer.num_nodes == 2 and trainer.num_devices == 2
+    assert environment.main_address == "gpu017"  # rendezvous on the job's first node
+    assert any(type(cb).__name__ == "PreemptionCheckpoint" for cb in trainer.callbacks)
+
+
+def test_slurm_job_id_of_array_jobs():
+    assert slurm_job_id({"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "3"}) == "7_3"
+    assert slurm_job_id({}) is None
+
+
+def _sft_command(tiny: Path, root: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "qed_lightning.cli", "--config", str(REPO / "configs/demo/sft.yaml"),
+            "--trainer.default_root_dir", str(root), "--trainer.max_steps", "60",
+            "--model.init_args.model_name_or_path", str(tiny), "--model.init_args.export_dir", str(root / "hf"),
+            "--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl"),
+            "--trainer.callbacks+=qed_lightning.callbacks.AtomicModelCheckpoint",
+            "--trainer.callbacks.every_n_train_steps=5", "--trainer.callbacks.save_last=true",
+            "--trainer.callbacks+=qed_lightning.callbacks.PreemptionCheckpoint", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(tiny_model_dir, tmp_path):
+    root = tmp_path / "run"
+    bin_dir = tmp_path / "bin"  # a fake `scontrol` that records its arguments
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "SLURM_JOB_ID": "4242",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+    first_log = tmp_path / "first.log"
+    with open(first_log, "w") as fh:
+        proc = subprocess.Popen(_sft_command(tiny_model_dir, root), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        deadline = time.monotonic() + 600
+        while not (root / "checkpoints" / "last.ckpt").exists():  # training is under way (a periodic save at step 5)
+            assert proc.poll() is None, first_log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=USR1@180` sends before the time limit
+        assert proc.wait(timeout=300) == 0, first_log.read_text()[-4000:]
+    saved = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert 5 <= saved < 60, saved
+    assert "pre-emption signal (SIGUSR1)" in first_log.read_text()
+    assert not (root / "hf").exists()  # a pre-empted run does not export its intermediate weights
+    assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
+
+    resumed_log = tmp_path / "resumed.log"
+    with open(resumed_log, "w") as fh:
+        proc = subprocess.run(_sft_command(tiny_model_dir, root, "--ckpt_path", "last"), stdout=fh, stderr=subprocess.STDOUT,
+                              env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, resumed_log.read_text()[-4000:]
+    assert "Restoring states from the checkpoint path" in resumed_log.read_text()
+    (_, second) = sorted((root / "csv").glob("version_*"))
+    with open(second / "metrics.csv") as fh:
+        steps = [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss")]
+    assert steps[0] == saved and steps[-1] == 59  # it continued from the saved step and finished
+    assert (root / "hf" / "model.safetensors").exists()

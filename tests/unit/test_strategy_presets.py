@@ -1,0 +1,75 @@
+"""Every strategy preset composes with a stage config (`--config STAGE --config configs/strategy/X.yaml`): the later
+file wins, the stage's own strategy arguments do not leak into another strategy class, the rest is untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qed_lightning.cli import make_cli
+
+REPO = Path(__file__).resolve().parents[2]
+PRESETS = sorted((REPO / "configs" / "strategy").glob("*.yaml"))
+EXPECTED = {
+    "ddp": "lightning.pytorch.strategies.DDPStrategy",
+    "fsdp2": "qed_lightning.parallel.FSDP2Strategy",
+    "fsdp1": "lightning.pytorch.strategies.FSDPStrategy",
+    "deepspeed_zero2": "lightning.pytorch.strategies.DeepSpeedStrategy",
+    "deepspeed_zero3": "lightning.pytorch.strategies.DeepSpeedStrategy",
+    "deepspeed_zero3_offload": "lightning.pytorch.strategies.DeepSpeedStrategy",
+}
+
+
+def _printed(capsys, *configs: Path) -> dict:
+    args = ["fit"]
+    for config in configs:
+        args += ["--config", str(config)]
+    with pytest.raises(SystemExit) as exit_info:
+        make_cli(args=[*args, "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err[-2000:]
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_every_preset_is_listed():
+    assert sorted(p.stem for p in PRESETS) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_composes_with_the_rl_config(preset, capsys):
+    base = _printed(capsys, REPO / "configs/rl.yaml")
+    composed = _printed(capsys, REPO / "configs/rl.yaml", preset)
+    strategy = composed["trainer"]["strategy"]
+    assert strategy["class_path"] == EXPECTED[preset.stem]
+    own = yaml.safe_load(preset.read_text())["trainer"]["strategy"].get("init_args", {})
+    for key, value in own.items():
+        assert strategy["init_args"][key] == value, key
+    # everything but the strategy is the stage config's
+    assert {k: v for k, v in composed["trainer"].items() if k != "strategy"} == {k: v for k, v in base["trainer"].items() if k != "strategy"}
+    assert composed["model"] == base["model"] and composed["data"] == base["data"]
+
+
+def test_zero3_and_fsdp_presets_shard_what_they_say(capsys):
+    zero3 = _printed(capsys, REPO / "configs/rl.yaml", REPO / "configs/strategy/deepspeed_zero3_offload.yaml")["trainer"]["strategy"]["init_args"]
+    assert (zero3["stage"], zero3["offload_optimizer"], zero3["offload_parameters"]) == (3, True, True)
+    fsdp1 = _printed(capsys, REPO / "configs/sft.yaml", REPO / "configs/strategy/fsdp1.yaml")["trainer"]["strategy"]["init_args"]
+    assert fsdp1["auto_wrap_policy"] == ["transformers.models.qwen3.modeling_qwen3.Qwen3DecoderLayer"]
+    fsdp2 = _printed(capsys, REPO / "configs/sft.yaml", REPO / "configs/strategy/fsdp2.yaml")["trainer"]["strategy"]["init_args"]
+    assert fsdp2["data_parallel_size"] == "auto" and fsdp2["tensor_parallel_size"] == 1
+
+
+def test_fsdp2_strategy_shards_over_every_process(monkeypatch):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from qed_lightning.parallel import FSDP2Strategy
+
+    captured = {}
+    # stand-in for ModelParallelStrategy.setup_environment (process group + device mesh), which reads the sizes
+    monkeypatch.setattr(ModelParallelStrategy, "setup_environment",
+                        lambda self: captured.update(sizes=(self._data_parallel_size, self._tensor_parallel_size)))
+    strategy = FSDP2Strategy()
+    strategy.num_nodes, strategy.parallel_devices = 2, ["d0", "d1", "d2", "d3"]
+    strategy.setup_environment()
+    # one data-parallel mesh dimension over 2 nodes x 4 devices (Lightning's default would be 2 x 4, data x tensor)
+    assert captured["sizes"] == (8, 1)
