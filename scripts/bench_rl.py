@@ -29,7 +29,11 @@ Fairness caveats:
 - Ours-HF generates each prompt's G samples in a separate seeded `generate` call (reproducible sampling);
   TRL generates the whole batch in one call. vLLM needs start-up time (outside the clock) and a weight reload per
   step (inside it). The loss aggregation differs (ours: paper's token sum / sequences; TRL: dr_grpo), same cost.
-- The machine may be shared: the 1-minute load average at the end of each run is shown; compare medians.
+- Threads: every side gets `--threads` torch/OpenMP threads (vLLM with VLLM_CPU_OMP_THREADS_BIND=nobind, so it
+  keeps them instead of binding one thread per core). On a machine busy with other jobs, OpenMP threads spin-wait
+  on descheduled siblings: measured here at load ~6 on 2 cores, one `generate` call took 22 s with 2 threads and
+  2.2 s with 1. Hence the default `--threads 1`; on an idle machine `--threads 2` is ~1.5x faster on every side.
+  The 1-minute load average at the end of each run is shown.
 
 How to read: "ratio" = median(ours steps/s) / median(TRL steps/s) for each of our engines; > 1 = ours faster.
 The issue's target is ours-vllm / trl >= 2.
@@ -78,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6, help="timed RL steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed RL steps before the timed ones")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch/OpenMP threads of every side (1 is robust on a shared machine; see the docstring)")
     p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write settings and results to this file")
@@ -92,14 +98,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def finish(side: str, args: argparse.Namespace, ticks: list[float], phases: dict[str, list[float]],
            gen_tokens: list[int]) -> dict:
     """ticks[i] = end of step i (ticks[0] = start of training); phases/gen_tokens: one entry per step."""
+    import torch
+
     w, n = args.warmup, args.steps
     if len(ticks) != w + n + 1:
         raise RuntimeError(f"{side}: recorded {len(ticks) - 1} steps, expected {w + n}")
     seconds = ticks[w + n] - ticks[w]
     rollouts = args.prompts_per_step * args.group_size * n
     result = {"side": side, "steps_per_s": n / seconds, "rollouts_per_s": rollouts / seconds, "seconds": seconds,
-              "gen_tokens_per_s": sum(gen_tokens[w:w + n]) / seconds, "mean_completion_len": sum(gen_tokens[w:w + n]) / rollouts,
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "load_1m": os.getloadavg()[0]}
+              "gen_tokens_per_s": sum(gen_tokens[w:w + n]) / seconds,
+              "mean_completion_len": sum(gen_tokens[w:w + n]) / rollouts,
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "load_1m": os.getloadavg()[0],
+              "threads": torch.get_num_threads()}
     for name, values in phases.items():
         result[f"{name}_s_per_step"] = sum(values[w:w + n]) / n
     return result
@@ -248,6 +258,9 @@ def run_trl(args: argparse.Namespace) -> dict:
 
 
 def run_side(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
     result = run_trl(args) if args.side == "trl" else run_ours(args)
     print(MARKER + json.dumps(result), flush=True)
 
@@ -256,9 +269,12 @@ def spawn(args: argparse.Namespace, side: str, workdir: Path) -> dict:
     flags = ["--model", args.model, "--data", args.data, "--group-size", args.group_size, "--prompts-per-step",
              args.prompts_per_step, "--max-new-tokens", args.max_new_tokens, "--micro-batch-tokens",
              args.micro_batch_tokens, "--lr", args.lr, "--steps", args.steps, "--warmup", args.warmup,
-             "--seed", args.seed, "--side", side, "--workdir", workdir]
+             "--threads", args.threads, "--seed", args.seed, "--side", side, "--workdir", workdir]
+    threads = str(args.threads)  # nobind: vLLM keeps these threads instead of binding one per core
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, *map(str, flags)], capture_output=True, text=True, cwd=workdir)
+    proc = subprocess.run([sys.executable, __file__, *map(str, flags)], capture_output=True, text=True, cwd=workdir,
+                          env=env)
     found = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
     if proc.returncode != 0 or not found:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
@@ -278,7 +294,7 @@ def report(runs: list[dict], summary: dict) -> None:
     from rich.table import Table
 
     cols = ["side", "round", "steps/s", "rollouts/s", "gen tok/s", "s/step", "gen s", "grade s", "train s",
-            "sync s", "mean len", "peak RSS MiB", "process s", "load 1m"]
+            "sync s", "mean len", "peak RSS MiB", "threads", "process s", "load 1m"]
     table = Table(title="RL throughput (timed steps only; phase columns are seconds per step)")
     for c in cols:
         table.add_column(c, justify="left" if c == "side" else "right")
@@ -287,7 +303,8 @@ def report(runs: list[dict], summary: dict) -> None:
         table.add_row(r["side"], str(r["round"]), f"{r['steps_per_s']:.3f}", f"{r['rollouts_per_s']:.1f}",
                       f"{r['gen_tokens_per_s']:.0f}", f"{1 / r['steps_per_s']:.2f}", phase("generate_s_per_step"),
                       phase("grade_s_per_step"), phase("train_s_per_step"), phase("sync_s_per_step"),
-                      f"{r['mean_completion_len']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r['process_s']:.0f}",
+                      f"{r['mean_completion_len']:.1f}", f"{r['peak_rss_mib']:.0f}", str(r["threads"]),
+                      f"{r['process_s']:.0f}",
                       f"{r['load_1m']:.1f}")
     console = Console(width=160)
     console.print(table)
@@ -308,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
 
             args.model = str(build_tiny(Path(tmp) / "model", preset="bench"))
         settings = {k: v for k, v in vars(args).items() if k not in ("side", "workdir", "json")}
-        settings.update(dtype="float32", device="cpu", torch_threads="default (all cores)", temperature=0.8,
+        settings.update(dtype="float32", device="cpu", temperature=0.8,
                         top_p=1.0, optimizer="AdamW(weight_decay=0.01), constant LR", grad_clip=0.3,
                         entropy_coef=1e-4, kl="none (beta 0)", reward=f"scripted {RULE} / 7",
                         ours_reward="RubricJudge + ScriptedJudgeClient over local HTTP, fresh grade cache per run",

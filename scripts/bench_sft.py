@@ -1,33 +1,30 @@
 #!/usr/bin/env python3
 """SFT throughput: our `SFTModule` + `SFTDataModule` (Lightning) against TRL's `SFTTrainer` with packing.
 
-What is measured: trained tokens per second, i.e. tokens whose label is not -100 (assistant tokens that carry
-loss; prompt and padding tokens excluded), summed over the timed optimizer steps and divided by the wall time
-from the end of the last warm-up step to the end of the last step. The wall time includes everything the trainer
-does per step (data loading, collation, forward, backward, optimizer, metric logging). Both sides get the same
-tiny Qwen3 folder (float32, CPU, default sdpa attention), the same examples, the same token budget per packed row
-(`--max-length`), the same rows per micro-batch, the same number of steps, `torch.optim.AdamW(lr=1e-4)` on all
-parameters, no LR schedule, no gradient clipping, no gradient checkpointing, no eval and no checkpoints, and
-the same number of torch threads.
+Measured: trained tokens per second, i.e. tokens whose label is not -100 (prompt and padding excluded), summed
+over the timed optimizer steps and divided by the wall time from the end of the last warm-up step to the end of
+the last step, so it includes all per-step work (data loading, collation, forward, backward, optimizer, logging).
+Both sides load the same tiny Qwen3 folder (float32, CPU, default sdpa attention) and get the same examples,
+token budget per packed row (`--max-length`), rows per micro-batch, steps, `torch.optim.AdamW(lr=1e-4)` on all
+parameters, torch threads; no LR schedule, gradient clipping, gradient checkpointing, eval or checkpoints.
 
-Deliberate differences, inherent to each trainer:
+Differences inherent to each trainer:
 - Ours: first-fit-decreasing packing, rows padded to the longest row of the micro-batch (`[B, L]`), loss on the
-  assistant span (`<think>`-body ... `<|im_end|>`), full logits then cross-entropy.
-- TRL 1.16: its `assistant_only_loss` needs a template with `{% generation %}` markers or one of its known
-  templates, and ours is neither, so the TRL side uses `completion_only_loss=True` on prompt/completion rows built
-  from the same messages (prompt = turns before the last assistant turn). That also trains the newline after
-  `<|im_end|>` (one more labelled token per example; the "labelled/pass" column shows both counts). Packing is
-  "bfd" (best-fit decreasing), which forces padding-free batches: the micro-batch's rows are flattened into one
-  `[1, sum]` sequence with restarting position ids. On CPU (sdpa, no varlen kernel) that row attends through a
-  dense block-diagonal mask over the whole flattened length. Loss via TRL's chunked fused LM head (no full
-  logits), which also computes entropy and token accuracy every step.
+  assistant span (thinking ... `<|im_end|>`), full logits then cross-entropy.
+- TRL 1.16: `assistant_only_loss` needs `{% generation %}` markers or one of TRL's known templates; ours is
+  neither, so TRL gets `completion_only_loss=True` on prompt/completion rows split from the same messages (prompt
+  = turns before the last assistant turn). That also trains the newline after `<|im_end|>`: one more labelled
+  token per example (column "labelled/pass"). Packing "bfd" (best-fit decreasing) forces padding-free batches:
+  the micro-batch's rows are flattened into one `[1, sum]` row with restarting position ids, which on CPU (sdpa,
+  no varlen kernel) attends through a dense block-diagonal mask over the whole flattened length. The loss uses
+  TRL's chunked fused LM head (no full logits), which also computes entropy and token accuracy every step.
 
 How to read: "ratio" = median(ours tokens/s) / median(TRL tokens/s); > 1 means ours trains faster. The sides
 alternate (ours, trl, ours, trl, ...), each in its own subprocess so that peak RSS (`ru_maxrss`) is per side.
 "cpu s" is the process CPU time over the same window: when other jobs share the machine ("load 1m" above the
-thread count), wall time inflates and tokens per CPU-second is the steadier comparison (exact at --threads 1).
+thread count) wall time inflates, and tokens per CPU-second is the steadier comparison (steadiest at --threads 1).
 
-Usage: .venv/bin/python scripts/bench_sft.py [--rounds 2] [--steps 10] [--json OUT]
+Usage: .venv/bin/python scripts/bench_sft.py [--rounds 2] [--steps 10] [--threads N] [--json OUT]
 """
 
 from __future__ import annotations

@@ -60,7 +60,9 @@ def _skeleton(base: str, dtype: torch.dtype):
     except ImportError:  # older transformers
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # tied weights as one tensor (as from_pretrained leaves them), saved once
+    return model
 
 
 def _missing_ok(model, missing: list[str]) -> list[str]:

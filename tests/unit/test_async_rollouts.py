@@ -146,3 +146,16 @@ def test_checkpoint_sync_streams_small_shards_with_an_index(tmp_path):
     for name, tensor in tensors:
         assert torch.equal(load_file(str(tmp_path / index["weight_map"][name]))[name], tensor)
     assert write_safetensors(iter(tensors), None) == 0  # other ranks only walk the parameters
+
+
+def test_pool_urls_from_a_list_the_environment_or_the_pool_file(tmp_path, monkeypatch):
+    from qed_lightning.rollout.server_engine import resolve_urls
+
+    (tmp_path / "urls.txt").write_text("http://n1:8000\nhttp://n1:8001/v1\n\n")
+    monkeypatch.setenv("POOL", "http://n2:8000,http://n2:8001")
+    assert resolve_urls([f"file:{tmp_path / 'urls.txt'}", "env:POOL", "http://n3:9000/"]) == [
+        "http://n1:8000", "http://n1:8001", "http://n2:8000", "http://n2:8001", "http://n3:9000"]
+    with pytest.raises(ValueError, match="MISSING"):
+        resolve_urls(["env:MISSING"])
+    engine = VLLMServerEngine(["env:POOL"], sync_dir=str(tmp_path))
+    assert engine.urls == []  # resolved when training starts (the pool may still be coming up)

@@ -73,3 +73,13 @@ def test_fsdp2_strategy_shards_over_every_process(monkeypatch):
     strategy.setup_environment()
     # one data-parallel mesh dimension over 2 nodes x 4 devices (Lightning's default would be 2 x 4, data x tensor)
     assert captured["sizes"] == (8, 1)
+
+
+def test_pipeline_layout_composes_with_a_stage_and_a_strategy(capsys):
+    printed = _printed(capsys, REPO / "configs/rl.yaml", REPO / "configs/strategy/fsdp2.yaml", REPO / "configs/layout/pipeline_rl.yaml")
+    engine = printed["model"]["init_args"]["engine"]
+    assert engine["class_path"] == "qed_lightning.rollout.AsyncRollouts" and engine["init_args"]["max_lag"] == 1
+    pool = engine["init_args"]["engine"]
+    assert pool["class_path"] == "qed_lightning.rollout.VLLMServerEngine" and pool["init_args"]["sync"] == "checkpoint"
+    assert printed["trainer"]["strategy"]["class_path"] == "qed_lightning.parallel.FSDP2Strategy"
+    assert printed["model"]["init_args"]["group_size"] == 16  # the stage's own knobs are untouched

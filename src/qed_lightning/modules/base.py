@@ -97,7 +97,17 @@ class QEDModule(L.LightningModule):
         rank_zero_info(f"loaded {hp.model_name_or_path} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters)")
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Logits `[B, L, V]` of a packed batch (attention mask None: transformers builds it from position ids)."""
+        """Logits `[B, L, V]` of a packed batch (attention mask None: transformers builds it from position ids).
+
+        sdpa/eager turn restarting position ids into a block-diagonal mask for any batch size, but transformers'
+        flash-attention path only detects packed sequences in a single row, so with flash attention a `[B, L]`
+        batch runs as one `[1, B * L]` row (its padding is a segment of its own, see `data.packing`).
+        """
+        batch, length = input_ids.shape
+        flash = str(getattr(self.model.config, "_attn_implementation", "")).startswith("flash")
+        if flash and batch > 1:
+            logits = self.model(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1), use_cache=False).logits
+            return logits.reshape(batch, length, -1)
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
     # -- optimisation --------------------------------------------------------------------------------------------

@@ -280,6 +280,7 @@ class RubricRLModule(QEDModule):
         """Sample, grade, advantage, loss and step on `batch` (each item one GRPO prompt: its `prompt_ids`, graded
         against its `problem` and `rubric`); returns the metrics, the rewards `[P * G]` and their validity `[P * G]`."""
         hp = self.hparams
+        step = self.global_step  # the weights' version now; the optimizer step below increments it
         t0 = time.perf_counter()
         rollouts = self.generate_rollouts(batch, hp.group_size)  # 1. sample
         t1 = time.perf_counter()
@@ -289,7 +290,7 @@ class RubricRLModule(QEDModule):
         self.engine.sleep()
         metrics = self.optimize(rollouts, advantages, valid)  # 4. loss + 5. step
         t3 = time.perf_counter()
-        metrics.update(rollout_metrics(rollouts, rewards, valid, hp.group_size, self.global_step))
+        metrics.update(rollout_metrics(rollouts, rewards, valid, hp.group_size, step))
         metrics.update(score_histogram(grades))
         metrics.update(self.judge.pop_metrics())
         tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)

@@ -40,7 +40,7 @@ class SFTModule(QEDModule):
     """Assistant-only SFT on packed chat sequences.
 
     Override point: `compute_loss(batch) -> (loss, n_tokens)` to change the objective (e.g. add a length penalty).
-    Logs `train/loss`, `train/tokens_per_sec` (trained, non-padding tokens), `train/padding_fraction`,
+    Logs `train/loss`, `train/tokens_per_sec` (labelled tokens per second, step to step), `train/padding_fraction`,
     `train/trained_tokens`, and the data module's truncation/drop counts once.
     """
 
@@ -74,8 +74,8 @@ class SFTModule(QEDModule):
             "train/trained_tokens": n_tokens.float(),
             "train/padding_fraction": torch.tensor(1.0 - real / total),
         }
-        if elapsed > 0:
-            metrics["train/tokens_per_sec"] = torch.tensor(real / elapsed)
+        if elapsed > 0:  # labelled tokens per second of wall time between consecutive steps (forward+backward+step)
+            metrics["train/tokens_per_sec"] = n_tokens.detach().float() / elapsed
         self.log_dict(metrics, prog_bar=False, batch_size=batch["input_ids"].size(0))
         self.log("train/loss", loss.detach(), batch_size=batch["input_ids"].size(0), sync_dist=True)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch["input_ids"].size(0))

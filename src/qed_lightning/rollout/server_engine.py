@@ -1,8 +1,8 @@
 """Disaggregated rollouts: the policy served by a pool of OpenAI-compatible vLLM servers, addressed by URL.
 
 Paper (PipelineRL): 24 of 32 GPUs run vLLM servers that generate while 8 GPUs train; new weights are pushed to the
-servers after every optimizer step. Here each training rank sends its prompts to the pool (prompt i of a call to
-server i mod len(urls), rotating between calls) as token ids on `/v1/completions`, with the log-prob of each sampled
+servers after every optimizer step. Here each training rank sends its prompts to the pool (the servers take turns,
+over the prompts of all training ranks) as token ids on `/v1/completions`, with the log-prob of each sampled
 token (`logprobs: 0`) and the token ids themselves (`return_token_ids`, `return_tokens_as_token_ids`). Sampling is
 seeded per prompt, so a prompt's samples do not depend on the server it lands on.
 
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -61,6 +62,34 @@ WORKER_EXTENSION = "qed_lightning.rollout.vllm_worker.QEDWorkerExtension"
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+
+
+def resolve_urls(entries: list[str]) -> list[str]:
+    """Server roots from `entries`: plain URLs, `env:VAR` (comma- or space-separated URLs in $VAR) or `file:PATH`
+    (one URL a line, as scripts/slurm/vllm_pool.sbatch writes). A trailing /v1 is dropped.
+
+    >>> resolve_urls(["http://a:8000/v1", "http://b:8001/"])
+    ['http://a:8000', 'http://b:8001']
+    """
+    urls: list[str] = []
+    for entry in entries:
+        if entry.startswith("env:"):
+            value = os.environ.get(entry[4:], "").strip()
+            if not value:
+                raise ValueError(f"engine.urls entry {entry!r}: ${entry[4:]} is not set (export the pool's URLs)")
+            urls += value.replace(",", " ").split()
+        elif entry.startswith("file:"):
+            path = Path(entry[5:])
+            if not path.exists():
+                raise ValueError(f"engine.urls entry {entry!r}: {path} does not exist (the pool job writes it)")
+            urls += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        else:
+            urls.append(entry)
+    return [u.rstrip("/").removesuffix("/v1") for u in urls]
 
 
 def _barrier() -> None:
@@ -110,9 +139,11 @@ class VLLMServerEngine(RolloutEngine):
     """A pool of vLLM OpenAI-compatible servers as the rollout engine (see the module docstring for server flags).
 
     Args:
-        urls: server roots, e.g. ["http://gpu-node-3:8000", "http://gpu-node-3:8001"] (a trailing /v1 is ignored).
+        urls: server roots, e.g. ["http://gpu-node-3:8000", "http://gpu-node-3:8001"] (a trailing /v1 is ignored),
+            or `env:VAR` / `file:PATH` entries resolved when training starts (see `resolve_urls`).
         model: served model name; None = the first name `/v1/models` lists.
-        sync: "checkpoint" (shared directory + `/collective_rpc reload_weights`) or "nccl" (vLLM weight transfer).
+        sync: "checkpoint" (shared directory + `/collective_rpc reload_weights`), "nccl" (vLLM weight transfer), or
+            "none" for a frozen pool that never receives weights (a separate summarizer).
         sync_dir: directory the trainer writes and every server reads (checkpoint sync); required for it.
         shard_bytes: size of one safetensors shard written during a checkpoint sync.
         reset_on_start: reload the servers from the trainer's `model_name_or_path` when training starts, so a pool
@@ -128,7 +159,7 @@ class VLLMServerEngine(RolloutEngine):
         self,
         urls: list[str],
         model: str | None = None,
-        sync: Literal["checkpoint", "nccl"] = "checkpoint",
+        sync: Literal["checkpoint", "nccl", "none"] = "checkpoint",
         sync_dir: str | None = None,
         shard_bytes: int = 2**30,
         reset_on_start: bool = True,
@@ -148,7 +179,9 @@ class VLLMServerEngine(RolloutEngine):
             problems.append("engine.nccl_master_address is required with sync=nccl (this node's address as the servers see it)")
         if problems:
             raise ValueError("VLLMServerEngine: " + "; ".join(problems))
-        self.urls = [u.rstrip("/").removesuffix("/v1") for u in urls]
+        self.url_entries = list(urls)
+        indirect = any(u.startswith(("env:", "file:")) for u in urls)
+        self.urls = [] if indirect else resolve_urls(urls)
         self.model = model
         self.sync = sync
         self.sync_dir = Path(sync_dir) if sync_dir else None
@@ -166,6 +199,7 @@ class VLLMServerEngine(RolloutEngine):
         self._senders: list | None = None
         self._syncs = 0
         self._turn = 0
+        self._rank, self._world = 0, 1
         self._no_extension: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
@@ -174,6 +208,8 @@ class VLLMServerEngine(RolloutEngine):
         """Wait for every server, resolve the served model name, optionally reset the pool to `model`'s weights."""
         if self.client is not None:
             return
+        self.urls = resolve_urls(self.url_entries)
+        self._rank, self._world = _rank(), _world()
         self.client = httpx.Client(timeout=self.timeout_s, limits=httpx.Limits(max_connections=self.max_concurrency))
         names = [self._wait_ready(url) for url in self.urls]
         self.model = self.model or names[0][0]
@@ -255,10 +291,11 @@ class VLLMServerEngine(RolloutEngine):
         if self.client is None:
             self.start()
         version = self.policy_version
-        turn, self._turn = self._turn, self._turn + len(prompts)
+        # prompt i of rank r is the (r + W i)-th of the step over all ranks: the pool's servers take turns
+        turn, self._turn = self._turn, self._turn + self._world * len(prompts)
 
         def one(i: int) -> list[Completion]:
-            url = self.urls[(turn + i) % len(self.urls)]
+            url = self.urls[(turn + self._rank + self._world * i) % len(self.urls)]
             reply = self._post(f"{url}/v1/completions", self.request_body(prompts[i], sampling, n, sampling.prompt_seed(i)))
             choices = sorted(reply["choices"], key=lambda c: c["index"])
             return [self.parse_choice(prompts[i], c, version) for c in choices]
@@ -273,6 +310,8 @@ class VLLMServerEngine(RolloutEngine):
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         if self.client is None:
             self.start()
+        if self.sync == "none":
+            raise RuntimeError("VLLMServerEngine(sync=none) is a frozen pool; set engine sync: checkpoint or nccl for the policy")
         if self.sync == "nccl":
             self._send_nccl()  # reads the attached policy; the iterator is left unread on every rank alike
         else:
@@ -282,6 +321,8 @@ class VLLMServerEngine(RolloutEngine):
     def _sync_checkpoint(self, named_tensors: Iterator[tuple[str, Tensor]]) -> None:
         self._syncs += 1
         target = (self.sync_dir / f"v{self._syncs}").resolve() if _rank() == 0 else None
+        if target is not None:
+            shutil.rmtree(target, ignore_errors=True)  # a leftover of an earlier run must not mix in
         write_safetensors(named_tensors, target, self.shard_bytes)
         if target is None:
             return
