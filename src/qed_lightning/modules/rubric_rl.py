@@ -34,7 +34,7 @@ from qed_lightning.modules.base import QEDModule, default_optimizer
 from qed_lightning.modules.rl_metrics import rollout_metrics, score_histogram
 from qed_lightning.rewards import GradeRequest, RubricJudge
 from qed_lightning.rl import entropy_from_logits, group_advantages_masked, policy_loss, token_logprobs
-from qed_lightning.rl.microbatch import pack_sequences, pad_values, plan_microbatches, unpack
+from qed_lightning.rl.microbatch import completion_logits, pack_sequences, pad_sequences, pad_values, plan_microbatches
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
 from qed_lightning.rollout.sync import WeightSyncCallback
 
@@ -122,6 +122,12 @@ class RubricRLModule(QEDModule):
                 f"tokens, problem row {longest.index}) plus model.max_new_tokens={self.hparams.max_new_tokens}; raise "
                 f"max_model_len to at least {need}, or lower max_new_tokens / data.max_prompt_tokens.")
 
+    @property
+    def layout(self) -> str:
+        """Micro-batch layout: one packed row with flash attention, right-padded rows otherwise (rl/microbatch.py)."""
+        impl = str(getattr(getattr(self.model, "config", None), "_attn_implementation", ""))
+        return "packed" if impl.startswith("flash") else "padded"
+
     def configure_callbacks(self):
         return [WeightSyncCallback(self.engine, self.hparams.sync_interval), *self.engine.callbacks()]
 
@@ -165,20 +171,20 @@ class RubricRLModule(QEDModule):
     def compute_loss(self, rollouts: list[Completion], advantages: torch.Tensor, members: list[int], totals: dict[str, int]):
         """Loss of one packed micro-batch (`members` index `rollouts`) and its detached metrics."""
         hp = self.hparams
-        packed = pack_sequences([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], members)
+        layout = pack_sequences if self.layout == "packed" else pad_sequences
+        packed = layout([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], members)
         device = self.device
         input_ids, position_ids = packed.input_ids.to(device), packed.position_ids.to(device)
-        logits = self(input_ids, position_ids)[:, :-1]  # [1, L-1, V]
-        targets = input_ids[:, 1:]
-        logp = unpack(token_logprobs(logits, targets, hp.temperature), packed)  # [n, T]
-        mask = packed.mask.to(device)
+        mask = packed.mask.to(device)  # [n, T]
+        logits, targets = completion_logits(self(input_ids, position_ids), input_ids, packed)  # [n, T, V], [n, T]
+        logp = token_logprobs(logits, targets, hp.temperature) * mask
         old = pad_values([r.logprobs for r in rollouts], members, mask.size(1)).to(device)
-        entropy = unpack(entropy_from_logits(logits, hp.temperature), packed) if hp.entropy_coef > 0 else None
+        entropy = entropy_from_logits(logits, hp.temperature) * mask if hp.entropy_coef > 0 else None
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref_logits = self.ref_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[:, :-1]
-                ref = unpack(token_logprobs(ref_logits, targets, hp.temperature), packed)
+                ref_logits = self.ref_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+                ref = token_logprobs(completion_logits(ref_logits, input_ids, packed)[0], targets, hp.temperature) * mask
         loss, metrics = policy_loss(
             logp, old, advantages[members].to(device), mask, num_sequences=totals["sequences"], clip_low=hp.clip_low,
             clip_high=hp.clip_high, aggregation=hp.aggregation, entropy=entropy, entropy_coef=hp.entropy_coef,
@@ -199,7 +205,8 @@ class RubricRLModule(QEDModule):
         opt = self.optimizers()
         opt.zero_grad()
         sums: dict[str, float] = {"loss": 0.0, "logprob_diff_sum": 0.0, "logprob_diff_max": 0.0, "clip_frac": 0.0, "entropy": 0.0}
-        plan = plan_microbatches([len(rollouts[i].prompt_ids) + lengths[j] for j, i in enumerate(members)], self.hparams.micro_batch_tokens)
+        plan = plan_microbatches([len(rollouts[i].prompt_ids) + lengths[j] for j, i in enumerate(members)],
+                                 self.hparams.micro_batch_tokens, self.layout)
         for mb in plan:
             loss, metrics = self.compute_loss(rollouts, advantages, [members[j] for j in mb], totals)
             self.manual_backward(loss * self.trainer.world_size)  # DDP/FSDP average over ranks; see _step_totals

@@ -1,9 +1,15 @@
-"""Pack RL sequences (prompt + completion) into token-budgeted micro-batches and unpack per-token values.
+"""Lay out RL sequences (prompt + completion) as token-budgeted micro-batches and gather per-token values back.
 
-A micro-batch is ONE packed row: sequences laid end to end, position ids restarting at 0 for each (no attention
-across sequences, see `qed_lightning.data.packing`). After the forward pass, the next-token log-probs of the row
-`[L - 1]` are gathered back into a `[n, T]` grid (one line per sequence, its completion tokens only), which is the
-layout `policy_loss` takes. No padding tokens ever go through the model.
+Two layouts, chosen by attention backend:
+- "packed" (flash attention, GPU): ONE row, sequences end to end, position ids restarting at 0 for each (no
+  attention across sequences, see `qed_lightning.data.packing`); no padding token goes through the model, and
+  varlen flash attention costs each sequence only its own length squared.
+- "padded" (sdpa/eager, e.g. CPU): one right-padded row per sequence. Causal attention never lets a real token see
+  the padding after it, so no mask is needed; attention costs n x T^2 instead of the (sum of lengths)^2 of a dense
+  block-diagonal mask over a packed row (measured ~2x faster per RL step on CPU for many short sequences).
+Either way `gather_index` points, in the flattened `[B * (L - 1)]` next-token positions, at the position predicting
+each completion token, so the trainer can take log-probs of completion tokens only, as a `[n, T]` grid (one line
+per sequence), the layout `policy_loss` takes.
 """
 
 from __future__ import annotations
@@ -25,10 +31,49 @@ class PackedSequences:
     members: list[int]  # which sequences (indices into the step's list) this micro-batch holds
 
 
-def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Group sequence indices into micro-batches of at most `token_budget` tokens (a longer sequence goes alone)."""
-    capacity = max(token_budget, max(lengths, default=1))
-    return first_fit_decreasing(list(lengths), capacity)
+def plan_microbatches(lengths: Sequence[int], token_budget: int, layout: str = "packed") -> list[list[int]]:
+    """Group sequence indices into micro-batches of at most `token_budget` tokens (a longer sequence goes alone).
+
+    "packed" counts real tokens (first-fit-decreasing); "padded" counts rows x longest row, so sequences are taken
+    longest first and a micro-batch closes when one more row would exceed the budget.
+
+    >>> plan_microbatches([5, 3, 4, 2], 8, layout="padded")
+    [[0], [2, 1], [3]]
+    """
+    if layout == "packed":
+        return first_fit_decreasing(list(lengths), max(token_budget, max(lengths, default=1)))
+    plan: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if plan and (len(plan[-1]) + 1) * lengths[plan[-1][0]] <= token_budget:
+            plan[-1].append(i)
+        else:
+            plan.append([i])
+    return plan
+
+
+def pad_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], members: list[int], pad_id: int = 0) -> PackedSequences:
+    """One right-padded row per sequence (`[n, W]`, plain position ids); see the module docstring."""
+    width = max(len(prompts[k]) + len(completions[k]) for k in members)
+    ids = torch.full((len(members), width), pad_id, dtype=torch.long)
+    index_rows = []
+    for row, k in enumerate(members):
+        seq = list(prompts[k]) + list(completions[k])
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        start = row * (width - 1) + len(prompts[k]) - 1
+        index_rows.append(list(range(start, start + len(completions[k]))))
+    pos = torch.arange(width).expand(len(members), width).clone()
+    gather, mask = _grid(index_rows)
+    return PackedSequences(ids, pos, gather, mask, list(members))
+
+
+def _grid(index_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(r) for r in index_rows), default=0)
+    gather = torch.zeros((len(index_rows), max(width, 1)), dtype=torch.long)
+    mask = torch.zeros((len(index_rows), max(width, 1)))
+    for row, idx in enumerate(index_rows):
+        gather[row, : len(idx)] = torch.tensor(idx, dtype=torch.long)
+        mask[row, : len(idx)] = 1.0
+    return gather, mask
 
 
 def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], members: list[int]) -> PackedSequences:
@@ -44,18 +89,24 @@ def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Seque
         ids.extend(prompt)
         ids.extend(completion)
         pos.extend(range(len(prompt) + len(completion)))
-    width = max((len(r) for r in index_rows), default=0)
-    gather = torch.zeros((len(members), max(width, 1)), dtype=torch.long)
-    mask = torch.zeros((len(members), max(width, 1)))
-    for row, idx in enumerate(index_rows):
-        gather[row, : len(idx)] = torch.tensor(idx, dtype=torch.long)
-        mask[row, : len(idx)] = 1.0
+    gather, mask = _grid(index_rows)
     return PackedSequences(torch.tensor([ids]), torch.tensor([pos]), gather, mask, list(members))
 
 
 def unpack(row_values: torch.Tensor, packed: PackedSequences) -> torch.Tensor:
-    """`[1, L - 1]` per-position values -> `[n, T]` per-completion-token values (0 where masked)."""
-    return row_values[0][packed.gather_index.to(row_values.device)] * packed.mask.to(row_values.device)
+    """`[B, L - 1]` per-position values -> `[n, T]` per-completion-token values (0 where masked)."""
+    return row_values.reshape(-1)[packed.gather_index.to(row_values.device)] * packed.mask.to(row_values.device)
+
+
+def completion_logits(logits: torch.Tensor, input_ids: torch.Tensor, packed: PackedSequences) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits `[n, T, V]` at the positions that predict completion tokens, and those tokens `[n, T]`.
+
+    Log-probs and entropies are then computed for completion tokens only, not for every prompt position.
+    """
+    index = packed.gather_index.to(logits.device)  # [n, T]
+    flat = logits[:, :-1].reshape(-1, logits.size(-1))  # [B * (L - 1), V]
+    targets = input_ids[:, 1:].reshape(-1)[index]  # [n, T]
+    return flat[index.reshape(-1)].reshape(*index.shape, -1), targets
 
 
 def pad_values(values: Sequence[Sequence[float]], members: list[int], width: int) -> torch.Tensor:
