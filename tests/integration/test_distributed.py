@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,13 +39,23 @@ def _env() -> dict[str, str]:
             "OMP_NUM_THREADS": "1"}
 
 
+def _run(cmd: list[str], log: Path, timeout: float) -> int:
+    """Run `cmd` in its own process group, so a timeout also ends the ranks it launched."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+
+
 def _fit(root: Path, *args: str) -> list[dict[str, float]]:
     cmd = [sys.executable, "-m", "qed_lightning.cli", *args, "--trainer.default_root_dir", str(root),
            "--trainer.max_steps", str(STEPS)]
     log = root.with_suffix(".log")
-    with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, timeout=900)
-    assert proc.returncode == 0, log.read_text()[-4000:]
+    assert _run(cmd, log, timeout=900) == 0, log.read_text()[-4000:]
     (run_dir,) = sorted((root / "csv").glob("version_*"))
     with open(run_dir / "metrics.csv") as fh:
         return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
@@ -162,9 +173,9 @@ def test_fsdp2_weight_sync_gathers_one_parameter_at_a_time(tiny_model_dir, tmp_p
     iterator, streamed by rank 0 into small safetensors shards while rank 1 takes part in each gather."""
     script = tmp_path / "sync.py"
     script.write_text(SYNC_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tiny_model_dir), str(tmp_path / "out")], env=_env(), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "SYNC-OK" in proc.stdout
-    assert int(proc.stdout.split("SYNC-OK")[1].split()[0]) > 1  # several shards: never the whole model at once
+    log = tmp_path / "sync.log"
+    code = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                 str(tiny_model_dir), str(tmp_path / "out")], log, timeout=300)
+    output = log.read_text()
+    assert code == 0, output[-4000:]
+    assert int(output.split("SYNC-OK")[1].split()[0]) > 1  # several shards: never the whole model at once

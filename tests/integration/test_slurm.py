@@ -4,6 +4,7 @@ Lightning, and a real demo job that gets SIGUSR1, checkpoints, "requeues" (a fak
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shlex
@@ -18,7 +19,6 @@ import pytest
 import torch
 
 from qed_lightning.callbacks.preemption import slurm_job_id
-from qed_lightning.cli import make_cli
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((REPO / "scripts" / "slurm").glob("*.sbatch")) + [REPO / "scripts" / "gpu_check.sh"]
@@ -54,28 +54,40 @@ def _task_env(rank: int, nodes: int, per_node: int) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("rank", [0, 3])
-def test_train_sbatch_hands_lightning_the_slurm_world(rank, tiny_model_dir, monkeypatch):
-    from lightning.fabric.plugins.environments import SLURMEnvironment
+PROBE = r"""
+import json, sys
+from qed_lightning.cli import make_cli
+cli = make_cli(args=json.loads(sys.argv[1]), run=False)
+t, env = cli.trainer, cli.trainer.strategy.cluster_environment
+print("PROBE " + json.dumps({"env": type(env).__name__, "auto_requeue": getattr(env, "auto_requeue", None),
+      "external": env.creates_processes_externally, "world": t.world_size, "rank": t.global_rank, "local": t.local_rank,
+      "node": t.node_rank, "nodes": t.num_nodes, "devices": t.num_devices, "main_address": env.main_address,
+      "callbacks": [type(cb).__name__ for cb in t.callbacks]}))
+"""
 
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_train_sbatch_hands_lightning_the_slurm_world(rank, tiny_model_dir):
+    """The script's srun argument list, parsed by qed-fit in a process that sees what srun sets for one task (its
+    own process: Lightning writes MASTER_ADDR and the rank into process-wide state)."""
     env = _task_env(rank, nodes=2, per_node=2)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
     args = _srun_qed_fit_args(REPO / "scripts/slurm/train.sbatch",
                               {**env, "VENV": ".venv", "CONFIG": str(REPO / "configs/demo/sft.yaml"),
                                "STRATEGY": str(REPO / "configs/strategy/ddp.yaml")})
     assert args[-2:] == ["--ckpt_path", "last"]  # resume from the newest last.ckpt, or start fresh
     assert "--trainer.plugins.auto_requeue=false" in args and "--trainer.callbacks+=qed_lightning.callbacks.PreemptionCheckpoint" in args
     # the CPU accelerator stands in for GPUs; everything else is the script's own argument list
-    cli = make_cli(args=[*args[:-2], "--trainer.accelerator", "cpu", "--model.init_args.model_name_or_path", str(tiny_model_dir)], run=False)
-    trainer = cli.trainer
-    environment = trainer.strategy.cluster_environment
-    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
-    assert environment.creates_processes_externally  # srun started the tasks: Lightning launches nothing
-    assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (4, rank, rank % 2, rank // 2)
-    assert trainer.num_nodes == 2 and trainer.num_devices == 2
-    assert environment.main_address == "gpu017"  # rendezvous on the job's first node
-    assert any(type(cb).__name__ == "PreemptionCheckpoint" for cb in trainer.callbacks)
+    probe_args = [*args[:-2], "--trainer.accelerator", "cpu", "--model.init_args.model_name_or_path", str(tiny_model_dir)]
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(probe_args)], capture_output=True, text=True,
+                          env={**os.environ, **env, "HF_HUB_OFFLINE": "1"}, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("PROBE "))[6:])
+    assert got["env"] == "SLURMEnvironment" and got["auto_requeue"] is False
+    assert got["external"]  # srun started the tasks: Lightning launches nothing
+    assert (got["world"], got["rank"], got["local"], got["node"]) == (4, rank, rank % 2, rank // 2)
+    assert (got["nodes"], got["devices"]) == (2, 2)
+    assert got["main_address"] == "gpu017"  # rendezvous on the job's first node
+    assert "PreemptionCheckpoint" in got["callbacks"]
 
 
 def test_slurm_job_id_of_array_jobs():
@@ -85,7 +97,7 @@ def test_slurm_job_id_of_array_jobs():
 
 def _sft_command(tiny: Path, root: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "qed_lightning.cli", "--config", str(REPO / "configs/demo/sft.yaml"),
-            "--trainer.default_root_dir", str(root), "--trainer.max_steps", "60",
+            "--trainer.default_root_dir", str(root), "--trainer.max_steps", "30",
             "--model.init_args.model_name_or_path", str(tiny), "--model.init_args.export_dir", str(root / "hf"),
             "--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl"),
             "--trainer.callbacks+=qed_lightning.callbacks.AtomicModelCheckpoint",
@@ -116,7 +128,7 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(tiny_model_di
         proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=USR1@180` sends before the time limit
         assert proc.wait(timeout=300) == 0, first_log.read_text()[-4000:]
     saved = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
-    assert 5 <= saved < 60, saved
+    assert 5 <= saved < 30, saved
     assert "pre-emption signal (SIGUSR1)" in first_log.read_text()
     assert not (root / "hf").exists()  # a pre-empted run does not export its intermediate weights
     assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
@@ -130,5 +142,19 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(tiny_model_di
     (_, second) = sorted((root / "csv").glob("version_*"))
     with open(second / "metrics.csv") as fh:
         steps = [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss")]
-    assert steps[0] == saved and steps[-1] == 59  # it continued from the saved step and finished
+    assert steps[0] == saved and steps[-1] == 29  # it continued from the saved step and finished
     assert (root / "hf" / "model.safetensors").exists()
+
+
+def test_gpu_check_compiles_and_fails_fast_without_a_gpu(tmp_path):
+    import py_compile
+
+    py_compile.compile(str(REPO / "scripts/gpu_check.py"), cfile=str(tmp_path / "gpu_check.pyc"), doraise=True)
+    if subprocess.run(["sh", "-c", "nvidia-smi -L"], capture_output=True).returncode == 0:
+        pytest.skip("a GPU is present: run scripts/gpu_check.sh itself")
+    shell = subprocess.run(["bash", str(REPO / "scripts/gpu_check.sh")], capture_output=True, text=True, timeout=60)
+    assert shell.returncode == 2 and "no NVIDIA GPU" in shell.stderr
+    python = subprocess.run([sys.executable, str(REPO / "scripts/gpu_check.py"), "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert python.returncode == 2 and "no CUDA device" in python.stderr
+    assert not any(tmp_path.glob("model"))  # nothing was built before the check

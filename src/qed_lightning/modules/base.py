@@ -150,7 +150,9 @@ class QEDModule(L.LightningModule):
     def export_hf(self, out_dir: str | Path) -> Path:
         """Save model + tokenizer in HF format (loadable by transformers and vLLM)."""
         out = Path(out_dir)
-        state = self.full_state_dict()
+        # tied weights once (a gathered state dict holds separate copies, which save_pretrained would both write)
+        tied = getattr(self.model, "all_tied_weights_keys", None) or {}
+        state = {k: v for k, v in self.full_state_dict().items() if k not in tied}
         if self.trainer.is_global_zero:
             out.mkdir(parents=True, exist_ok=True)
             self.model.save_pretrained(out, state_dict=state)
