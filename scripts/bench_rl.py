@@ -36,7 +36,10 @@ Fairness caveats:
   The 1-minute load average at the end of each run is shown.
 
 How to read: "ratio" = median(ours steps/s) / median(TRL steps/s) for each of our engines; > 1 = ours faster.
-The issue's target is ours-vllm / trl >= 2.
+The issue's target is ours-vllm / trl >= 2. The phase columns say where a step goes (TRL's training pass is
+s/step - gen s - grade s). `--micro-batch-tokens` defaults to configs/demo/rl.yaml's 4096; the training pass is
+the same work on both sides, so it bounds the ratio whatever the engine. The default run (3 sides x 2 rounds, one
+thread) takes ~13 minutes on 2 cores; `--rounds 1 --sides ours-vllm trl` takes ~3.
 
 Usage: .venv/bin/python scripts/bench_rl.py [--rounds 2] [--steps 6] [--group-size 8] [--json OUT]
 """

@@ -51,9 +51,11 @@ def _with_default_subcommand(args: list[str]) -> list[str]:
 def make_cli(args: list[str] | None = None, run: bool = True) -> QEDCLI:
     """Build the CLI (tests call this with `args=` to run the real entry point in-process)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = _with_default_subcommand(list(sys.argv[1:] if args is None else args))
-    if not run and argv and argv[0] in SUBCOMMANDS:
-        argv = argv[1:]
+    argv = None  # None: LightningCLI reads sys.argv (the console script), which `main` has completed with "fit"
+    if args is not None:
+        argv = _with_default_subcommand(list(args))
+        if not run and argv and argv[0] in SUBCOMMANDS:
+            argv = argv[1:]
     return QEDCLI(
         QEDModule,
         LightningDataModule,
@@ -68,6 +70,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> QEDCLI:
 
 
 def main() -> None:
+    sys.argv = sys.argv[:1] + _with_default_subcommand(sys.argv[1:])
     make_cli()
 
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,19 @@ def grade_cache_key(model: str, prompt_version: str, fields: Mapping[str, str]) 
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+def _retry_locked(statement, attempts: int = 200) -> None:
+    """Run a set-up statement that SQLite may refuse with "database is locked" while another process (another
+    training rank sharing the cache file) sets it up at the same moment; switching to WAL ignores the busy timeout."""
+    for attempt in range(attempts):
+        try:
+            statement()
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(min(0.01 * (attempt + 1), 0.2))
+
+
 class GradeCache:
     """Maps a grade key to the stored "ok" `Grade`; `get` returns it with `cached=True` (and latency 0)."""
 
@@ -61,9 +75,9 @@ class GradeCache:
         if self._conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(_SCHEMA)
+            _retry_locked(lambda: conn.execute(_SCHEMA))
             self._conn = conn
         return self._conn
 
