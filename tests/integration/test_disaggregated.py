@@ -9,7 +9,6 @@ counted and regenerated on-policy; after training, the pool serves the final wei
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import socket
@@ -24,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qed_lightning.cli import make_cli
+from runs import read_metrics, series
 from qed_lightning.rl import token_logprobs
 from qed_lightning.rollout import SamplingConfig, VLLMServerEngine, iter_full_parameters
 
@@ -122,14 +122,6 @@ def test_pool_logprobs_are_the_trainers_before_and_after_a_weight_push(pool_url,
     engine.close()
 
 
-def _metrics(root: Path) -> list[dict[str, float]]:
-    (run_dir,) = sorted((root / "csv").glob("version_*"))
-    with open(run_dir / "metrics.csv") as fh:
-        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
-
-
-def _series(rows: list[dict[str, float]], key: str) -> list[float]:
-    return [r[key] for r in rows if key in r]
 
 
 def _rl_with_pool(tiny_model_dir: Path, root: Path, url: str, max_lag: int) -> list[dict[str, float]]:
@@ -146,7 +138,7 @@ def _rl_with_pool(tiny_model_dir: Path, root: Path, url: str, max_lag: int) -> l
         "--model.init_args.judge.init_args.cache_path", str(root / "grades.sqlite"),
         "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"), "--data.init_args.val_size", "0",
     ])
-    return _metrics(root)
+    return read_metrics(root)
 
 
 def test_rl_overlapped_with_generation_is_one_step_off_policy_and_the_pool_ends_on_the_final_weights(
@@ -154,12 +146,12 @@ def test_rl_overlapped_with_generation_is_one_step_off_policy_and_the_pool_ends_
     rows = _rl_with_pool(tiny_model_dir, tmp_path, pool_url, max_lag=1)
     # step 0 generates synchronously; steps 1 and 2 use rollouts generated in the background during the step before,
     # with the weights of one optimizer step earlier
-    assert _series(rows, "rollout/prefetch_hit") == [0.0, 1.0, 1.0]
-    assert _series(rows, "rollout/policy_lag_max") == [0.0, 1.0, 1.0]
-    assert _series(rows, "rollout/stale_dropped") == [0.0, 0.0, 0.0]
-    assert _series(rows, "rollout/policy_version") == [1.0, 2.0, 3.0]
+    assert series(rows, "rollout/prefetch_hit") == [0.0, 1.0, 1.0]
+    assert series(rows, "rollout/policy_lag_max") == [0.0, 1.0, 1.0]
+    assert series(rows, "rollout/stale_dropped") == [0.0, 0.0, 0.0]
+    assert series(rows, "rollout/policy_version") == [1.0, 2.0, 3.0]
     # off-policy by one step: the trainer's log-probs differ from the sampler's, which the ratio rho corrects
-    diffs = _series(rows, "rollout/logprob_diff_max")
+    diffs = series(rows, "rollout/logprob_diff_max")
     assert diffs[0] < 1e-3 and min(diffs[1:]) > 1e-3, diffs
     # the pool now serves the final (exported) weights
     engine = VLLMServerEngine([pool_url], sync_dir=str(tmp_path / "probe"), reset_on_start=False)
@@ -175,6 +167,6 @@ def test_samples_beyond_max_lag_are_dropped_counted_and_regenerated_on_policy(po
     rows = _rl_with_pool(tiny_model_dir, tmp_path, pool_url, max_lag=0)
     # every prefetched sample is one step old: 4 prompts x G=4 dropped at steps 1 and 2, regenerated with the
     # current weights (the pool was reset to the initial weights at start, so step 0 is on-policy too)
-    assert _series(rows, "rollout/stale_dropped") == [0.0, 16.0, 16.0]
-    assert _series(rows, "rollout/policy_lag_max") == [0.0, 0.0, 0.0]
-    assert max(_series(rows, "rollout/logprob_diff_max")) < 1e-3
+    assert series(rows, "rollout/stale_dropped") == [0.0, 16.0, 16.0]
+    assert series(rows, "rollout/policy_lag_max") == [0.0, 0.0, 0.0]
+    assert max(series(rows, "rollout/logprob_diff_max")) < 1e-3

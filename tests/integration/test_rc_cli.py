@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -10,18 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from qed_lightning.cli import make_cli
+from runs import read_metrics, series
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _metrics(root: Path) -> list[dict[str, float]]:
-    (run_dir,) = sorted((root / "csv").glob("version_*"))
-    with open(run_dir / "metrics.csv") as fh:
-        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
-
-
-def _series(rows: list[dict[str, float]], key: str) -> list[float]:
-    return [r[key] for r in rows if key in r]
 
 
 def _run(tiny_model_dir: Path, root: Path, *overrides: str):
@@ -34,27 +26,27 @@ def _run(tiny_model_dir: Path, root: Path, *overrides: str):
         "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"),
         *overrides,
     ])
-    return cli, _metrics(root)
+    return cli, read_metrics(root)
 
 
 @pytest.mark.slow
 def test_demo_rc_steps_log_cycles_and_train_every_weight(tiny_model_dir, tmp_path):
     _, rows = _run(tiny_model_dir, tmp_path, "--trainer.max_steps", "2", "--data.init_args.val_size", "2",
                    "--trainer.val_check_interval", "2", "--trainer.num_sanity_val_steps", "0")
-    assert len(_series(rows, "rollout/reward_mean")) == 2
+    assert len(series(rows, "rollout/reward_mean")) == 2
     # 2 problems x 2 of the K+1 = 3 states x G=4 rollouts graded per step, all against the original problem
-    assert _series(rows, "judge/ok") == [16.0, 16.0]
-    assert _series(rows, "rc/states") == [4.0, 4.0]
+    assert series(rows, "judge/ok") == [16.0, 16.0]
+    assert series(rows, "rc/states") == [4.0, 4.0]
     cycles = [k for k in rows[0] if k.startswith("rc/reward_cycle_")]
     assert cycles and set(cycles) <= {"rc/reward_cycle_0", "rc/reward_cycle_1", "rc/reward_cycle_2"}
     for key in ["rc/summary_len_mean", "rc/summary_empty_frac", "rc/summary_truncated_frac", "rc/summarizer_s",
                 "rc/trajectory_tokens_mean", "time/rc_loop_s", "train/loss", "train/grad_norm"]:
-        assert len(_series(rows, key)) == 2, key
-    assert all(0 < s <= 32 for s in _series(rows, "rc/summary_len_mean"))  # summarizer_max_new_tokens: 32
-    assert _series(rows, "rollout/policy_version") == [1.0, 2.0]
-    assert max(_series(rows, "rollout/logprob_diff_max")) < 1e-3  # on-policy: the engine follows the trainer
+        assert len(series(rows, key)) == 2, key
+    assert all(0 < s <= 32 for s in series(rows, "rc/summary_len_mean"))  # summarizer_max_new_tokens: 32
+    assert series(rows, "rollout/policy_version") == [1.0, 2.0]
+    assert max(series(rows, "rollout/logprob_diff_max")) < 1e-3  # on-policy: the engine follows the trainer
     # validation ran the scaffold: a reward for each of the K=2 attempts
-    assert _series(rows, "val/reward_cycle_0") and _series(rows, "val/reward_cycle_1")
+    assert series(rows, "val/reward_cycle_0") and series(rows, "val/reward_cycle_1")
     before = load_file(str(tiny_model_dir / "model.safetensors"))
     after = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert [k for k in before if torch.equal(before[k], after[k])] == []
@@ -74,5 +66,5 @@ def test_a_separate_summarizer_engine_never_receives_policy_weights(tiny_model_d
     module = cli.model
     assert module.summarizer is not module.engine
     assert module.engine.policy_version == 2 and module.summarizer.policy_version == 0
-    assert len(_series(rows, "rc/summarizer_s")) == 2 and all(s > 0 for s in _series(rows, "rc/summarizer_s"))
-    assert _series(rows, "judge/ok") == [16.0, 16.0]
+    assert len(series(rows, "rc/summarizer_s")) == 2 and all(s > 0 for s in series(rows, "rc/summarizer_s"))
+    assert series(rows, "judge/ok") == [16.0, 16.0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import sqlite3
 from pathlib import Path
 
@@ -11,18 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from qed_lightning.cli import make_cli
+from runs import read_metrics, series
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _metrics(root: Path) -> list[dict[str, float]]:
-    (run_dir,) = sorted((root / "csv").glob("version_*"))
-    with open(run_dir / "metrics.csv") as fh:
-        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
-
-
-def _series(rows: list[dict[str, float]], key: str) -> list[float]:
-    return [r[key] for r in rows if key in r]
 
 
 def _run(tiny_model_dir: Path, root: Path, *overrides: str) -> list[dict[str, float]]:
@@ -35,27 +27,27 @@ def _run(tiny_model_dir: Path, root: Path, *overrides: str) -> list[dict[str, fl
         "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"),
         *overrides,
     ])
-    return _metrics(root)
+    return read_metrics(root)
 
 
 @pytest.mark.slow
 def test_demo_rl_steps_sync_weights_and_log_everything(tiny_model_dir, tmp_path):
     rows = _run(tiny_model_dir, tmp_path, "--trainer.max_steps", "3")
-    steps = _series(rows, "rollout/reward_mean")
+    steps = series(rows, "rollout/reward_mean")
     assert len(steps) == 3
     for key in ["train/loss", "train/grad_norm", "rollout/reward_std", "rollout/zero_adv_group_frac",
                 "rollout/response_len_mean", "rollout/truncated_frac", "judge/latency_mean_s", "judge/error",
                 "judge/parse_fail", "judge/score_0", "train/tokens_per_sec", "rollout/logprob_diff_max"]:
-        assert len(_series(rows, key)) == 3, key
+        assert len(series(rows, key)) == 3, key
     # 4 prompts x G=4 per step: each graded by the scripted judge over HTTP, or (an empty response) scored 0 as
     # truncated without a judge call; no failures
-    ok, truncated = _series(rows, "judge/ok"), _series(rows, "judge/truncated")
+    ok, truncated = series(rows, "judge/ok"), series(rows, "judge/truncated")
     assert [a + b for a, b in zip(ok, truncated)] == [16.0, 16.0, 16.0] and min(ok) > 0
-    assert sum(_series(rows, "judge/error")) + sum(_series(rows, "judge/parse_fail")) == 0
+    assert sum(series(rows, "judge/error")) + sum(series(rows, "judge/parse_fail")) == 0
     # the engine gets the new weights after each step: sampler and trainer log-probs agree (on-policy)
-    assert max(_series(rows, "rollout/logprob_diff_max")) < 1e-3
-    assert _series(rows, "rollout/policy_version") == [1.0, 2.0, 3.0]  # one push after each optimizer step
-    assert _series(rows, "val/reward_mean")  # the held-out problems were graded
+    assert max(series(rows, "rollout/logprob_diff_max")) < 1e-3
+    assert series(rows, "rollout/policy_version") == [1.0, 2.0, 3.0]  # one push after each optimizer step
+    assert series(rows, "val/reward_mean")  # the held-out problems were graded
     # every grade was stored in the persistent cache
     with sqlite3.connect(tmp_path / "grades.sqlite") as db:
         (count,) = db.execute("select count(*) from grades").fetchone()
@@ -77,7 +69,7 @@ def test_rubric_rl_raises_mean_reward_on_a_learnable_judge(tiny_model_dir, tmp_p
         "--model.init_args.optimizer.init_args.lr", "3e-3", "--data.init_args.val_size", "0",
         "--model.init_args.export_hf", "false",
     )
-    rewards = _series(rows, "rollout/reward_mean")
+    rewards = series(rows, "rollout/reward_mean")
     assert len(rewards) == 30
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.15, rewards
