@@ -23,9 +23,11 @@ Fairness caveats:
 - Reward: ours goes through the real judge path (`RubricJudge` renders the rubric prompt, `ScriptedJudgeClient`
   posts it over local HTTP to the scripted server, the reply is parsed, grades go to a fresh SQLite cache per run);
   TRL calls the same `ScoringRule` in-process on the same proof text. That favours TRL (no HTTP, no cache).
-- Training pass: ours packs the step's sequences into rows of `--micro-batch-tokens` tokens (restarting position
-  ids; on CPU/sdpa that is a dense block-diagonal mask over the whole row, so attention is quadratic in the row
-  length); TRL pads the prompts x G sequences into one `[B, T]` batch and uses its fused LM head (no full logits).
+- Training pass: ours uses `--layout` (default "auto" = on CPU "shared_prefix": each prompt runs through the model
+  once per micro-batch of `--micro-batch-tokens` tokens and its G completions attend to its cached keys/values, the
+  same gradient as G full rows; "padded" = one right-padded `prompt + completion` row per rollout); TRL pads the
+  prompts x G sequences into one `[B, T]` batch (prompts left-padded to the longest) and recomputes each prompt G
+  times. This is the one place where the two sides do different work for the same result.
 - Ours-HF generates each prompt's G samples in a separate seeded `generate` call (reproducible sampling);
   TRL generates the whole batch in one call. vLLM needs start-up time (outside the clock) and a weight reload per
   step (inside it). The loss aggregation differs (ours: paper's token sum / sequences; TRL: dr_grpo), same cost.
@@ -37,8 +39,8 @@ Fairness caveats:
 
 How to read: "ratio" = median(ours steps/s) / median(TRL steps/s) for each of our engines; > 1 = ours faster.
 The issue's target is ours-vllm / trl >= 2. The phase columns say where a step goes (TRL's training pass is
-s/step - gen s - grade s). `--micro-batch-tokens` defaults to configs/demo/rl.yaml's 4096; the training pass is
-the same work on both sides, so it bounds the ratio whatever the engine. The default run (3 sides x 2 rounds, one
+s/step - gen s - grade s). `--micro-batch-tokens` defaults to configs/demo/rl.yaml's 4096. With `--layout padded`
+the training pass is the same work on both sides and bounds the ratio whatever the engine. The default run (3 sides x 2 rounds, one
 thread) takes ~13 minutes on 2 cores; `--rounds 1 --sides ours-vllm trl` takes ~3.
 
 Usage: .venv/bin/python scripts/bench_rl.py [--rounds 2] [--steps 6] [--group-size 8] [--json OUT]
@@ -81,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--micro-batch-tokens", type=int, default=4096, help="ours: tokens per packed training row")
+    p.add_argument("--layout", default="auto", choices=["auto", "padded", "shared_prefix"],
+                   help="ours: model.micro_batch_layout (auto = shared_prefix on CPU)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--steps", type=int, default=6, help="timed RL steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed RL steps before the timed ones")
@@ -156,7 +160,7 @@ def ours_cli_args(args: argparse.Namespace, root: Path) -> list[str]:
         "model.init_args.model_name_or_path": args.model, "model.init_args.export_hf": "false",
         "model.init_args.engine": json.dumps(ENGINES[args.side]), "model.init_args.group_size": args.group_size,
         "model.init_args.max_new_tokens": args.max_new_tokens, "model.init_args.temperature": 0.8,
-        "model.init_args.top_p": 1.0, "model.init_args.micro_batch_tokens": args.micro_batch_tokens,
+        "model.init_args.top_p": 1.0, "model.init_args.micro_batch_tokens": args.micro_batch_tokens, "model.init_args.micro_batch_layout": args.layout,
         "model.init_args.optimizer.init_args.lr": args.lr,
         "model.init_args.judge.init_args.cache_path": root / "grades.sqlite",  # fresh per run: no cache hits
         "data.init_args.path": args.data, "data.init_args.prompts_per_step": args.prompts_per_step,
@@ -271,7 +275,7 @@ def run_side(args: argparse.Namespace) -> None:
 def spawn(args: argparse.Namespace, side: str, workdir: Path) -> dict:
     flags = ["--model", args.model, "--data", args.data, "--group-size", args.group_size, "--prompts-per-step",
              args.prompts_per_step, "--max-new-tokens", args.max_new_tokens, "--micro-batch-tokens",
-             args.micro_batch_tokens, "--lr", args.lr, "--steps", args.steps, "--warmup", args.warmup,
+             args.micro_batch_tokens, "--layout", args.layout, "--lr", args.lr, "--steps", args.steps, "--warmup", args.warmup,
              "--threads", args.threads, "--seed", args.seed, "--side", side, "--workdir", workdir]
     threads = str(args.threads)  # nobind: vLLM keeps these threads instead of binding one per core
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}

@@ -81,6 +81,13 @@ def test_negative_group_size_names_the_flag(tiny_model_dir, tmp_path):
         _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl", "--model.init_args.group_size", "-2")
 
 
+def test_shared_prefix_layout_with_gradient_checkpointing_names_both_flags(tiny_model_dir, tmp_path):
+    # transformers drops the key/value cache in checkpointed layers, which the shared_prefix layout trains through
+    with pytest.raises(ValueError, match=r"model.micro_batch_layout=shared_prefix needs the key/value cache.*gradient_checkpointing=false"):
+        _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl", "--model.init_args.micro_batch_layout",
+            "shared_prefix", "--model.init_args.gradient_checkpointing", "true")
+
+
 def test_engine_context_shorter_than_prompt_names_the_flag(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"model.engine.init_args.max_model_len=64 is shorter than the longest prompt .* raise max_model_len to at least \d+"):
         _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl", "--model.init_args.engine.init_args.max_model_len", "64")
@@ -91,9 +98,10 @@ def test_engine_context_shorter_than_prompt_names_the_flag(tiny_model_dir, tmp_p
     [
         (["--model.init_args.gruop_size", "4"], "gruop_size"),
         (["--model.init_args.aggregation", "sum"], "aggregation"),
+        (["--model.init_args.micro_batch_layout", "shared"], "micro_batch_layout"),
         (["--data.init_args.prompts_per_step", "0"], "prompts_per_step must be >= 1"),
     ],
-    ids=["typo-in-key", "unknown-choice", "zero-prompts"],
+    ids=["typo-in-key", "unknown-choice", "unknown-layout", "zero-prompts"],
 )
 def test_bad_config_values_name_the_flag(tiny_model_dir, tmp_path, capsys, override, expected):
     with pytest.raises((SystemExit, ValueError)) as info:

@@ -73,3 +73,28 @@ def test_rubric_rl_raises_mean_reward_on_a_learnable_judge(tiny_model_dir, tmp_p
     assert len(rewards) == 30
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.15, rewards
+
+
+@pytest.mark.slow
+def test_micro_batch_layouts_give_the_same_step(tiny_model_dir, tmp_path):
+    """One step on the same (seeded) rollouts: right-padded rows, and each prompt run once with its completions
+    attending to its cached keys/values (shared_prefix, the CPU default), give the same loss and gradient norm;
+    "auto" under gradient checkpointing (which drops the cache) falls back to padded rows."""
+    runs = {}
+    for name, extra in [("padded", ["--model.init_args.micro_batch_layout", "padded"]),
+                        ("shared_prefix", ["--model.init_args.micro_batch_layout", "shared_prefix"]),
+                        ("auto+checkpointing", ["--model.init_args.gradient_checkpointing", "true"])]:
+        rows = _run(tiny_model_dir, tmp_path / name.replace("+", "_"), "--trainer.max_steps", "1",
+                    "--data.init_args.val_size", "0", "--model.init_args.export_hf", "false", *extra)
+        runs[name] = {k: series(rows, k)[0] for k in ("train/loss", "train/grad_norm", "rollout/response_len_mean",
+                                                         "train/micro_batches", "rollout/logprob_diff_max")}
+    padded, shared = runs["padded"], runs["shared_prefix"]
+    assert shared["rollout/response_len_mean"] == padded["rollout/response_len_mean"]  # the same rollouts
+    assert shared["train/micro_batches"] > padded["train/micro_batches"]  # one prompt per micro-batch
+    assert padded["train/grad_norm"] > 0
+    for key in ("train/loss", "train/grad_norm"):
+        assert shared[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-6), key
+    assert shared["rollout/logprob_diff_max"] < 1e-3  # trainer and sampler agree in the new layout too
+    fallback = runs["auto+checkpointing"]
+    assert fallback["train/micro_batches"] == padded["train/micro_batches"]
+    assert fallback["train/loss"] == pytest.approx(padded["train/loss"], rel=1e-4, abs=1e-6)

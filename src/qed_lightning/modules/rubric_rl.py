@@ -34,7 +34,16 @@ from qed_lightning.modules.base import QEDModule, default_optimizer
 from qed_lightning.modules.rl_metrics import rollout_metrics, score_histogram
 from qed_lightning.rewards import GradeRequest, RubricJudge
 from qed_lightning.rl import entropy_from_logits, group_advantages_masked, policy_loss, token_logprobs
-from qed_lightning.rl.microbatch import completion_logits, pack_sequences, pad_sequences, pad_values, plan_microbatches
+from qed_lightning.rl.microbatch import (
+    completion_logits,
+    pack_sequences,
+    pad_sequences,
+    pad_values,
+    plan_microbatches,
+    plan_shared_prefix,
+    share_prefix,
+    shared_prefix_logits,
+)
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
 from qed_lightning.rollout.sync import WeightSyncCallback
 
@@ -47,7 +56,11 @@ class RubricRLModule(QEDModule):
     Args (beyond `QEDModule`'s):
         engine: rollout engine component. judge: reward component (a `RubricJudge`).
         group_size: rollouts per prompt (G). temperature/top_p/top_k/max_new_tokens: sampling.
-        micro_batch_tokens: token budget of one packed forward/backward pass.
+        micro_batch_tokens: token budget of one forward/backward pass.
+        micro_batch_layout: how a micro-batch goes through the model (rl/microbatch.py): "packed" (one row, varlen
+            flash attention), "padded" (right-padded rows), "shared_prefix" (each prompt once, its G completions
+            attending to its cached keys/values); "auto" = packed with flash attention, else shared_prefix, or
+            padded under gradient checkpointing. All give the same gradient.
         clip_low/clip_high: ratio clip range [1 - clip_low, 1 + clip_high]. entropy_coef: entropy bonus.
         kl_coef: k3 KL weight against the frozen initial policy (0 = no reference model is loaded).
         aggregation: "seq_sum_over_batch" (paper), "token_mean", "seq_mean_token_mean", "dr_grpo".
@@ -75,6 +88,7 @@ class RubricRLModule(QEDModule):
         top_k: int = -1,
         max_new_tokens: int = 49152,
         micro_batch_tokens: int = 65536,
+        micro_batch_layout: Literal["auto", "packed", "padded", "shared_prefix"] = "auto",
         clip_low: float = 4.0,
         clip_high: float = 4.0,
         entropy_coef: float = 1e-4,
@@ -95,6 +109,9 @@ class RubricRLModule(QEDModule):
             problems.append(f"model.temperature must be > 0 for RL sampling, got {temperature}")
         if max_new_tokens < 1 or micro_batch_tokens < 1:
             problems.append("model.max_new_tokens and model.micro_batch_tokens must be >= 1")
+        if micro_batch_layout == "shared_prefix" and gradient_checkpointing:
+            problems.append("model.micro_batch_layout=shared_prefix needs the key/value cache, which gradient "
+                            "checkpointing disables; use 'auto', 'padded' or 'packed', or model.gradient_checkpointing=false")
         if top_p < 1.0 or top_k > 0:
             log.warning("top_p/top_k truncation changes the sampler's log-probs; the importance ratio assumes plain temperature sampling")
         if problems:
@@ -124,9 +141,14 @@ class RubricRLModule(QEDModule):
 
     @property
     def layout(self) -> str:
-        """Micro-batch layout: one packed row with flash attention, right-padded rows otherwise (rl/microbatch.py)."""
+        """The micro-batch layout in use: `micro_batch_layout`, with "auto" resolved (see rl/microbatch.py)."""
+        chosen = self.hparams.micro_batch_layout
+        if chosen != "auto":
+            return chosen
         impl = str(getattr(getattr(self.model, "config", None), "_attn_implementation", ""))
-        return "packed" if impl.startswith("flash") else "padded"
+        if impl.startswith("flash"):
+            return "packed"
+        return "padded" if self.hparams.gradient_checkpointing else "shared_prefix"
 
     def configure_callbacks(self):
         return [WeightSyncCallback(self.engine, self.hparams.sync_interval), *self.engine.callbacks()]
@@ -168,23 +190,35 @@ class RubricRLModule(QEDModule):
 
     # -- 4. loss -------------------------------------------------------------------------------------------------
 
+    def completion_logits(self, rollouts: list[Completion], members: list[int], model=None):
+        """Logits `[n, T, V]` predicting the completion tokens of `members` (indices into `rollouts`), those tokens
+        `[n, T]` and their mask `[n, T]`, laid out as `self.layout` says; `model` defaults to the policy."""
+        prompts, completions = [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts]
+        if self.layout == "shared_prefix":
+            batch = share_prefix(prompts, completions, members)
+            logits = shared_prefix_logits(model if model is not None else self.model, batch)
+            return logits, batch.input_ids.to(self.device), batch.mask.to(self.device)
+        packed = (pack_sequences if self.layout == "packed" else pad_sequences)(prompts, completions, members)
+        input_ids, position_ids = packed.input_ids.to(self.device), packed.position_ids.to(self.device)
+        if model is None:
+            row_logits = self(input_ids, position_ids)
+        else:
+            row_logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        logits, targets = completion_logits(row_logits, input_ids, packed)
+        return logits, targets, packed.mask.to(self.device)
+
     def compute_loss(self, rollouts: list[Completion], advantages: torch.Tensor, members: list[int], totals: dict[str, int]):
-        """Loss of one packed micro-batch (`members` index `rollouts`) and its detached metrics."""
+        """Loss of one micro-batch (`members` index `rollouts`) and its detached metrics."""
         hp = self.hparams
-        layout = pack_sequences if self.layout == "packed" else pad_sequences
-        packed = layout([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], members)
         device = self.device
-        input_ids, position_ids = packed.input_ids.to(device), packed.position_ids.to(device)
-        mask = packed.mask.to(device)  # [n, T]
-        logits, targets = completion_logits(self(input_ids, position_ids), input_ids, packed)  # [n, T, V], [n, T]
+        logits, targets, mask = self.completion_logits(rollouts, members)  # [n, T, V], [n, T], [n, T]
         logp = token_logprobs(logits, targets, hp.temperature) * mask
         old = pad_values([r.logprobs for r in rollouts], members, mask.size(1)).to(device)
         entropy = entropy_from_logits(logits, hp.temperature) * mask if hp.entropy_coef > 0 else None
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref_logits = self.ref_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-                ref = token_logprobs(completion_logits(ref_logits, input_ids, packed)[0], targets, hp.temperature) * mask
+                ref = token_logprobs(self.completion_logits(rollouts, members, self.ref_model)[0], targets, hp.temperature) * mask
         loss, metrics = policy_loss(
             logp, old, advantages[members].to(device), mask, num_sequences=totals["sequences"], clip_low=hp.clip_low,
             clip_high=hp.clip_high, aggregation=hp.aggregation, entropy=entropy, entropy_coef=hp.entropy_coef,
@@ -205,10 +239,9 @@ class RubricRLModule(QEDModule):
         opt = self.optimizers()
         opt.zero_grad()
         sums: dict[str, float] = {"loss": 0.0, "logprob_diff_sum": 0.0, "logprob_diff_max": 0.0, "clip_frac": 0.0, "entropy": 0.0}
-        plan = plan_microbatches([len(rollouts[i].prompt_ids) + lengths[j] for j, i in enumerate(members)],
-                                 self.hparams.micro_batch_tokens, self.layout)
+        plan = self.plan_microbatches(rollouts, members)
         for mb in plan:
-            loss, metrics = self.compute_loss(rollouts, advantages, [members[j] for j in mb], totals)
+            loss, metrics = self.compute_loss(rollouts, advantages, mb, totals)
             self.manual_backward(loss * self.trainer.world_size)  # DDP/FSDP average over ranks; see _step_totals
             sums["loss"] += float(loss.detach())
             sums["logprob_diff_sum"] += float(metrics["logprob_diff_sum"])
@@ -225,6 +258,14 @@ class RubricRLModule(QEDModule):
                 "train/entropy": sums["entropy"], "train/micro_batches": float(len(plan)),
                 "rollout/logprob_diff_mean": sums["logprob_diff_sum"] / totals["tokens"],
                 "rollout/logprob_diff_max": sums["logprob_diff_max"]}
+
+    def plan_microbatches(self, rollouts: list[Completion], members: list[int]) -> list[list[int]]:
+        """Split `members` (indices into `rollouts`) into micro-batches of about `micro_batch_tokens` tokens."""
+        budget = self.hparams.micro_batch_tokens
+        if self.layout == "shared_prefix":
+            return plan_shared_prefix([r.prompt_ids for r in rollouts], [len(r.completion_ids) for r in rollouts], members, budget)
+        lengths = [len(rollouts[i].prompt_ids) + len(rollouts[i].completion_ids) for i in members]
+        return [[members[j] for j in mb] for mb in plan_microbatches(lengths, budget, self.layout)]
 
     def _step_totals(self, sequences: int, tokens: int, max_len: int) -> dict[str, int]:
         """The optimizer step's sequence/token counts and longest completion, over all ranks.

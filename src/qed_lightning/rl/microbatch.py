@@ -1,15 +1,27 @@
 """Lay out RL sequences (prompt + completion) as token-budgeted micro-batches and gather per-token values back.
 
-Two layouts, chosen by attention backend:
+Three layouts (`RubricRLModule(micro_batch_layout=...)`; "auto" picks by attention backend):
 - "packed" (flash attention, GPU): ONE row, sequences end to end, position ids restarting at 0 for each (no
   attention across sequences, see `qed_lightning.data.packing`); no padding token goes through the model, and
   varlen flash attention costs each sequence only its own length squared.
 - "padded" (sdpa/eager, e.g. CPU): one right-padded row per sequence. Causal attention never lets a real token see
   the padding after it, so no mask is needed; attention costs n x T^2 instead of the (sum of lengths)^2 of a dense
   block-diagonal mask over a packed row (measured ~2x faster per RL step on CPU for many short sequences).
-Either way `gather_index` points, in the flattened `[B * (L - 1)]` next-token positions, at the position predicting
-each completion token, so the trainer can take log-probs of completion tokens only, as a `[n, T]` grid (one line
-per sequence), the layout `policy_loss` takes.
+- "shared_prefix" (sdpa/eager without gradient checkpointing): the G completions of a GRPO group share their
+  prompt, and within one optimizer step so do their prompt activations. A micro-batch holds completions of ONE
+  prompt: the prompt runs through the model once (`[1, Lp]`, keeping its keys/values), its cache is repeated for the
+  k completions, and the completions run as `[k, T]` right-padded rows attending to it. Autograd flows through the
+  cached keys/values, so the gradient is that of k separate `prompt + completion` rows (tested in float64:
+  log-probs to 1e-10, gradients to float32 rounding, since Qwen3's RMSNorm computes in float32), for `Lp + k * T`
+  tokens of compute instead of `k * (Lp + T)`. TRL's GRPOTrainer (the benchmark baseline) runs the prompt once per completion;
+  the paper's prompts (~0.5k tokens) are short against its 49k-token proofs, so the saving is small there, and
+  large where prompts are long against completions (reasoning-cache states carry a summary; short-completion
+  runs). Putting several prompts in one micro-batch (right-padded prompt rows, a mask over the cache) was measured
+  no faster on CPU, so a micro-batch holds one prompt. Gradient checkpointing drops the cache (transformers forces
+  `use_cache=False` in checkpointed layers), so "auto" then falls back to "padded".
+For "packed" and "padded", `gather_index` points, in the flattened `[B * (L - 1)]` next-token positions, at the
+position predicting each completion token, so the trainer can take log-probs of completion tokens only, as a
+`[n, T]` grid (one line per sequence), the layout `policy_loss` takes; "shared_prefix" produces that grid directly.
 """
 
 from __future__ import annotations
@@ -49,6 +61,71 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int, layout: str = "
         else:
             plan.append([i])
     return plan
+
+
+def plan_shared_prefix(prompts: Sequence[Sequence[int]], lengths: Sequence[int], members: Sequence[int],
+                       token_budget: int) -> list[list[int]]:
+    """Micro-batches of the "shared_prefix" layout: each holds completions (indices into the step's lists) of one
+    prompt, longest first, while `len(prompt) + rows x longest completion` fits `token_budget` (one row always fits).
+
+    >>> plan_shared_prefix([[1, 2], [1, 2], [3], [1, 2]], [4, 2, 5, 3], [0, 1, 2, 3], 10)
+    [[0, 3], [1], [2]]
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k in members:
+        groups.setdefault(tuple(prompts[k]), []).append(k)
+    plan: list[list[int]] = []
+    for prompt, ks in groups.items():
+        chunk: list[int] = []
+        for k in sorted(ks, key=lambda k: (-lengths[k], k)):
+            if chunk and len(prompt) + (len(chunk) + 1) * lengths[chunk[0]] > token_budget:
+                plan.append(chunk)
+                chunk = []
+            chunk.append(k)
+        plan.append(chunk)
+    return plan
+
+
+@dataclass
+class SharedPrefixBatch:
+    prompt_ids: torch.Tensor  # [1, Lp] the prompt all members share
+    input_ids: torch.Tensor  # [n, T] completions, right-padded; they are also the targets
+    mask: torch.Tensor  # [n, T] 1.0 on real completion tokens
+    members: list[int]
+
+
+def share_prefix(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], members: list[int],
+                 pad_id: int = 0) -> SharedPrefixBatch:
+    """Lay out `members` (which must share one prompt) as one prompt row plus right-padded completion rows."""
+    prompt = list(prompts[members[0]])
+    if not prompt or any(list(prompts[k]) != prompt for k in members):
+        raise ValueError(f"shared_prefix micro-batch {members}: members must share one non-empty prompt")
+    width = max(len(completions[k]) for k in members)
+    ids = torch.full((len(members), max(width, 1)), pad_id, dtype=torch.long)
+    for row, k in enumerate(members):
+        ids[row, : len(completions[k])] = torch.tensor(list(completions[k]), dtype=torch.long)
+    _, mask = _grid([list(range(len(completions[k]))) for k in members])
+    return SharedPrefixBatch(torch.tensor([prompt], dtype=torch.long), ids, mask, list(members))
+
+
+def shared_prefix_logits(model, batch: SharedPrefixBatch) -> torch.Tensor:
+    """Logits `[n, T, V]` predicting each completion token of `batch`, with the prompt run once (see the module
+    docstring). `model` is a transformers causal LM (anything taking `past_key_values` and returning them)."""
+    device = next(model.parameters()).device
+    prompt = batch.prompt_ids.to(device)
+    ids = batch.input_ids.to(device)
+    n, width = ids.shape
+    head = model(input_ids=prompt, use_cache=True, logits_to_keep=1)  # logits [1, 1, V] predict completion token 0
+    cache = head.past_key_values
+    if cache is None:
+        raise RuntimeError("the model returned no key/value cache (gradient checkpointing on?); use "
+                           "micro_batch_layout 'padded' or 'packed'")
+    cache.batch_repeat_interleave(n)  # differentiable: every row's gradient flows back into the one prompt pass
+    position_ids = torch.arange(prompt.size(1), prompt.size(1) + width, device=device).expand(n, width)
+    # the last completion position predicts nothing: logits_to_keep = the first width - 1 positions
+    keep = torch.arange(width - 1, device=device)
+    tail = model(input_ids=ids, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    return torch.cat([head.logits.expand(n, 1, -1), tail.logits], dim=1)
 
 
 def pad_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], members: list[int], pad_id: int = 0) -> PackedSequences:
