@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -80,6 +82,22 @@ def test_vllm_groups_finish_reasons_and_seeds(vllm_engine, tiny_tokenizer):
     assert [c.completion_ids for g in again for c in g] == [c.completion_ids for g in groups for c in g]
     with pytest.raises(ValueError, match="max_model_len"):
         vllm_engine.generate([[1] * 2000], SamplingConfig(max_new_tokens=4))
+
+
+@pytest.mark.slow
+def test_vllm_seeded_prefills_over_the_token_budget(vllm_engine):
+    """48 seeded requests of 100 prompt tokens: 4,800 prefill tokens, more than vLLM's CPU budget of 4,096 per
+    step. With chunked prefill (vLLM's default) the last request was prefilled in part and its seeded generator
+    rewound with an offset that CPU generators lack ("CPU Generator does not use offset"); the engine now schedules
+    prefills whole. Sampling stays reproducible."""
+    rng = random.Random(0)
+    prompts = [[rng.randrange(5, 500) for _ in range(100)] for _ in range(6)]
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=2, seeds=tuple(range(6)))
+    groups = vllm_engine.generate(prompts, sampling, n=8)
+    assert [len(g) for g in groups] == [8] * 6
+    assert all(c.completion_ids for g in groups for c in g)
+    again = vllm_engine.generate(prompts, sampling, n=8)
+    assert [c.completion_ids for g in again for c in g] == [c.completion_ids for g in groups for c in g]
 
 
 def test_hf_engine_logprobs_match_trainer(tiny_model_dir, tiny_tokenizer):
