@@ -126,12 +126,30 @@ def _rl(tiny: Path, root: Path, strategy: str, devices: int, prompts_per_rank: i
                 "--trainer.callbacks", "[]")
 
 
+#: step metrics that describe the whole step's rollouts, not one rank's share (`rl_metrics`)
+GLOBAL_METRICS = ("rollout/reward_mean", "rollout/reward_std", "rollout/response_len_mean", "rollout/response_len_max",
+                  "rollout/zero_adv_group_frac", "rollout/truncated_frac", "judge/graded",
+                  *(f"judge/score_{k}" for k in range(8)))
+
+
+def _step_metrics(rows: list[dict[str, float]]) -> dict[str, list[float]]:
+    steps = [r for r in rows if "rollout/reward_mean" in r]
+    for r in steps:  # every rollout is graded by the judge or scored 0 as truncated (an empty proof)
+        r["judge/graded"] = r["judge/ok"] + r["judge/truncated"]
+    return {k: [r[k] for r in steps] for k in GLOBAL_METRICS}
+
+
 def test_rl_ddp_and_fsdp2_on_two_processes_match_one_process(tiny_model_dir, tmp_path):
-    one = _losses(_rl(tiny_model_dir, tmp_path / "one", "ddp", 1, 4))
+    rows = _rl(tiny_model_dir, tmp_path / "one", "ddp", 1, 4)
+    one, one_metrics = _losses(rows), _step_metrics(rows)
     assert len(one) == STEPS and len(set(one)) == STEPS  # three different steps, not a constant
+    assert one_metrics["judge/graded"] == [16.0] * STEPS  # 4 prompts x G=4
     for name in ("ddp", "fsdp2"):
-        losses = _losses(_rl(tiny_model_dir, tmp_path / name, name, 2, 2))
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(one), atol=TOL, rtol=0, msg=name)
+        rows = _rl(tiny_model_dir, tmp_path / name, name, 2, 2)
+        torch.testing.assert_close(torch.tensor(_losses(rows)), torch.tensor(one), atol=TOL, rtol=0, msg=name)
+        # the same samples, so the logged step metrics are those of the 1-process run, not of rank 0's half
+        for key, values in _step_metrics(rows).items():
+            assert values == pytest.approx(one_metrics[key], rel=1e-9, abs=1e-12), (name, key)
 
 
 SYNC_SCRIPT = r'''

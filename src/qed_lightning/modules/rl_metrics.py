@@ -1,4 +1,11 @@
-"""Per-step RL metrics: rewards, groups without signal, lengths, truncation, score histogram, policy lag."""
+"""Per-step RL metrics: rewards, groups without signal, lengths, truncation, score histogram, policy lag.
+
+Under data parallelism every rank generates and grades its own prompts, so a metric computed from one rank's
+rollouts describes only its share. `rollout_table` turns a rank's rollouts into a `[N, 6]` tensor; the module
+gathers the ranks' tables and computes the `rollout/*` and `judge/score_*` metrics of the whole step from them
+(`table_metrics`). The other metrics are reduced by kind (`reduce_op`): counts add up, maxima and phase times take
+the slowest rank, and the rest are averaged over ranks.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +16,75 @@ import torch
 from qed_lightning.rl import zero_advantage_fraction
 from qed_lightning.rollout.base import Completion
 
+#: columns of `rollout_table`
+COLUMNS = ("reward", "valid", "length", "truncated", "policy_version", "score")
 
-def rollout_metrics(rollouts: Sequence[Completion], rewards: torch.Tensor, valid: torch.Tensor, group_size: int, step: int) -> dict[str, float]:
-    """`rollout/*` metrics of one step (rewards over valid samples only)."""
+#: metrics that count events: summed over ranks
+SUMMED = {"judge/ok", "judge/truncated", "judge/error", "judge/parse_fail", "judge/cache_hits", "judge/calls",
+          "judge/outages", "train/tokens_per_sec", "rc/states"}
+#: metrics that are maxima or phase times: the slowest or largest rank
+MAXED = {"judge/down_s", "rollout/sync_time_s", "rc/summarizer_s", "rc/reason_s"}
+
+
+def rollout_table(rollouts: Sequence[Completion], rewards: torch.Tensor, valid: torch.Tensor,
+                  grades: Sequence | None = None) -> torch.Tensor:
+    """One row per rollout, `COLUMNS` in order (score -1 = no score: a failed or missing grade), float64."""
+    scores = [(-1 if g.score is None else g.score) for g in grades] if grades is not None else [-1] * len(rollouts)
+    return torch.tensor(
+        [[float(rewards[i]), float(valid[i]), len(r.completion_ids), float(r.truncated), r.policy_version, scores[i]]
+         for i, r in enumerate(rollouts)], dtype=torch.float64).reshape(len(rollouts), len(COLUMNS))
+
+
+def table_metrics(table: torch.Tensor, group_size: int, step: int) -> dict[str, float]:
+    """`rollout/*` metrics (rewards over valid samples only) and the `judge/score_k` histogram of a step's table."""
+    rewards, valid, lengths, truncated, versions, scores = table.T
+    valid = valid.bool()
     kept = rewards[valid]
-    lengths = torch.tensor([len(r.completion_ids) for r in rollouts], dtype=torch.float32)
-    return {
+    graded = scores[scores >= 0]
+    total = max(graded.numel(), 1)
+    metrics = {
         "rollout/reward_mean": float(kept.mean()) if kept.numel() else 0.0,
         "rollout/reward_std": float(kept.std()) if kept.numel() > 1 else 0.0,
         "rollout/zero_adv_group_frac": zero_advantage_fraction(rewards, group_size, valid=valid),
         "rollout/response_len_mean": float(lengths.mean()),
         "rollout/response_len_max": float(lengths.max()),
-        "rollout/truncated_frac": sum(r.truncated for r in rollouts) / len(rollouts),
-        "rollout/dropped_frac": float((~valid).float().mean()),
-        "rollout/policy_lag_max": float(max(step - r.policy_version for r in rollouts)),
+        "rollout/truncated_frac": float(truncated.mean()),
+        "rollout/dropped_frac": float((~valid).double().mean()),
+        "rollout/policy_lag_max": float(step - versions.min()),
     }
+    metrics.update({f"judge/score_{k}": float((graded == k).sum()) / total for k in range(8)})
+    return metrics
 
 
-def score_histogram(grades: Sequence) -> dict[str, float]:
-    """Fraction of this step's grades at each score 0..7 (`judge/score_k`); failures are not scores."""
-    scores = [g.score for g in grades if g.score is not None]
-    total = max(len(scores), 1)
-    return {f"judge/score_{k}": sum(s == k for s in scores) / total for k in range(8)}
+def reduce_op(key: str) -> str:
+    """How a rank-local metric combines over ranks: "sum" (counts), "max" (maxima, phase times), else "mean"."""
+    if key in SUMMED:
+        return "sum"
+    if key in MAXED or key.startswith("time/") or key.endswith(("_max", "_max_s")):
+        return "max"
+    return "mean"
+
+
+def gather_objects(obj):
+    """Every rank's `obj`, in rank order (`[obj]` without an initialised process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def reduce_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Combine every rank's metrics by `reduce_op` (a key only some ranks have combines over those ranks)."""
+    per_rank = gather_objects(metrics)
+    if len(per_rank) == 1:
+        return metrics
+    keys = list(dict.fromkeys(k for m in per_rank for k in m))
+    out = {}
+    for key in keys:
+        values = [float(m[key]) for m in per_rank if key in m]
+        op = reduce_op(key)
+        out[key] = sum(values) if op == "sum" else max(values) if op == "max" else sum(values) / len(values)
+    return out

@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from qed_lightning.data.rl import ProofProblem
 from qed_lightning.modules.base import QEDModule, default_optimizer
-from qed_lightning.modules.rl_metrics import rollout_metrics, score_histogram
+from qed_lightning.modules.rl_metrics import gather_objects, reduce_over_ranks, rollout_table, table_metrics
 from qed_lightning.rewards import GradeRequest, RubricJudge
 from qed_lightning.rl import entropy_from_logits, group_advantages_masked, policy_loss, token_logprobs
 from qed_lightning.rl.microbatch import (
@@ -338,8 +338,9 @@ class RubricRLModule(QEDModule):
         self.engine.sleep()
         metrics = self.optimize(rollouts, advantages, valid)  # 4. loss + 5. step
         t3 = time.perf_counter()
-        metrics.update(rollout_metrics(rollouts, rewards, valid, hp.group_size, step))
-        metrics.update(score_histogram(grades))
+        # rollout/* and judge/score_* of the whole step: every rank's rollouts (see rl_metrics)
+        table = torch.cat(gather_objects(rollout_table(rollouts, rewards, valid, grades)))
+        metrics.update(table_metrics(table, hp.group_size, step))
         metrics.update(self.judge.pop_metrics())
         tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
         metrics.update({"time/generate_s": t1 - t0, "time/grade_s": t2 - t1, "time/train_s": t3 - t2,
@@ -347,6 +348,8 @@ class RubricRLModule(QEDModule):
         return metrics, rewards, valid
 
     def log_step(self, metrics: dict[str, float], batch_size: int) -> None:
+        """Log a step's metrics; under data parallelism, combined over ranks first (`rl_metrics.reduce_op`)."""
+        metrics = reduce_over_ranks(metrics)
         self.log_dict(metrics, batch_size=batch_size)
         self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False, batch_size=batch_size)
 
