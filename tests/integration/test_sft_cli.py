@@ -99,3 +99,21 @@ def test_exported_model_generates_in_vllm(sft_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
     assert len(json.loads(line[7:])["ids"]) > 0
+
+
+@pytest.mark.slow
+def test_chunked_lm_head_loss_trains_as_the_full_logits_loss(tiny_model_dir, tmp_path):
+    """The default loss (labelled positions only, LM head in checkpointed chunks) and `loss_chunk_tokens: 0` (every
+    position's logits at once) give the same losses, step after step."""
+    losses = {}
+    for chunk in ("0", "64"):
+        root = tmp_path / f"chunk{chunk}"
+        make_cli(args=["--config", str(REPO / "configs/demo/sft.yaml"), "--trainer.default_root_dir", str(root),
+                       "--trainer.max_steps", "3", "--trainer.enable_checkpointing", "false",
+                       "--model.init_args.export_hf", "false", "--model.init_args.loss_chunk_tokens", chunk,
+                       "--model.init_args.model_name_or_path", str(tiny_model_dir),
+                       "--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl")])
+        (metrics,) = sorted((root / "csv").glob("version_*/metrics.csv"))
+        losses[chunk] = _losses(metrics)
+    assert len(losses["0"]) == 3 and len(set(losses["0"])) == 3
+    torch.testing.assert_close(torch.tensor(losses["64"]), torch.tensor(losses["0"]), atol=1e-5, rtol=0)

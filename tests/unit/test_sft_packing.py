@@ -1,11 +1,12 @@
 """Packing: a packed batch gives the same loss as the examples one at a time, and position ids restart."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from qed_lightning.data.chat import IGNORE_INDEX, TokenizedExample, tokenize_conversation
 from qed_lightning.data.packing import collate_rows, first_fit_decreasing, pack_row
-from qed_lightning.modules.sft import packed_lm_loss
+from qed_lightning.modules.sft import chunked_lm_loss, packed_lm_loss
 
 
 def _conversation(i: int) -> list[dict]:
@@ -63,3 +64,36 @@ def test_packed_loss_equals_token_weighted_mean_of_single_losses(tiny_model_dir,
     logits = model(input_ids=leaky["input_ids"], position_ids=leaky["position_ids"], use_cache=False).logits
     s_leaky, _ = packed_lm_loss(logits, leaky["labels"])
     assert abs(float(s_leaky / n - expected)) > 1e-4
+
+
+def test_chunked_lm_loss_matches_full_logits_in_value_and_gradient(tiny_model_dir, tiny_tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    examples = [tokenize_conversation(tiny_tokenizer, _conversation(i)) for i in range(4)]
+    batch = collate_rows([pack_row(examples[:2]), pack_row(examples[2:])], pad_id=0)
+    ids, pos = batch["input_ids"], batch["position_ids"]
+
+    def run(loss_fn):
+        model.zero_grad()
+        total, n = loss_fn()
+        total.backward()
+        return total.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    def full():
+        return packed_lm_loss(model(input_ids=ids, position_ids=pos, use_cache=False).logits, batch["labels"])
+
+    def chunked(chunk):
+        def fn():
+            hidden = model.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+            return chunked_lm_loss(hidden, batch["labels"], model.get_output_embeddings(), chunk)
+        return fn
+
+    want, n_want, grads_want = run(full)
+    assert n_want > 10
+    for chunk in (1, 7, 10_000):  # one token per chunk, a ragged last chunk, a single chunk
+        got, n, grads = run(chunked(chunk))
+        assert int(n) == int(n_want)
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+        for name, g in grads_want.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-6 * float(g.abs().max()) + 1e-12, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
+        chunked_lm_loss(torch.zeros(1, 2, 3), batch["labels"][:, :2], model.get_output_embeddings(), 0)

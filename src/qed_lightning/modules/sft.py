@@ -3,6 +3,14 @@
 Paper: SFT of Qwen3-4B-Thinking-2507 on FineProofs-SFT, thinking and proof both trained; the RL stage starts from
 the checkpoint after 372 optimizer steps (the paper's other SFT hyperparameters are not public).
 
+Memory: with `loss_chunk_tokens` (default 1,024) the LM head runs only on labelled positions, a chunk at a time
+under activation checkpointing (`chunked_lm_loss`). At the paper's scale (32k-token rows, a 152k vocabulary) the
+full path holds the bf16 logits (~10 GB), their float32 copy (~20 GB) and the cross-entropy's saved softmax; the
+chunked path holds one chunk's float32 logits (~0.6 GB at 1,024 tokens) and recomputes them in backward, for one
+more LM-head forward. `scripts/bench_sft_memory.py` (152k vocabulary, a 4,096-token row, CPU): the step's peak
+above the loaded model falls from 7.5 GB to 2.3 GB, and the step is no slower. `loss_chunk_tokens: 0` restores the
+full-logits path.
+
 Loss: token-weighted mean of the cross-entropy over the labelled tokens of a micro-batch. With packing, this is the
 same number as the token-weighted mean of the per-example losses (a test pins it). Across gradient accumulation,
 Lightning averages micro-batch means; packed rows hold similar token counts, so the difference from a global token
@@ -15,9 +23,38 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.utils.checkpoint import checkpoint
 
 from qed_lightning.data.chat import IGNORE_INDEX
-from qed_lightning.modules.base import QEDModule
+from qed_lightning.modules.base import QEDModule, default_optimizer
+
+
+def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`packed_lm_loss` from the final hidden states `[B, L, H]`, without the `[B, L, V]` logits.
+
+    Only labelled positions go through the LM head, `chunk_tokens` at a time, each chunk under activation
+    checkpointing: its logits exist only while its loss is computed (and again in backward), so the peak is one
+    chunk's `[chunk_tokens, V]` instead of every position's logits, their float32 copy and what cross-entropy keeps
+    for backward. `head` is called as a module (`get_output_embeddings()`), so strategies that gather weights in
+    module hooks (DeepSpeed ZeRO-3) see each call, the recompute included.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    shifted = labels[:, 1:]  # position t predicts label t + 1
+    keep = shifted != IGNORE_INDEX  # [B, L-1]
+    states = hidden[:, :-1][keep]  # [N, H] labelled positions only
+    targets = shifted[keep]  # [N]
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    for start in range(0, targets.numel(), chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        total = total + checkpoint(_head_cross_entropy, head, states[piece], targets[piece], use_reentrant=False)
+    return total, keep.sum()
+
+
+def _head_cross_entropy(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(states)  # [n, V]
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
 
 
 def packed_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,7 +62,8 @@ def packed_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
     logits `[B, L, V]`, labels `[B, L]` (IGNORE_INDEX where no loss). Position t predicts labels[t + 1].
     """
-    shift_logits = logits[:, :-1].float()  # [B, L-1, V]
+    shift_logits = logits[:, :-1]
+    shift_logits = shift_logits.to(torch.promote_types(shift_logits.dtype, torch.float32))  # [B, L-1, V]
     shift_labels = labels[:, 1:]  # [B, L-1]
     loss_sum = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
@@ -44,9 +82,35 @@ class SFTModule(QEDModule):
     `train/trained_tokens`, and the data module's truncation/drop counts once.
     """
 
+    def __init__(
+        self,
+        model_name_or_path: str,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        export_hf: bool = True,
+        export_dir: str | None = None,
+        loss_chunk_tokens: int = 1024,
+    ) -> None:
+        """Args as `QEDModule`'s, and `loss_chunk_tokens`: labelled positions per LM-head chunk of the loss (see the
+        module docstring); 0 = compute every position's logits at once."""
+        super().__init__(model_name_or_path, optimizer, lr_scheduler, dtype, attn_implementation, gradient_checkpointing,
+                         export_hf, export_dir)
+        if loss_chunk_tokens < 0:
+            raise ValueError(f"model.loss_chunk_tokens must be >= 0 (0 = no chunking), got {loss_chunk_tokens}")
+
+    def lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy over the batch's labelled tokens, and their count."""
+        chunk = self.hparams.loss_chunk_tokens
+        if chunk:
+            hidden = self.hidden_states(batch["input_ids"], batch["position_ids"])
+            return chunked_lm_loss(hidden, batch["labels"], self.model.get_output_embeddings(), chunk)
+        return packed_lm_loss(self(batch["input_ids"], batch["position_ids"]), batch["labels"])
+
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch["input_ids"], batch["position_ids"])
-        loss_sum, n_tokens = packed_lm_loss(logits, batch["labels"])
+        loss_sum, n_tokens = self.lm_loss(batch)
         return loss_sum / n_tokens.clamp(min=1), n_tokens
 
     def on_train_start(self) -> None:
@@ -82,6 +146,5 @@ class SFTModule(QEDModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch["input_ids"], batch["position_ids"])
-        loss_sum, n_tokens = packed_lm_loss(logits, batch["labels"])
+        loss_sum, n_tokens = self.lm_loss(batch)
         self.log("val/loss", loss_sum / n_tokens.clamp(min=1), batch_size=batch["input_ids"].size(0), sync_dist=True)
