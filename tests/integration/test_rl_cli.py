@@ -79,11 +79,13 @@ def test_rubric_rl_raises_mean_reward_on_a_learnable_judge(tiny_model_dir, tmp_p
 def test_micro_batch_layouts_give_the_same_step(tiny_model_dir, tmp_path):
     """One step on the same (seeded) rollouts: right-padded rows, and each prompt run once with its completions
     attending to its cached keys/values (shared_prefix, the CPU default), give the same loss and gradient norm;
-    "auto" under gradient checkpointing (which drops the cache) falls back to padded rows."""
+    "auto" under gradient checkpointing (which drops the cache) falls back to padded rows; and the LM head in
+    chunks of completion tokens (the default) gives what all logits at once give (logits_chunk_tokens 0)."""
     runs = {}
     for name, extra in [("padded", ["--model.init_args.micro_batch_layout", "padded"]),
                         ("shared_prefix", ["--model.init_args.micro_batch_layout", "shared_prefix"]),
-                        ("auto+checkpointing", ["--model.init_args.gradient_checkpointing", "true"])]:
+                        ("auto+checkpointing", ["--model.init_args.gradient_checkpointing", "true"]),
+                        ("full-logits", ["--model.init_args.logits_chunk_tokens", "0"])]:
         rows = _run(tiny_model_dir, tmp_path / name.replace("+", "_"), "--trainer.max_steps", "1",
                     "--data.init_args.val_size", "0", "--model.init_args.export_hf", "false", *extra)
         runs[name] = {k: series(rows, k)[0] for k in ("train/loss", "train/grad_norm", "rollout/response_len_mean",
@@ -95,6 +97,8 @@ def test_micro_batch_layouts_give_the_same_step(tiny_model_dir, tmp_path):
     for key in ("train/loss", "train/grad_norm"):
         assert shared[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-6), key
     assert shared["rollout/logprob_diff_max"] < 1e-3  # trainer and sampler agree in the new layout too
+    for key in ("train/loss", "train/grad_norm"):
+        assert runs["full-logits"][key] == pytest.approx(shared[key], rel=1e-4, abs=1e-6), key
     fallback = runs["auto+checkpointing"]
     assert fallback["train/micro_batches"] == padded["train/micro_batches"]
     assert fallback["train/loss"] == pytest.approx(padded["train/loss"], rel=1e-4, abs=1e-6)

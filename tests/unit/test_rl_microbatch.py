@@ -84,3 +84,46 @@ def test_shared_prefix_matches_one_at_a_time_in_values_and_gradients(tiny_model_
 def test_shared_prefix_refuses_mixed_prompts():
     with pytest.raises(ValueError, match=r"micro-batch \[0, 1\]"):
         share_prefix([[1, 2], [1, 3]], [[4], [5]], [0, 1])
+
+
+def test_chunked_token_stats_match_full_logits_in_value_and_gradient(tiny_model_dir):
+    from qed_lightning.lm_head import chunked_token_stats, final_hidden_states
+    from qed_lightning.rl import entropy_from_logits
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    prompts = [[5, 6, 7, 8, 9]] * 3
+    completions = [[20, 21, 22], [23], [24, 25, 26, 27, 28]]
+    weights = torch.randn(3, 5, dtype=torch.float64)
+
+    def run(stats):
+        model.zero_grad()
+        logp, ent = stats()
+        ((logp * weights).sum() + (ent * weights.flip(0)).sum()).backward()
+        return logp.detach(), ent.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    mb = pad_sequences(prompts, completions, [0, 1, 2])
+
+    def full():
+        logits, targets = completion_logits(model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits, mb.input_ids, mb)
+        return token_logprobs(logits, targets, 0.8) * mb.mask, entropy_from_logits(logits, 0.8) * mb.mask
+
+    def chunked(chunk):
+        def fn():
+            rows, _ = final_hidden_states(model, input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False)
+            states, targets = completion_logits(rows, mb.input_ids, mb)  # the same gather, on hidden states
+            return chunked_token_stats(states, targets, mb.mask, model.get_output_embeddings(), 0.8, entropy=True, chunk_tokens=chunk)
+        return fn
+
+    def shared():
+        sp = share_prefix(prompts, completions, [0, 1, 2])
+        states = shared_prefix_logits(model, sp, hidden=True)
+        return chunked_token_stats(states, sp.input_ids, sp.mask, model.get_output_embeddings(), 0.8, entropy=True, chunk_tokens=2)
+
+    want_lp, want_ent, want_grads = run(full)
+    for stats in (chunked(1), chunked(4), chunked(100), shared):
+        lp, ent, grads = run(stats)
+        torch.testing.assert_close(lp, want_lp, atol=1e-10, rtol=0)
+        torch.testing.assert_close(ent, want_ent, atol=1e-10, rtol=0)
+        assert lp[1, 1:].abs().sum() == 0 and ent[1, 1:].abs().sum() == 0  # masked positions stay 0
+        for name, g in want_grads.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-6 * float(g.abs().max()) + 1e-12, rtol=1e-5, msg=name)

@@ -112,27 +112,15 @@ class QEDModule(L.LightningModule):
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """The decoder's final (normed) hidden states `[B, L, H]` of a packed batch, for losses that apply the LM head
-        themselves (`SFTModule` with `loss_chunk_tokens`).
-
-        The batch still goes through the model's own forward (so FSDP/DeepSpeed hooks on the root run as usual),
-        with `logits_to_keep=1`: the head computes one position per row, and a forward hook on the decoder hands
-        back its output. Same flash-attention flattening as `forward`.
-        """
-        captured: list[torch.Tensor] = []
-
-        def keep(module, args, output) -> None:
-            captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+        themselves (`qed_lightning.lm_head`); same flash-attention flattening as `forward`."""
+        from qed_lightning.lm_head import final_hidden_states
 
         batch, length = input_ids.shape
         flash = str(getattr(self.model.config, "_attn_implementation", "")).startswith("flash")
         if flash and batch > 1:
             input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
-        handle = self.model.get_decoder().register_forward_hook(keep)
-        try:
-            self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=1)
-        finally:
-            handle.remove()
-        return captured[-1].reshape(batch, length, -1)
+        hidden, _ = final_hidden_states(self.model, input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        return hidden.reshape(batch, length, -1)
 
     # -- optimisation --------------------------------------------------------------------------------------------
 

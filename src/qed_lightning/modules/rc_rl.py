@@ -168,6 +168,7 @@ class ReasoningCacheRLModule(RubricRLModule):
         max_new_tokens: int = 49152,
         micro_batch_tokens: int = 65536,
         micro_batch_layout: Literal["auto", "packed", "padded", "shared_prefix"] = "auto",
+        logits_chunk_tokens: int = 1024,
         clip_low: float = 4.0,
         clip_high: float = 4.0,
         entropy_coef: float = 1e-4,
@@ -196,7 +197,7 @@ class ReasoningCacheRLModule(RubricRLModule):
         super().__init__(
             model_name_or_path, engine, judge, optimizer, lr_scheduler, dtype, attn_implementation, gradient_checkpointing,
             export_hf, export_dir, group_size, temperature, top_p, top_k, max_new_tokens, micro_batch_tokens,
-            micro_batch_layout, clip_low,
+            micro_batch_layout, logits_chunk_tokens, clip_low,
             clip_high, entropy_coef, kl_coef, aggregation, advantage_scale, grad_clip, sync_interval, max_nonfinite_steps,
             val_samples, seed,
         )

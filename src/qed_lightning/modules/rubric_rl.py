@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from qed_lightning.data.rl import ProofProblem
+from qed_lightning.lm_head import chunked_token_stats, final_hidden_states
 from qed_lightning.modules.base import QEDModule, default_optimizer
 from qed_lightning.modules.rl_metrics import gather_objects, reduce_over_ranks, rollout_table, table_metrics
 from qed_lightning.rewards import GradeRequest, RubricJudge
@@ -61,6 +62,9 @@ class RubricRLModule(QEDModule):
             flash attention), "padded" (right-padded rows), "shared_prefix" (each prompt once, its G completions
             attending to its cached keys/values); "auto" = packed with flash attention, else shared_prefix, or
             padded under gradient checkpointing. All give the same gradient.
+        logits_chunk_tokens: completion tokens per LM-head chunk: log-probs and entropies come from the hidden
+            states a chunk at a time under checkpointing, never as `[n, T, V]` logits (qed_lightning.lm_head);
+            0 = all logits of a micro-batch at once.
         clip_low/clip_high: ratio clip range [1 - clip_low, 1 + clip_high]. entropy_coef: entropy bonus.
         kl_coef: k3 KL weight against the frozen initial policy (0 = no reference model is loaded).
         aggregation: "seq_sum_over_batch" (paper), "token_mean", "seq_mean_token_mean", "dr_grpo".
@@ -89,6 +93,7 @@ class RubricRLModule(QEDModule):
         max_new_tokens: int = 49152,
         micro_batch_tokens: int = 65536,
         micro_batch_layout: Literal["auto", "packed", "padded", "shared_prefix"] = "auto",
+        logits_chunk_tokens: int = 1024,
         clip_low: float = 4.0,
         clip_high: float = 4.0,
         entropy_coef: float = 1e-4,
@@ -109,6 +114,8 @@ class RubricRLModule(QEDModule):
             problems.append(f"model.temperature must be > 0 for RL sampling, got {temperature}")
         if max_new_tokens < 1 or micro_batch_tokens < 1:
             problems.append("model.max_new_tokens and model.micro_batch_tokens must be >= 1")
+        if logits_chunk_tokens < 0:
+            problems.append(f"model.logits_chunk_tokens must be >= 0 (0 = no chunking), got {logits_chunk_tokens}")
         if micro_batch_layout == "shared_prefix" and gradient_checkpointing:
             problems.append("model.micro_batch_layout=shared_prefix needs the key/value cache, which gradient "
                             "checkpointing disables; use 'auto', 'padded' or 'packed', or model.gradient_checkpointing=false")
@@ -190,35 +197,51 @@ class RubricRLModule(QEDModule):
 
     # -- 4. loss -------------------------------------------------------------------------------------------------
 
-    def completion_logits(self, rollouts: list[Completion], members: list[int], model=None):
+    def completion_logits(self, rollouts: list[Completion], members: list[int], model=None, hidden: bool = False):
         """Logits `[n, T, V]` predicting the completion tokens of `members` (indices into `rollouts`), those tokens
-        `[n, T]` and their mask `[n, T]`, laid out as `self.layout` says; `model` defaults to the policy."""
+        `[n, T]` and their mask `[n, T]`, laid out as `self.layout` says; `model` defaults to the policy. With
+        `hidden`, the final hidden states `[n, T, H]` that predict them instead of the logits."""
         prompts, completions = [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts]
         if self.layout == "shared_prefix":
             batch = share_prefix(prompts, completions, members)
-            logits = shared_prefix_logits(model if model is not None else self.model, batch)
-            return logits, batch.input_ids.to(self.device), batch.mask.to(self.device)
+            out = shared_prefix_logits(model if model is not None else self.model, batch, hidden=hidden)
+            return out, batch.input_ids.to(self.device), batch.mask.to(self.device)
         packed = (pack_sequences if self.layout == "packed" else pad_sequences)(prompts, completions, members)
         input_ids, position_ids = packed.input_ids.to(self.device), packed.position_ids.to(self.device)
         if model is None:
-            row_logits = self(input_ids, position_ids)
+            rows = self.hidden_states(input_ids, position_ids) if hidden else self(input_ids, position_ids)
+        elif hidden:
+            rows = final_hidden_states(model, input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
         else:
-            row_logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-        logits, targets = completion_logits(row_logits, input_ids, packed)
-        return logits, targets, packed.mask.to(self.device)
+            rows = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        out, targets = completion_logits(rows, input_ids, packed)  # gathers along the last dim, logits or states
+        return out, targets, packed.mask.to(self.device)
+
+    def completion_stats(self, rollouts: list[Completion], members: list[int], model=None, entropy: bool = False):
+        """Log-probs `[n, T]` (at the sampling temperature) of the completion tokens of `members`, their entropies
+        (or None), and the mask `[n, T]`; chunked over the LM head unless `logits_chunk_tokens` is 0."""
+        hp = self.hparams
+        model = model if model is not None else self.model
+        if hp.logits_chunk_tokens:
+            states, targets, mask = self.completion_logits(rollouts, members, None if model is self.model else model, hidden=True)
+            logp, ent = chunked_token_stats(states, targets, mask, model.get_output_embeddings(), hp.temperature,
+                                            entropy=entropy, chunk_tokens=hp.logits_chunk_tokens)
+            return logp, ent, mask
+        logits, targets, mask = self.completion_logits(rollouts, members, None if model is self.model else model)
+        logp = token_logprobs(logits, targets, hp.temperature) * mask
+        ent = entropy_from_logits(logits, hp.temperature) * mask if entropy else None
+        return logp, ent, mask
 
     def compute_loss(self, rollouts: list[Completion], advantages: torch.Tensor, members: list[int], totals: dict[str, int]):
         """Loss of one micro-batch (`members` index `rollouts`) and its detached metrics."""
         hp = self.hparams
         device = self.device
-        logits, targets, mask = self.completion_logits(rollouts, members)  # [n, T, V], [n, T], [n, T]
-        logp = token_logprobs(logits, targets, hp.temperature) * mask
+        logp, entropy, mask = self.completion_stats(rollouts, members, entropy=hp.entropy_coef > 0)  # [n, T] each
         old = pad_values([r.logprobs for r in rollouts], members, mask.size(1)).to(device)
-        entropy = entropy_from_logits(logits, hp.temperature) * mask if hp.entropy_coef > 0 else None
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref = token_logprobs(self.completion_logits(rollouts, members, self.ref_model)[0], targets, hp.temperature) * mask
+                ref = self.completion_stats(rollouts, members, self.ref_model)[0]
         loss, metrics = policy_loss(
             logp, old, advantages[members].to(device), mask, num_sequences=totals["sequences"], clip_low=hp.clip_low,
             clip_high=hp.clip_high, aggregation=hp.aggregation, entropy=entropy, entropy_coef=hp.entropy_coef,

@@ -108,24 +108,34 @@ def share_prefix(prompts: Sequence[Sequence[int]], completions: Sequence[Sequenc
     return SharedPrefixBatch(torch.tensor([prompt], dtype=torch.long), ids, mask, list(members))
 
 
-def shared_prefix_logits(model, batch: SharedPrefixBatch) -> torch.Tensor:
+def shared_prefix_logits(model, batch: SharedPrefixBatch, hidden: bool = False) -> torch.Tensor:
     """Logits `[n, T, V]` predicting each completion token of `batch`, with the prompt run once (see the module
-    docstring). `model` is a transformers causal LM (anything taking `past_key_values` and returning them)."""
+    docstring); with `hidden`, the final hidden states `[n, T, H]` that predict them instead (for a chunked LM
+    head, `qed_lightning.lm_head`). `model` is a transformers causal LM (taking and returning `past_key_values`)."""
+    from qed_lightning.lm_head import final_hidden_states
+
     device = next(model.parameters()).device
     prompt = batch.prompt_ids.to(device)
     ids = batch.input_ids.to(device)
     n, width = ids.shape
-    head = model(input_ids=prompt, use_cache=True, logits_to_keep=1)  # logits [1, 1, V] predict completion token 0
+    if hidden:
+        states, head = final_hidden_states(model, input_ids=prompt, use_cache=True)
+        first = states[:, -1:]  # [1, 1, H] predicts completion token 0
+    else:
+        head = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        first = head.logits  # [1, 1, V]
     cache = head.past_key_values
     if cache is None:
         raise RuntimeError("the model returned no key/value cache (gradient checkpointing on?); use "
                            "micro_batch_layout 'padded' or 'packed'")
     cache.batch_repeat_interleave(n)  # differentiable: every row's gradient flows back into the one prompt pass
     position_ids = torch.arange(prompt.size(1), prompt.size(1) + width, device=device).expand(n, width)
-    # the last completion position predicts nothing: logits_to_keep = the first width - 1 positions
-    keep = torch.arange(width - 1, device=device)
-    tail = model(input_ids=ids, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=keep)
-    return torch.cat([head.logits.expand(n, 1, -1), tail.logits], dim=1)
+    kwargs = dict(input_ids=ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+    if hidden:
+        rest = final_hidden_states(model, **kwargs)[0][:, :-1]  # the last position predicts nothing
+    else:  # logits_to_keep = the first width - 1 positions
+        rest = model(**kwargs, logits_to_keep=torch.arange(width - 1, device=device)).logits
+    return torch.cat([first.expand(n, 1, -1), rest], dim=1)
 
 
 def pad_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], members: list[int], pad_id: int = 0) -> PackedSequences:

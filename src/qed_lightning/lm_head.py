@@ -1,0 +1,78 @@
+"""The LM head without the full logits: final hidden states from a model's own forward, and per-token statistics
+computed from them a chunk of positions at a time.
+
+At the paper's scale the logits are the largest tensor of a step: a 65,536-token RL micro-batch (or a 32k SFT row)
+times a 151,936-token vocabulary is ~20 GB in bf16 before any float32 copy, softmax or gradient. Both SFT
+(`SFTModule.loss_chunk_tokens`) and RL (`RubricRLModule.logits_chunk_tokens`) therefore take the decoder's hidden
+states, keep the positions that carry a loss, and apply the head to `chunk` of them at a time under activation
+checkpointing, so only one chunk's `[chunk, V]` logits exist at once (and again, briefly, in backward).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from qed_lightning.rl.logprobs import entropy_from_logits, token_logprobs
+
+
+def final_hidden_states(model: torch.nn.Module, **forward_kwargs):
+    """`(hidden, output)`: the decoder's final (normed) hidden states `[B, L, H]` of `model(**forward_kwargs)`, and
+    the model's output (its `past_key_values` when asked for).
+
+    The batch goes through the causal LM's own forward, so FSDP/DeepSpeed hooks on the root run as usual, with
+    `logits_to_keep=1` (the head computes one position per row); a forward hook on `model.get_decoder()` hands back
+    the decoder's output.
+    """
+    captured: list[Tensor] = []
+
+    def keep(module, args, output) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = model.get_decoder().register_forward_hook(keep)
+    try:
+        out = model(**forward_kwargs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"{type(model).__name__}.get_decoder() did not run in the forward pass")
+    return captured[-1], out
+
+
+def _chunk_stats(head: torch.nn.Module, states: Tensor, targets: Tensor, temperature: float, with_entropy: bool):
+    logits = head(states)[None]  # [1, c, V]
+    logp = token_logprobs(logits, targets[None], temperature)[0]
+    if not with_entropy:
+        return logp
+    return logp, entropy_from_logits(logits, temperature)[0]
+
+
+def chunked_token_stats(hidden: Tensor, targets: Tensor, mask: Tensor, head: torch.nn.Module, temperature: float, *,
+                        entropy: bool, chunk_tokens: int) -> tuple[Tensor, Tensor | None]:
+    """`token_logprobs` (and `entropy_from_logits`) of `head(hidden)`, without the `[n, T, V]` logits.
+
+    hidden `[n, T, H]` (the state that predicts each target), targets and mask `[n, T]`. Only positions with
+    `mask > 0` are computed, `chunk_tokens` at a time under activation checkpointing; the others are 0. Returns
+    `[n, T]` log-probs and `[n, T]` entropies (None unless `entropy`), both differentiable, float32 or wider.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    n, width, size = hidden.shape
+    where = mask.reshape(-1).nonzero().squeeze(1)  # [N] flat positions that carry a loss
+    states = hidden.reshape(-1, size).index_select(0, where)  # [N, H]
+    wanted = targets.reshape(-1).index_select(0, where)  # [N]
+    logps, entropies = [], []
+    for start in range(0, wanted.numel(), chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        out = checkpoint(_chunk_stats, head, states[piece], wanted[piece], float(temperature), entropy, use_reentrant=False)
+        logps.append(out[0] if entropy else out)
+        if entropy:
+            entropies.append(out[1])
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+
+    def scatter(parts: list[Tensor]) -> Tensor:
+        values = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=dtype)
+        return hidden.new_zeros(n * width, dtype=values.dtype).index_put((where,), values).reshape(n, width)
+
+    return scatter(logps), (scatter(entropies) if entropy else None)
