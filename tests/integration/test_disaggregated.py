@@ -10,22 +10,17 @@ counted and regenerated on-policy; after training, the pool serves the final wei
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from qed_lightning.cli import make_cli
-from runs import read_metrics, series
 from qed_lightning.rl import token_logprobs
 from qed_lightning.rollout import SamplingConfig, VLLMServerEngine, iter_full_parameters
+from runs import read_metrics, series
+from vllm_server import vllm_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -34,43 +29,15 @@ T = 0.8
 STARTUP_S = 300.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pool_url(tiny_model_dir, tmp_path_factory):
-    port = _free_port()
+    # started as scripts/slurm/vllm_pool.sbatch starts a pool member; on CPU, prefills whole (see VLLMServerEngine)
     log_path = tmp_path_factory.mktemp("pool") / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-           "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
-           "--worker-extension-cls", "qed_lightning.rollout.vllm_worker.QEDWorkerExtension"]
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"server not ready:\n{log_path.read_text()[-3000:]}"
-            time.sleep(1.0)
+    with vllm_serve(tiny_model_dir, log_path, "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
+                    "--worker-extension-cls", "qed_lightning.rollout.vllm_worker.QEDWorkerExtension",
+                    "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096",
+                    env={"VLLM_SERVER_DEV_MODE": "1"}, startup_s=STARTUP_S) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def _prompt(tokenizer) -> list[int]:

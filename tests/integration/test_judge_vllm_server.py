@@ -7,17 +7,11 @@ recorded, never in "error".
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import httpx
 import pytest
 
 from qed_lightning.rewards import GradeRequest, OpenAIJudgeClient, RubricJudge
+from vllm_server import vllm_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -29,51 +23,12 @@ RUBRIC = "## Checkpoints (7 pts total)\n- **3 pts**: writes $n^2+n = n(n+1)$\n- 
 PROOF = "<think>factor it</think>Since $n^2+n = n(n+1)$ and one of $n, n+1$ is even, the product is even."
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _log_tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"vLLM server exited with code {proc.returncode} during startup:\n{_log_tail(log_path)}")
-        try:
-            if httpx.get(f"{url}/models", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    pytest.fail(f"vLLM server not ready after {STARTUP_S:.0f}s:\n{_log_tail(log_path)}")
-
-
 @pytest.fixture(scope="module")
 def vllm_server(tiny_model_dir, tmp_path_factory):
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("vllm") / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
-           "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--enforce-eager", "--gpu-memory-utilization", "0.1", "--max-model-len", "2048"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        _wait_ready(proc, url, log_path)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    with vllm_serve(tiny_model_dir, log_path, "--served-model-name", SERVED_NAME, "--gpu-memory-utilization", "0.1",
+                    startup_s=STARTUP_S) as url:
+        yield f"{url}/v1"
 
 
 def test_models_endpoint_lists_the_served_model(vllm_server):

@@ -20,6 +20,9 @@ Start every server of the pool with the trainer's starting weights and:
 - `--worker-extension-cls ...QEDWorkerExtension` (checkpoint sync, needed on CPU servers): adds the
   `refresh_tied_lm_head` RPC, see below.
 - `--weight-transfer-config '{"backend": "nccl"}'` (NCCL sync, GPU): enables vLLM's weight-transfer API.
+- `--no-enable-chunked-prefill --max-num-batched-tokens <>= max-model-len>` (CPU servers only): requests are
+  seeded, and vLLM's CPU backend crashes ("CPU Generator does not use offset") when it prefills a seeded request
+  in part (see `vllm_engine`); GPU generators support the rewind, so GPU pools keep chunked prefill.
 
 Weight sync, after every optimizer step (`WeightSyncCallback` calls `load_weights`):
 - `sync: checkpoint` (works everywhere, tested on CPU): every trainer rank walks the parameters (a sharded trainer

@@ -109,7 +109,6 @@ class VLLMEngine(RolloutEngine):
         if self.model is None:
             raise ValueError("VLLMEngine needs a model: set engine `model` or start it with the policy's path.")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: weights can be swapped without IPC
-        threads = torch.get_num_threads()
         from vllm import LLM
 
         kwargs = dict(self.kwargs)
@@ -127,7 +126,9 @@ class VLLMEngine(RolloutEngine):
         # a tied lm_head has no checkpoint entry, so every in-place reload warns about it; _refresh_tied_lm_head
         # handles that layer, so the warning is noise
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
-        torch.set_num_threads(threads)  # vLLM's CPU backend lowers it to 1 for serving; the trainer wants them all
+        # On CPU, vLLM's worker binds OpenMP threads (VLLM_CPU_OMP_THREADS_BIND; one per core by default) and replaces
+        # torch.set_num_threads with a no-op in this process, so the trainer runs on the threads vLLM bound; set
+        # OMP_NUM_THREADS / VLLM_CPU_OMP_THREADS_BIND before the run to choose them (scripts/bench_rl.py does).
         log.info("vLLM engine ready on %s (max_model_len=%d)", self.model, self.max_model_len)
 
     def _sampling_params(self, sampling: SamplingConfig, n: int, seed: int | None):
