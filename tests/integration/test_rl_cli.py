@@ -62,7 +62,9 @@ def test_rubric_rl_raises_mean_reward_on_a_learnable_judge(tiny_model_dir, tmp_p
     """Learning test. Task: the scripted judge scores a response by its share of vowels (rule char_fraction,
     charset aeiouAEIOU: score = round(7 * share)), a property the tiny model can learn by shifting its token
     distribution. From the random tiny model (seed 0), 30 steps of 4 prompts x G=8, 24 new tokens, lr 3e-3:
-    measured mean reward 0.28 over the first 5 steps and 0.57 over the last 5. Threshold: +0.15."""
+    measured mean reward 0.28 over the first 5 steps and 0.65 over the last 5 (0.57 with the earlier padded,
+    full-logits training pass: the same gradient up to float32 rounding, which changes later samples). Threshold:
+    +0.15."""
     rows = _run(
         tiny_model_dir, tmp_path,
         "--trainer.max_steps", "30", "--model.init_args.group_size", "8", "--model.init_args.max_new_tokens", "24",

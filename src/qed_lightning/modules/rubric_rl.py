@@ -197,7 +197,7 @@ class RubricRLModule(QEDModule):
 
     # -- 4. loss -------------------------------------------------------------------------------------------------
 
-    def completion_logits(self, rollouts: list[Completion], members: list[int], model=None, hidden: bool = False):
+    def completion_outputs(self, rollouts: list[Completion], members: list[int], model=None, hidden: bool = False):
         """Logits `[n, T, V]` predicting the completion tokens of `members` (indices into `rollouts`), those tokens
         `[n, T]` and their mask `[n, T]`, laid out as `self.layout` says; `model` defaults to the policy. With
         `hidden`, the final hidden states `[n, T, H]` that predict them instead of the logits."""
@@ -223,11 +223,11 @@ class RubricRLModule(QEDModule):
         hp = self.hparams
         model = model if model is not None else self.model
         if hp.logits_chunk_tokens:
-            states, targets, mask = self.completion_logits(rollouts, members, None if model is self.model else model, hidden=True)
+            states, targets, mask = self.completion_outputs(rollouts, members, None if model is self.model else model, hidden=True)
             logp, ent = chunked_token_stats(states, targets, mask, model.get_output_embeddings(), hp.temperature,
                                             entropy=entropy, chunk_tokens=hp.logits_chunk_tokens)
             return logp, ent, mask
-        logits, targets, mask = self.completion_logits(rollouts, members, None if model is self.model else model)
+        logits, targets, mask = self.completion_outputs(rollouts, members, None if model is self.model else model)
         logp = token_logprobs(logits, targets, hp.temperature) * mask
         ent = entropy_from_logits(logits, hp.temperature) * mask if entropy else None
         return logp, ent, mask
