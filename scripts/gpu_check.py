@@ -85,7 +85,9 @@ def summarize(root: Path) -> dict[str, float]:
     peak = max((float(r[c]) for r in rows for c in peak_cols if r.get(c)), default=float("nan"))
     losses, tps = series("train/loss"), series("train/tokens_per_sec")
     steady = tps[1:] or tps  # the first step includes warm-up
-    return {"steps": len(losses), "loss_first": losses[0] if losses else float("nan"),
+    norms = series("train/grad_norm")  # RL: under ZeRO it must come from DeepSpeed (p.grad is None there)
+    return {"steps": len(losses), "grad_norm_max": max(norms, default=float("nan")),
+            "loss_first": losses[0] if losses else float("nan"),
             "loss_last": losses[-1] if losses else float("nan"),
             "tokens_per_sec": sum(steady) / len(steady) if steady else float("nan"), "peak_mem_gib": peak / 2**30}
 
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 row["log_tail"] = log.read_text(errors="replace")[-1500:]
             trained = proc.returncode == 0 and row.get("steps") == steps and row["loss_last"] == row["loss_last"]
+            if stage == "rl":  # a zero norm means the clip read empty p.grad (ZeRO) instead of DeepSpeed's norm
+                trained = trained and row.get("grad_norm_max", 0.0) > 0
             ok &= trained
             results.append(row)
             print(json.dumps(row), flush=True)

@@ -132,7 +132,12 @@ class RubricRLModule(QEDModule):
     _hparams_ignore = ("optimizer", "lr_scheduler", "engine", "judge")
 
     def setup(self, stage: str) -> None:
-        """Errors at the door: every prompt plus the completion budget must fit the engine's context."""
+        """Errors at the door: every prompt plus the completion budget must fit the engine's context. Under DeepSpeed,
+        hand `grad_clip` to DeepSpeed (this hook runs before the engine is built): ZeRO keeps gradients in its own
+        partitioned buffers, so `p.grad` is None and only DeepSpeed can clip them (`_clip_and_step`)."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if type(strategy).__name__ == "DeepSpeedStrategy" and self.hparams.grad_clip > 0:
+            strategy.config["gradient_clipping"] = self.hparams.grad_clip
         limit = getattr(self.engine, "max_model_len", None)
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         problems = [*getattr(datamodule, "train_problems", []), *getattr(datamodule, "val_problems", [])]
@@ -321,7 +326,14 @@ class RubricRLModule(QEDModule):
             return value
         return float(self.trainer.strategy.reduce(torch.tensor(value, dtype=torch.float64, device=self.device), reduce_op="sum"))
 
+    def _deepspeed_engine(self):
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        return strategy.deepspeed_engine if type(strategy).__name__ == "DeepSpeedStrategy" else None
+
     def _clip_and_step(self, opt, loss: float) -> float:
+        engine = self._deepspeed_engine()
+        if engine is not None:
+            return self._deepspeed_step(opt, engine, loss)
         params = [p for p in self.parameters() if p.grad is not None]
         max_norm = self.hparams.grad_clip if self.hparams.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
@@ -339,6 +351,26 @@ class RubricRLModule(QEDModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
+        return grad_norm
+
+    def _deepspeed_step(self, opt, engine, loss: float) -> float:
+        """DeepSpeed clips (to `gradient_clipping`, set from `grad_clip` in `setup`) and steps; its global norm is the
+        step's. A non-finite step cannot be skipped from outside DeepSpeed's buffers, so it is counted, and
+        `max_nonfinite_steps` in a row abort the run."""
+        opt.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self._nonfinite = 0
+            return grad_norm
+        self._nonfinite += 1
+        log.warning("non-finite loss (%s) or gradient norm (%s) at step %d under DeepSpeed (%d in a row)",
+                    loss, grad_norm, self.global_step, self._nonfinite)
+        if self._nonfinite >= self.hparams.max_nonfinite_steps:
+            raise FloatingPointError(f"{self._nonfinite} consecutive non-finite steps; lower the learning rate or "
+                                     "raise model.max_nonfinite_steps")
         return grad_norm
 
     # -- the step, as a list of named steps ----------------------------------------------------------------------
