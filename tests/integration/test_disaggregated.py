@@ -17,15 +17,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qed_lightning.cli import make_cli
-from qed_lightning.rl import token_logprobs
 from qed_lightning.rollout import SamplingConfig, VLLMServerEngine, iter_full_parameters
 from runs import read_metrics, series
+from sampling import T, chat_prompt, trainer_logprobs
 from vllm_server import vllm_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 REPO = Path(__file__).resolve().parents[2]
-T = 0.8
 STARTUP_S = 300.0
 
 
@@ -40,18 +39,6 @@ def pool_url(tiny_model_dir, tmp_path_factory):
         yield url
 
 
-def _prompt(tokenizer) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Prove that 2 is prime."}], add_generation_prompt=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-def _trainer_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    ids = torch.tensor([prompt + completion])
-    with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-    return token_logprobs(logits, ids[:, 1:], temperature=T)[0][len(prompt) - 1:]
-
-
 def _sample(engine: VLLMServerEngine, prompt: list[int]):
     (completion,) = engine.generate([prompt], SamplingConfig(temperature=T, max_new_tokens=24, seed=7), n=1)[0]
     return completion
@@ -62,9 +49,9 @@ def test_pool_logprobs_are_the_trainers_before_and_after_a_weight_push(pool_url,
     engine.start(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     old = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    prompt = _prompt(tiny_tokenizer)
+    prompt = chat_prompt(tiny_tokenizer)
     before = _sample(engine, prompt)
-    torch.testing.assert_close(torch.tensor(before.logprobs), _trainer_logprobs(model, prompt, before.completion_ids), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(before.logprobs), trainer_logprobs(model, prompt, before.completion_ids), atol=1e-4, rtol=0)
     # the second prompt goes to the other URL; same seed, same samples
     groups = engine.generate([prompt, prompt], SamplingConfig(temperature=T, max_new_tokens=24, seeds=(7, 7)))
     assert groups[0][0].completion_ids == groups[1][0].completion_ids == before.completion_ids
@@ -81,8 +68,8 @@ def test_pool_logprobs_are_the_trainers_before_and_after_a_weight_push(pool_url,
     assert after.policy_version == 1
     # Tolerance 1e-4 as for the colocated engine (measured ~5e-7). Before the tied-lm_head refresh this was 0.55 nats:
     # the server's body followed the push but its output embeddings stayed the old ones.
-    torch.testing.assert_close(torch.tensor(after.logprobs), _trainer_logprobs(model, prompt, after.completion_ids), atol=1e-4, rtol=0)
-    assert (torch.tensor(after.logprobs) - _trainer_logprobs(old, prompt, after.completion_ids)).abs().max() > 1e-2
+    torch.testing.assert_close(torch.tensor(after.logprobs), trainer_logprobs(model, prompt, after.completion_ids), atol=1e-4, rtol=0)
+    assert (torch.tensor(after.logprobs) - trainer_logprobs(old, prompt, after.completion_ids)).abs().max() > 1e-2
     assert [p.name for p in (tmp_path / "sync").iterdir()] == ["v1"]  # written once, older ones cleaned up
     index = json.loads((tmp_path / "sync" / "v1" / "model.safetensors.index.json").read_text())
     assert "lm_head.weight" not in index["weight_map"]  # tied: stored once, as save_pretrained does
@@ -124,9 +111,9 @@ def test_rl_overlapped_with_generation_is_one_step_off_policy_and_the_pool_ends_
     engine = VLLMServerEngine([pool_url], sync_dir=str(tmp_path / "probe"), reset_on_start=False)
     engine.start()
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    prompt = _prompt(tiny_tokenizer)
+    prompt = chat_prompt(tiny_tokenizer)
     sample = _sample(engine, prompt)
-    torch.testing.assert_close(torch.tensor(sample.logprobs), _trainer_logprobs(final, prompt, sample.completion_ids), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(sample.logprobs), trainer_logprobs(final, prompt, sample.completion_ids), atol=1e-4, rtol=0)
     engine.close()
 
 

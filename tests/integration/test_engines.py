@@ -8,23 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qed_lightning.rl import token_logprobs
 from qed_lightning.rollout import HFEngine, SamplingConfig, VLLMEngine, iter_full_parameters
+from sampling import T, chat_prompt, trainer_logprobs
 
-T = 0.8
-
-
-def _prompt(tokenizer) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Prove that 2 is prime."}], add_generation_prompt=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-def _trainer_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    ids = torch.tensor([prompt + completion])
-    with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-    lp = token_logprobs(logits, ids[:, 1:], temperature=T)[0]
-    return lp[len(prompt) - 1:]
 
 
 def _perturb(model) -> None:
@@ -48,12 +34,12 @@ def vllm_engine(tiny_model_dir):
 @pytest.mark.slow
 def test_vllm_logprobs_match_trainer_and_follow_weight_sync(vllm_engine, tiny_model_dir, tiny_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    prompt = _prompt(tiny_tokenizer)
+    prompt = chat_prompt(tiny_tokenizer)
     sampling = SamplingConfig(temperature=T, max_new_tokens=24, seed=7)
 
     (before,) = vllm_engine.generate([prompt], sampling, n=1)[0]
     assert len(before.completion_ids) == len(before.logprobs) > 0
-    torch.testing.assert_close(torch.tensor(before.logprobs), _trainer_logprobs(model, prompt, before.completion_ids), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(before.logprobs), trainer_logprobs(model, prompt, before.completion_ids), atol=1e-4, rtol=0)
 
     old_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     model.train()
@@ -64,15 +50,15 @@ def test_vllm_logprobs_match_trainer_and_follow_weight_sync(vllm_engine, tiny_mo
 
     (after,) = vllm_engine.generate([prompt], sampling, n=1)[0]
     assert after.policy_version == 1
-    new_lp = _trainer_logprobs(model, prompt, after.completion_ids)
+    new_lp = trainer_logprobs(model, prompt, after.completion_ids)
     torch.testing.assert_close(torch.tensor(after.logprobs), new_lp, atol=1e-4, rtol=0)
-    old_lp = _trainer_logprobs(old_model, prompt, after.completion_ids)
+    old_lp = trainer_logprobs(old_model, prompt, after.completion_ids)
     assert (torch.tensor(after.logprobs) - old_lp).abs().max() > 1e-2  # the engine no longer samples from the old weights
 
 
 @pytest.mark.slow
 def test_vllm_groups_finish_reasons_and_seeds(vllm_engine, tiny_tokenizer):
-    prompt = _prompt(tiny_tokenizer)
+    prompt = chat_prompt(tiny_tokenizer)
     groups = vllm_engine.generate([prompt, prompt[:-3]], SamplingConfig(temperature=1.0, max_new_tokens=6, seed=1), n=3)
     assert [len(g) for g in groups] == [3, 3]
     for c in groups[0] + groups[1]:
@@ -104,11 +90,11 @@ def test_hf_engine_logprobs_match_trainer(tiny_model_dir, tiny_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     engine = HFEngine()
     engine.attach(model, tiny_tokenizer)
-    prompt = _prompt(tiny_tokenizer)
+    prompt = chat_prompt(tiny_tokenizer)
     groups = engine.generate([prompt, prompt[2:]], SamplingConfig(temperature=T, max_new_tokens=12, seed=3), n=2)
     assert [len(g) for g in groups] == [2, 2]
     model.eval()
     for group, p in zip(groups, [prompt, prompt[2:]]):
         for c in group:
             assert c.finish_reason == "stop" or len(c.completion_ids) == 12
-            torch.testing.assert_close(torch.tensor(c.logprobs), _trainer_logprobs(model, p, c.completion_ids), atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(c.logprobs), trainer_logprobs(model, p, c.completion_ids), atol=1e-4, rtol=0)
