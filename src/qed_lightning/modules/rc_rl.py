@@ -35,16 +35,13 @@ import logging
 import random
 import time
 from dataclasses import replace
-from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from typing_extensions import override
 
 from qed_lightning.data.rl import ProofProblem
-from qed_lightning.modules.base import default_optimizer
 from qed_lightning.modules.rubric_rl import RubricRLModule
 from qed_lightning.rc.loop import RCState, RCTrajectory, ReasoningCache, shift_seeds
 from qed_lightning.rewards import RubricJudge
@@ -134,7 +131,7 @@ class FrozenEngineCallback(Callback):
 class ReasoningCacheRLModule(RubricRLModule):
     """Reasoning-cache RL (stage 3). See the module docstring for the algorithm.
 
-    Args (beyond `RubricRLModule`'s):
+    Args (and `RubricRLModule`'s, passed through `**kwargs`):
         cycles: RC cycles per problem (K); states s_0..s_K.
         states_per_trajectory: states trained on per trajectory (m), sampled without replacement.
         reasoning_prompt / summary_prompt: packaged RC template names or template paths.
@@ -154,32 +151,6 @@ class ReasoningCacheRLModule(RubricRLModule):
         model_name_or_path: str,
         engine: RolloutEngine,
         judge: RubricJudge,
-        optimizer: OptimizerCallable = default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        dtype: str = "float32",
-        attn_implementation: str | None = None,
-        gradient_checkpointing: bool = False,
-        export_hf: bool = True,
-        export_dir: str | None = None,
-        group_size: int = 16,
-        temperature: float = 0.8,
-        top_p: float = 1.0,
-        top_k: int = -1,
-        max_new_tokens: int = 49152,
-        micro_batch_tokens: int = 65536,
-        micro_batch_layout: Literal["auto", "packed", "padded", "shared_prefix"] = "auto",
-        logits_chunk_tokens: int = 1024,
-        clip_low: float = 4.0,
-        clip_high: float = 4.0,
-        entropy_coef: float = 1e-4,
-        kl_coef: float = 0.0,
-        aggregation: Literal["seq_sum_over_batch", "token_mean", "seq_mean_token_mean", "dr_grpo"] = "seq_sum_over_batch",
-        advantage_scale: Literal["none", "std"] = "none",
-        grad_clip: float = 0.3,
-        sync_interval: int = 1,
-        max_nonfinite_steps: int = 3,
-        val_samples: int = 1,
-        seed: int = 0,
         cycles: int = 3,
         states_per_trajectory: int = 2,
         reasoning_prompt: str = "rc_reasoning_v1",
@@ -193,14 +164,9 @@ class ReasoningCacheRLModule(RubricRLModule):
         grade_trajectory_turns: bool = False,
         replay_size: int = 0,
         replay_ratio: float = 0.0,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            model_name_or_path, engine, judge, optimizer, lr_scheduler, dtype, attn_implementation, gradient_checkpointing,
-            export_hf, export_dir, group_size, temperature, top_p, top_k, max_new_tokens, micro_batch_tokens,
-            micro_batch_layout, logits_chunk_tokens, clip_low,
-            clip_high, entropy_coef, kl_coef, aggregation, advantage_scale, grad_clip, sync_interval, max_nonfinite_steps,
-            val_samples, seed,
-        )
+        super().__init__(model_name_or_path, engine, judge, **kwargs)  # stage 2's (and QEDModule's) arguments
         problems = []
         if cycles < 1:
             problems.append(f"model.cycles must be >= 1, got {cycles}")

@@ -22,16 +22,15 @@ advantage, loss, step on a list of prompts) is what `ReasoningCacheRLModule` reu
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Literal
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from qed_lightning.data.rl import ProofProblem
 from qed_lightning.lm_head import chunked_token_stats, final_hidden_states
-from qed_lightning.modules.base import QEDModule, default_optimizer
+from qed_lightning.modules.base import QEDModule
+from qed_lightning.modules.optim_step import ManualStepMixin
 from qed_lightning.modules.rl_metrics import gather_objects, reduce_over_ranks, rollout_table, table_metrics
 from qed_lightning.rewards import GradeRequest, RubricJudge
 from qed_lightning.rl import entropy_from_logits, group_advantages_masked, policy_loss, token_logprobs
@@ -51,10 +50,10 @@ from qed_lightning.rollout.sync import WeightSyncCallback
 log = logging.getLogger(__name__)
 
 
-class RubricRLModule(QEDModule):
+class RubricRLModule(ManualStepMixin, QEDModule):
     """Rubric-reward GRPO (stage 2). See the module docstring for the algorithm.
 
-    Args (beyond `QEDModule`'s):
+    Args (and `QEDModule`'s, passed through `**kwargs`):
         engine: rollout engine component. judge: reward component (a `RubricJudge`).
         group_size: rollouts per prompt (G). temperature/top_p/top_k/max_new_tokens: sampling.
         micro_batch_tokens: token budget of one forward/backward pass.
@@ -79,13 +78,6 @@ class RubricRLModule(QEDModule):
         model_name_or_path: str,
         engine: RolloutEngine,
         judge: RubricJudge,
-        optimizer: OptimizerCallable = default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        dtype: str = "float32",
-        attn_implementation: str | None = None,
-        gradient_checkpointing: bool = False,
-        export_hf: bool = True,
-        export_dir: str | None = None,
         group_size: int = 16,
         temperature: float = 0.8,
         top_p: float = 1.0,
@@ -105,8 +97,9 @@ class RubricRLModule(QEDModule):
         max_nonfinite_steps: int = 3,
         val_samples: int = 1,
         seed: int = 0,
+        **kwargs,
     ) -> None:
-        super().__init__(model_name_or_path, optimizer, lr_scheduler, dtype, attn_implementation, gradient_checkpointing, export_hf, export_dir)
+        super().__init__(model_name_or_path, **kwargs)  # QEDModule's arguments (jsonargparse reads them through kwargs)
         problems = []
         if group_size < 1:
             problems.append(f"model.group_size must be >= 1, got {group_size}")
@@ -116,7 +109,7 @@ class RubricRLModule(QEDModule):
             problems.append("model.max_new_tokens and model.micro_batch_tokens must be >= 1")
         if logits_chunk_tokens < 0:
             problems.append(f"model.logits_chunk_tokens must be >= 0 (0 = no chunking), got {logits_chunk_tokens}")
-        if micro_batch_layout == "shared_prefix" and gradient_checkpointing:
+        if micro_batch_layout == "shared_prefix" and self.hparams.gradient_checkpointing:
             problems.append("model.micro_batch_layout=shared_prefix needs the key/value cache, which gradient "
                             "checkpointing disables; use 'auto', 'padded' or 'packed', or model.gradient_checkpointing=false")
         if top_p < 1.0 or top_k > 0:
@@ -134,10 +127,8 @@ class RubricRLModule(QEDModule):
     def setup(self, stage: str) -> None:
         """Errors at the door: every prompt plus the completion budget must fit the engine's context. Under DeepSpeed,
         hand `grad_clip` to DeepSpeed (this hook runs before the engine is built): ZeRO keeps gradients in its own
-        partitioned buffers, so `p.grad` is None and only DeepSpeed can clip them (`_clip_and_step`)."""
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if type(strategy).__name__ == "DeepSpeedStrategy" and self.hparams.grad_clip > 0:
-            strategy.config["gradient_clipping"] = self.hparams.grad_clip
+        partitioned buffers, so `p.grad` is None and only DeepSpeed can clip them (`optim_step`)."""
+        self.hand_grad_clip_to_deepspeed()
         limit = getattr(self.engine, "max_model_len", None)
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         problems = [*getattr(datamodule, "train_problems", []), *getattr(datamodule, "val_problems", [])]
@@ -294,84 +285,6 @@ class RubricRLModule(QEDModule):
             return plan_shared_prefix([r.prompt_ids for r in rollouts], [len(r.completion_ids) for r in rollouts], members, budget)
         lengths = [len(rollouts[i].prompt_ids) + len(rollouts[i].completion_ids) for i in members]
         return [[members[j] for j in mb] for mb in plan_microbatches(lengths, budget, self.layout)]
-
-    def _step_totals(self, sequences: int, tokens: int, max_len: int) -> dict[str, int]:
-        """The optimizer step's sequence/token counts and longest completion, over all ranks.
-
-        Each rank normalises its token sum by the *global* counts, and its loss is multiplied by the world size
-        before backward, because data-parallel strategies average gradients: the result is exactly the paper's
-        `-(1/B) sum L` over the whole step, however the sequences are spread over ranks and micro-batches.
-        """
-        local = torch.tensor([sequences, tokens, max_len], dtype=torch.float64, device=self.device)
-        if self.trainer.world_size > 1:
-            gathered = self.all_gather(local)  # [W, 3]
-            local = torch.cat([gathered[:, :2].sum(0), gathered[:, 2].max().reshape(1)])
-        return {"sequences": max(int(local[0]), 1), "tokens": max(int(local[1]), 1), "max_len": max(int(local[2]), 1)}
-
-    def _missing_microbatches(self, n: int) -> int:
-        """Passes this rank adds so that all ranks run as many forward/backward passes: each pass is a collective
-        under DDP and FSDP, and a rank with fewer packed micro-batches would leave the others waiting forever."""
-        if self.trainer.world_size == 1:
-            return 0
-        most = self.trainer.strategy.reduce(torch.tensor(float(n), device=self.device), reduce_op="max")
-        return int(most) - n
-
-    def _idle_loss(self) -> torch.Tensor:
-        """A zero loss through the whole model (one token): a pass's collectives, no gradient contribution."""
-        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        return self(ids, ids).sum() * 0.0
-
-    def _sum_over_ranks(self, value: float) -> float:
-        if self.trainer.world_size == 1:
-            return value
-        return float(self.trainer.strategy.reduce(torch.tensor(value, dtype=torch.float64, device=self.device), reduce_op="sum"))
-
-    def _deepspeed_engine(self):
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        return strategy.deepspeed_engine if type(strategy).__name__ == "DeepSpeedStrategy" else None
-
-    def _clip_and_step(self, opt, loss: float) -> float:
-        engine = self._deepspeed_engine()
-        if engine is not None:
-            return self._deepspeed_step(opt, engine, loss)
-        params = [p for p in self.parameters() if p.grad is not None]
-        max_norm = self.hparams.grad_clip if self.hparams.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self._nonfinite += 1
-            opt.zero_grad()
-            log.warning("non-finite loss (%s) or gradient norm (%s): step %d skipped, weights unchanged (%d in a row)",
-                        loss, grad_norm, self.global_step, self._nonfinite)
-            if self._nonfinite >= self.hparams.max_nonfinite_steps:
-                raise FloatingPointError(f"{self._nonfinite} consecutive non-finite steps; lower the learning rate or "
-                                         "raise model.max_nonfinite_steps")
-            return grad_norm
-        self._nonfinite = 0
-        opt.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        return grad_norm
-
-    def _deepspeed_step(self, opt, engine, loss: float) -> float:
-        """DeepSpeed clips (to `gradient_clipping`, set from `grad_clip` in `setup`) and steps; its global norm is the
-        step's. A non-finite step cannot be skipped from outside DeepSpeed's buffers, so it is counted, and
-        `max_nonfinite_steps` in a row abort the run."""
-        opt.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self._nonfinite = 0
-            return grad_norm
-        self._nonfinite += 1
-        log.warning("non-finite loss (%s) or gradient norm (%s) at step %d under DeepSpeed (%d in a row)",
-                    loss, grad_norm, self.global_step, self._nonfinite)
-        if self._nonfinite >= self.hparams.max_nonfinite_steps:
-            raise FloatingPointError(f"{self._nonfinite} consecutive non-finite steps; lower the learning rate or "
-                                     "raise model.max_nonfinite_steps")
-        return grad_norm
 
     # -- the step, as a list of named steps ----------------------------------------------------------------------
 

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.utils.checkpoint import checkpoint
 
 from qed_lightning.data.chat import IGNORE_INDEX
-from qed_lightning.modules.base import QEDModule, default_optimizer
+from qed_lightning.modules.base import QEDModule
 
 
 def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,22 +81,10 @@ class SFTModule(QEDModule):
     `train/trained_tokens`, and the data module's truncation/drop counts once.
     """
 
-    def __init__(
-        self,
-        model_name_or_path: str,
-        optimizer: OptimizerCallable = default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        dtype: str = "float32",
-        attn_implementation: str | None = None,
-        gradient_checkpointing: bool = False,
-        export_hf: bool = True,
-        export_dir: str | None = None,
-        loss_chunk_tokens: int = 1024,
-    ) -> None:
-        """Args as `QEDModule`'s, and `loss_chunk_tokens`: labelled positions per LM-head chunk of the loss (see the
-        module docstring); 0 = compute every position's logits at once."""
-        super().__init__(model_name_or_path, optimizer, lr_scheduler, dtype, attn_implementation, gradient_checkpointing,
-                         export_hf, export_dir)
+    def __init__(self, model_name_or_path: str, loss_chunk_tokens: int = 1024, **kwargs) -> None:
+        """Args: `loss_chunk_tokens`, labelled positions per LM-head chunk of the loss (see the module docstring;
+        0 = every position's logits at once), and `QEDModule`'s, passed through `**kwargs`."""
+        super().__init__(model_name_or_path, **kwargs)
         if loss_chunk_tokens < 0:
             raise ValueError(f"model.loss_chunk_tokens must be >= 0 (0 = no chunking), got {loss_chunk_tokens}")
 

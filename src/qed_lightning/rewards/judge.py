@@ -275,18 +275,8 @@ class RubricJudge(BaseJudge):
     request_fields = ("problem", "rubric")
     prompt_fields = frozenset({"problem", "rubric", "proof"})
 
-    def __init__(
-        self,
-        client: JudgeClient,
-        prompt: str = "rubric_v1",
-        require_think_close: bool = True,
-        on_failure: Literal["zero", "drop"] = "zero",
-        banding: bool = False,
-        cache_path: str | None = None,
-        max_down_s: float = 1800.0,
-        probe_interval_s: float = 30.0,
-    ):
-        super().__init__(client, prompt, require_think_close, on_failure, banding, cache_path, max_down_s, probe_interval_s)
+    def __init__(self, client: JudgeClient, prompt: str = "rubric_v1", **kwargs):
+        super().__init__(client, prompt, **kwargs)  # BaseJudge's other arguments (jsonargparse reads them through kwargs)
 
     def prompt_values(self, request: GradeRequest, proof: str) -> dict[str, str]:
         return {"problem": request.problem, "rubric": render_rubric(request.rubric), "proof": proof}
@@ -305,18 +295,8 @@ class ProofBenchJudge(BaseJudge):
     request_fields = ("problem", "reference_solution", "guidelines")
     prompt_fields = frozenset({"problem", "reference_solution", "guidelines", "proof"})
 
-    def __init__(
-        self,
-        client: JudgeClient,
-        prompt: str = "imo_proofbench_v1",
-        require_think_close: bool = True,
-        on_failure: Literal["zero", "drop"] = "zero",
-        banding: bool = False,
-        cache_path: str | None = None,
-        max_down_s: float = 1800.0,
-        probe_interval_s: float = 30.0,
-    ):
-        super().__init__(client, prompt, require_think_close, on_failure, banding, cache_path, max_down_s, probe_interval_s)
+    def __init__(self, client: JudgeClient, prompt: str = "imo_proofbench_v1", **kwargs):
+        super().__init__(client, prompt, **kwargs)  # BaseJudge's other arguments (jsonargparse reads them through kwargs)
 
     def proof_of(self, response: str) -> str | None:
         proof = super().proof_of(response)
