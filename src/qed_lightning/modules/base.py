@@ -103,24 +103,22 @@ class QEDModule(L.LightningModule):
         flash-attention path only detects packed sequences in a single row, so with flash attention a `[B, L]`
         batch runs as one `[1, B * L]` row (its padding is a segment of its own, see `data.packing`).
         """
-        batch, length = input_ids.shape
-        flash = str(getattr(self.model.config, "_attn_implementation", "")).startswith("flash")
-        if flash and batch > 1:
-            logits = self.model(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1), use_cache=False).logits
-            return logits.reshape(batch, length, -1)
-        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        return self._packed_call(input_ids, position_ids, lambda **kw: self.model(**kw, use_cache=False).logits)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """The decoder's final (normed) hidden states `[B, L, H]` of a packed batch, for losses that apply the LM head
         themselves (`qed_lightning.lm_head`); same flash-attention flattening as `forward`."""
         from qed_lightning.lm_head import final_hidden_states
 
+        return self._packed_call(input_ids, position_ids,
+                                 lambda **kw: final_hidden_states(self.model, **kw, use_cache=False)[0])
+
+    def _packed_call(self, input_ids: torch.Tensor, position_ids: torch.Tensor, run) -> torch.Tensor:
+        """`run(input_ids=..., position_ids=...)` -> `[rows, L, D]`, as one row under flash attention (see `forward`)."""
         batch, length = input_ids.shape
-        flash = str(getattr(self.model.config, "_attn_implementation", "")).startswith("flash")
-        if flash and batch > 1:
+        if batch > 1 and str(getattr(self.model.config, "_attn_implementation", "")).startswith("flash"):
             input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
-        hidden, _ = final_hidden_states(self.model, input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        return hidden.reshape(batch, length, -1)
+        return run(input_ids=input_ids, position_ids=position_ids).reshape(batch, length, -1)
 
     # -- optimisation --------------------------------------------------------------------------------------------
 
