@@ -3,7 +3,8 @@ computed from them a chunk of positions at a time.
 
 At the paper's scale the logits are the largest tensor of a step: a 65,536-token RL micro-batch (or a 32k SFT row)
 times a 151,936-token vocabulary is ~20 GB in bf16 before any float32 copy, softmax or gradient. Both SFT
-(`SFTModule.loss_chunk_tokens`) and RL (`RubricRLModule.logits_chunk_tokens`) therefore take the decoder's hidden
+(`chunked_lm_loss`, `SFTModule.loss_chunk_tokens`) and RL (`chunked_token_stats`,
+`RubricRLModule.logits_chunk_tokens`) therefore take the decoder's hidden
 states, keep the positions that carry a loss, and apply the head to `chunk` of them at a time under activation
 checkpointing, so only one chunk's `[chunk, V]` logits exist at once (and again, briefly, in backward).
 """
@@ -11,9 +12,11 @@ checkpointing, so only one chunk's `[chunk, V]` logits exist at once (and again,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from qed_lightning.data.chat import IGNORE_INDEX
 from qed_lightning.rl.logprobs import entropy_from_logits, token_logprobs
 
 
@@ -76,3 +79,30 @@ def chunked_token_stats(hidden: Tensor, targets: Tensor, mask: Tensor, head: tor
         return hidden.new_zeros(n * width, dtype=values.dtype).index_put((where,), values).reshape(n, width)
 
     return scatter(logps), (scatter(entropies) if entropy else None)
+
+
+def chunked_lm_loss(hidden: Tensor, labels: Tensor, head: torch.nn.Module, chunk_tokens: int) -> tuple[Tensor, Tensor]:
+    """`packed_lm_loss` from the final hidden states `[B, L, H]`, without the `[B, L, V]` logits.
+
+    Only labelled positions go through the LM head, `chunk_tokens` at a time, each chunk under activation
+    checkpointing: its logits exist only while its loss is computed (and again in backward), so the peak is one
+    chunk's `[chunk_tokens, V]` instead of every position's logits, their float32 copy and what cross-entropy keeps
+    for backward. `head` is called as a module (`get_output_embeddings()`), so strategies that gather weights in
+    module hooks (DeepSpeed ZeRO-3) see each call, the recompute included.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    shifted = labels[:, 1:]  # position t predicts label t + 1
+    keep = shifted != IGNORE_INDEX  # [B, L-1]
+    states = hidden[:, :-1][keep]  # [N, H] labelled positions only
+    targets = shifted[keep]  # [N]
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    for start in range(0, targets.numel(), chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        total = total + checkpoint(_head_cross_entropy, head, states[piece], targets[piece], use_reentrant=False)
+    return total, keep.sum()
+
+
+def _head_cross_entropy(head: torch.nn.Module, states: Tensor, targets: Tensor) -> Tensor:
+    logits = head(states)  # [n, V]
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")

@@ -23,37 +23,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from qed_lightning.data.chat import IGNORE_INDEX
+from qed_lightning.lm_head import chunked_lm_loss
 from qed_lightning.modules.base import QEDModule
-
-
-def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`packed_lm_loss` from the final hidden states `[B, L, H]`, without the `[B, L, V]` logits.
-
-    Only labelled positions go through the LM head, `chunk_tokens` at a time, each chunk under activation
-    checkpointing: its logits exist only while its loss is computed (and again in backward), so the peak is one
-    chunk's `[chunk_tokens, V]` instead of every position's logits, their float32 copy and what cross-entropy keeps
-    for backward. `head` is called as a module (`get_output_embeddings()`), so strategies that gather weights in
-    module hooks (DeepSpeed ZeRO-3) see each call, the recompute included.
-    """
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    shifted = labels[:, 1:]  # position t predicts label t + 1
-    keep = shifted != IGNORE_INDEX  # [B, L-1]
-    states = hidden[:, :-1][keep]  # [N, H] labelled positions only
-    targets = shifted[keep]  # [N]
-    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-    for start in range(0, targets.numel(), chunk_tokens):
-        piece = slice(start, start + chunk_tokens)
-        total = total + checkpoint(_head_cross_entropy, head, states[piece], targets[piece], use_reentrant=False)
-    return total, keep.sum()
-
-
-def _head_cross_entropy(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(states)  # [n, V]
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
 
 
 def packed_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
