@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from dataclasses import replace
 
 import lightning as L
@@ -254,14 +253,13 @@ class ReasoningCacheRLModule(RubricRLModule):
 
     def training_step(self, batch: list[ProofProblem], batch_idx: int) -> None:
         hp = self.hparams
-        t0 = time.perf_counter()
-        trajectories = self.build_trajectories(batch)  # 0. cache
-        t1 = time.perf_counter()
+        with self.phases.phase("rc_loop"):
+            trajectories = self.build_trajectories(batch)  # 0. cache
         states = self.select_states(batch, trajectories)  # 1. states
         metrics, rewards, valid = self.rl_step(states)  # 2. sample, grade, advantage, loss, step
         metrics.update(cycle_rewards([s.meta["cycle"] for s in states], rewards, valid, hp.group_size, "rc/"))
         metrics.update(summary_metrics(trajectories, self.rc.timings))
-        metrics.update({"time/rc_loop_s": t1 - t0, "rc/states": float(len(states)),
+        metrics.update({"rc/states": float(len(states)),  # time/rc_loop_s comes with rl_step's phase times
                         "rc/replayed_frac": sum(s.meta["replayed"] for s in states) / len(states)})
         if hp.grade_trajectory_turns:
             metrics.update(self.grade_turns(batch, trajectories, "rc/turn_"))
