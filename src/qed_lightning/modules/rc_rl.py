@@ -35,16 +35,14 @@ import logging
 import random
 from dataclasses import replace
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from typing_extensions import override
 
 from qed_lightning.data.rl import ProofProblem
 from qed_lightning.modules.rubric_rl import RubricRLModule
 from qed_lightning.rc.loop import RCState, RCTrajectory, ReasoningCache, shift_seeds
 from qed_lightning.rewards import RubricJudge
 from qed_lightning.rollout.base import RolloutEngine, SamplingConfig
+from qed_lightning.rollout.sync import FrozenEngineCallback
 
 log = logging.getLogger(__name__)
 
@@ -100,31 +98,6 @@ def summary_metrics(trajectories: list[RCTrajectory], timings: dict[str, float])
         "rc/reason_s": timings["reason_s"],
         "rc/trajectory_tokens_mean": sum(t.tokens for t in trajectories) / max(len(trajectories), 1),
     }
-
-
-class FrozenEngineCallback(Callback):
-    """Own a frozen engine (the separate summarizer): start it with its own model, close it at the end. Unlike
-    `WeightSyncCallback`, it never pushes policy weights."""
-
-    def __init__(self, engine: RolloutEngine, model: str) -> None:
-        self.engine = engine
-        self.model = model
-
-    @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        start = getattr(self.engine, "start", None)
-        if start is not None:
-            start(self.model)
-        attach = getattr(self.engine, "attach", None)
-        if attach is not None:  # HFEngine(model=...): loads its own copy; decodes with the summarizer's tokenizer
-            from transformers import AutoTokenizer
-
-            attach(pl_module.model, AutoTokenizer.from_pretrained(self.model))
-
-    @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.engine.close()
 
 
 class ReasoningCacheRLModule(RubricRLModule):
@@ -207,10 +180,7 @@ class ReasoningCacheRLModule(RubricRLModule):
     def build_trajectories(self, problems: list[ProofProblem], summarize_last: bool = True) -> list[RCTrajectory]:
         """Run the RC loop on `problems` with the current policy (seeded apart from the step's rollouts)."""
         sampling = shift_seeds(self.sampling(problems), _RC_SEED_OFFSET)
-        trajectories = self.rc.run([p.problem for p in problems], self.engine, self.tokenizer, sampling, summarize_last)
-        if self.summarizer is not None:
-            self.summarizer.sleep()
-        return trajectories
+        return self.rc.run([p.problem for p in problems], self.engine, self.tokenizer, sampling, summarize_last)
 
     # -- 1. states -----------------------------------------------------------------------------------------------
 

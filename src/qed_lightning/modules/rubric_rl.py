@@ -159,7 +159,7 @@ class RubricRLModule(QEDModule):
         hand `grad_clip` to DeepSpeed (this hook runs before the engine is built): ZeRO keeps gradients in its own
         partitioned buffers, so `p.grad` is None and only DeepSpeed can clip them (`optim_step`)."""
         self.optim_step.hand_grad_clip_to_deepspeed()
-        limit = getattr(self.engine, "max_model_len", None)
+        limit = self.engine.max_model_len
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         problems = [*getattr(datamodule, "train_problems", []), *getattr(datamodule, "val_problems", [])]
         if limit is None or not problems:
