@@ -19,6 +19,7 @@ from qed_lightning.rc import ReasoningCache, run_reasoning_cache
 from qed_lightning.rewards import Grade, RubricJudge
 from qed_lightning.rewards.clients import JudgeClient
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
+from qed_lightning.seeds import derive_seed
 
 P1 = r"Prove that $\frac{a}{b} + \frac{b}{a} \ge 2$ for positive reals {a, b}."
 P2 = "Prove that there are infinitely many primes."
@@ -196,11 +197,13 @@ def test_every_call_gets_its_own_seeds(tiny_tokenizer):
                                                       SamplingConfig(temperature=0.8, seeds=(11, 22)))
     seeds = [s.seeds for s in policy.samplings + summarizer.samplings]
     assert len({seed for pair in seeds for seed in pair}) == 12  # 3 reasoning + 3 summary calls x 2 problems
-    assert policy.samplings[0].seeds == (11, 22) and policy.samplings[0].temperature == 0.8
+    # cycle k reasons with derive_seed(s, "cycle", k) of each problem's seed s
+    assert policy.samplings[1].seeds == (derive_seed(11, "cycle", 1), derive_seed(22, "cycle", 1))
+    assert policy.samplings[0].temperature == 0.8
     # the summarizer keeps its own sampling (the paper's defaults) and derives its seeds from the policy's
     first = summarizer.samplings[0]
     assert (first.temperature, first.top_p, first.top_k, first.max_new_tokens) == (0.7, 0.8, 20, 2048)
-    assert first.seeds == (11 + 500_009, 22 + 500_009)
+    assert first.seeds == (derive_seed(11, "summary", 0), derive_seed(22, "summary", 0))
 
 
 def test_scaffold_summarizes_with_the_policy_and_skips_the_last_summary(tiny_tokenizer):

@@ -46,6 +46,7 @@ from qed_lightning.rl.microbatch import (
 )
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
 from qed_lightning.rollout.sync import WeightSyncCallback
+from qed_lightning.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class RubricRLModule(ManualStepMixin, QEDModule):
         if need > limit:
             raise ValueError(
                 f"model.engine.init_args.max_model_len={limit} is shorter than the longest prompt ({len(longest.prompt_ids)} "
-                f"tokens, problem row {longest.index}) plus model.max_new_tokens={self.hparams.max_new_tokens}; raise "
+                f"tokens, the problem at line {longest.line} of data.path) plus model.max_new_tokens={self.hparams.max_new_tokens}; raise "
                 f"max_model_len to at least {need}, or lower max_new_tokens / data.max_prompt_tokens.")
 
     @property
@@ -167,11 +168,12 @@ class RubricRLModule(ManualStepMixin, QEDModule):
     # -- 1. sample -----------------------------------------------------------------------------------------------
 
     def sampling(self, problems: list[ProofProblem], step: int | None = None) -> SamplingConfig:
-        """The step's sampling settings, seeded by (seed, step, problem): reproducible across resumes and ranks.
-        `step` defaults to the current one (`AsyncRollouts` asks for the next step's settings ahead of time)."""
+        """The step's sampling settings, seeded by (seed, step, problem, and a stage-3 prompt's cycle, replay and
+        repeat; `derive_seed`): reproducible across resumes and ranks, one random stream per prompt. `step` defaults
+        to the current one (`AsyncRollouts` asks for the next step's settings ahead of time)."""
         hp = self.hparams
         step = self.global_step if step is None else step
-        seeds = tuple(hp.seed + 100_003 * step + 7_919 * p.index for p in problems)
+        seeds = tuple(derive_seed(hp.seed, "rollout", step, p.index, p.cycle, p.replayed, p.repeat) for p in problems)
         return SamplingConfig(hp.temperature, hp.top_p, hp.top_k, hp.max_new_tokens, seeds=seeds)
 
     def generate_rollouts(self, problems: list[ProofProblem], n: int) -> list[Completion]:

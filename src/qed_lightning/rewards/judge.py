@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from qed_lightning.rewards.cache import GradeCache, grade_cache_key
 from qed_lightning.rewards.clients import JudgeClient, JudgeError
 from qed_lightning.rewards.parsing import band_score, extract_proof, parse_points, parse_score, strip_self_evaluation
-from qed_lightning.rewards.rubric import render_rubric
+from qed_lightning.data.rubric import render_rubric
 from qed_lightning.rewards.templates import load_prompt
 from qed_lightning.rewards.types import Grade, GradeRequest
 
