@@ -55,9 +55,9 @@ def _rows(**changes) -> list[dict]:
     ("rows", "expected"),
     [
         ([{k: v for k, v in r.items() if k != "rubrics"} for r in RL_ROWS[:6]], r"missing column\(s\) \['rubrics'\]"),
-        (_rows(r2=("problem", "   ")), r"row 2, column 'problem': empty string"),
-        (_rows(r3=("rubrics", 5)), r"row 3, column 'rubrics': expected a string, got int"),
-        (_rows(r1=("rubrics", RL_ROWS[1]["rubrics"].replace("**1 pt**", "**2 pts**", 1))), r"row 1, column 'rubrics': rubric checkpoints total \d+ points, expected 7"),
+        (_rows(r2=("problem", "   ")), r"line 3, column 'problem': empty string"),
+        (_rows(r3=("rubrics", 5)), r"line 4, column 'rubrics': expected a markdown string or a list of \{title, points, description\} items, got int"),
+        (_rows(r1=("rubrics", RL_ROWS[1]["rubrics"].replace("**1 pt**", "**2 pts**", 1))), r"line 2, column 'rubrics': rubric checkpoints total \d+ points, expected 7"),
         (b'{"problem": "P", "rubrics": "R"}\n{"problem": "caf\xe9", "rubrics": "R"}\n', r"line 2: not valid UTF-8"),
         (b"", r"the file is empty"),
     ],
@@ -72,7 +72,7 @@ def test_malformed_rl_data_is_named(tiny_model_dir, tmp_path, rows, expected):
 
 def test_malformed_sft_messages_are_named(tiny_model_dir, tmp_path):
     data = _write(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "q"}]}, {"messages": "text"}])
-    with pytest.raises(ValueError, match=r"row 0, column 'messages': no non-empty assistant message[\s\S]*row 1, column 'messages': expected a non-empty list"):
+    with pytest.raises(ValueError, match=r"line 1, column 'messages': no non-empty assistant message[\s\S]*line 2, column 'messages': expected a non-empty list"):
         _fit("configs/demo/sft.yaml", tiny_model_dir, tmp_path, "--data.init_args.path", str(data))
 
 
