@@ -88,6 +88,11 @@ def test_shared_prefix_layout_with_gradient_checkpointing_names_both_flags(tiny_
             "shared_prefix", "--model.init_args.gradient_checkpointing", "true")
 
 
+def test_spare_prompts_without_dynamic_sampling_name_both_flags(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"data.spare_prompts_per_step=2 .* set model.skip_flat_groups=true"):
+        _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl", "--data.init_args.spare_prompts_per_step", "2")
+
+
 def test_engine_context_shorter_than_prompt_names_the_flag(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"model.engine.init_args.max_model_len=64 is shorter than the longest prompt .* raise max_model_len to at least \d+"):
         _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl", "--model.init_args.engine.init_args.max_model_len", "64")
@@ -100,8 +105,12 @@ def test_engine_context_shorter_than_prompt_names_the_flag(tiny_model_dir, tmp_p
         (["--model.init_args.aggregation", "sum"], "aggregation"),
         (["--model.init_args.micro_batch_layout", "shared"], "micro_batch_layout"),
         (["--data.init_args.prompts_per_step", "0"], "prompts_per_step must be >= 1"),
+        (["--data.init_args.reward_mean_range", "[0.9, 0.1]"], "data.reward_mean_range must be [lo, hi] with 0 <= lo <= hi <= 1"),
+        (["--data.init_args.on_invalid_row", "ignore"], "on_invalid_row"),
+        (["--model.init_args.overlong_buffer", "200"], "model.overlong_buffer must be in [0, model.max_new_tokens=96]"),
     ],
-    ids=["typo-in-key", "unknown-choice", "unknown-layout", "zero-prompts"],
+    ids=["typo-in-key", "unknown-choice", "unknown-layout", "zero-prompts", "reversed-range", "unknown-policy",
+         "overlong-buffer"],
 )
 def test_bad_config_values_name_the_flag(tiny_model_dir, tmp_path, capsys, override, expected):
     with pytest.raises((SystemExit, ValueError)) as info:

@@ -13,6 +13,9 @@ One optimizer step = sample, grade, advantage, loss, step:
 
 Where we differ from the paper: the paper generates asynchronously on separate GPUs, up to ~1 step off-policy.
 Colocated, each step here is on-policy unless `sync_interval > 1`; the ratio rho corrects either way.
+Options the paper does not use (off by default, `modules/group_sampling.py`): dynamic sampling (`skip_flat_groups`:
+groups whose rewards are all equal are replaced from the batch's spare prompts), the soft overlong penalty
+(`overlong_buffer`, `overlong_penalty`) and masking truncated completions out of the loss (`mask_truncated`).
 
 Override points: `compute_rewards(problems, rollouts)` and `compute_loss(...)`; `rl_step(prompts)` (sample, grade,
 advantage, loss, step on a list of prompts) is what `ReasoningCacheRLModule` reuses on its RC states. Components:
@@ -30,6 +33,7 @@ import torch
 from qed_lightning.data.rl import ProofProblem
 from qed_lightning.lm_head import chunked_token_stats, final_hidden_states
 from qed_lightning.modules.base import QEDModule
+from qed_lightning.modules.group_sampling import Groups, fill_step, shape_rewards, split_spares
 from qed_lightning.modules.optim_step import ManualStepMixin
 from qed_lightning.modules.rl_metrics import gather_objects, reduce_over_ranks, rollout_table, table_metrics
 from qed_lightning.rewards import GradeRequest, RubricJudge
@@ -72,6 +76,11 @@ class RubricRLModule(ManualStepMixin, QEDModule):
         sync_interval: optimizer steps between weight pushes to the engine.
         max_nonfinite_steps: consecutive steps with a non-finite loss/gradient (skipped) before the run aborts.
         val_samples: rollouts per problem in the validation pass. seed: sampling seed base.
+        skip_flat_groups: dynamic sampling (DAPO): train only on groups whose rewards differ, refilling the step from
+            the batch's spares (`data.spare_prompts_per_step`, which bounds the extra generations).
+        overlong_buffer / overlong_penalty: DAPO's soft overlong penalty: the reward falls linearly by up to
+            `overlong_penalty` over the last `overlong_buffer` tokens of `max_new_tokens` (0 = off).
+        mask_truncated: leave completions that hit `max_new_tokens` out of the loss (they stay in the baseline).
     """
 
     def __init__(
@@ -98,6 +107,10 @@ class RubricRLModule(ManualStepMixin, QEDModule):
         max_nonfinite_steps: int = 3,
         val_samples: int = 1,
         seed: int = 0,
+        skip_flat_groups: bool = False,
+        overlong_buffer: int = 0,
+        overlong_penalty: float = 1.0,
+        mask_truncated: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(model_name_or_path, **kwargs)  # QEDModule's arguments (jsonargparse reads them through kwargs)
@@ -108,6 +121,9 @@ class RubricRLModule(ManualStepMixin, QEDModule):
             problems.append(f"model.temperature must be > 0 for RL sampling, got {temperature}")
         if max_new_tokens < 1 or micro_batch_tokens < 1:
             problems.append("model.max_new_tokens and model.micro_batch_tokens must be >= 1")
+        if not 0 <= overlong_buffer <= max_new_tokens or overlong_penalty < 0:
+            problems.append(f"model.overlong_buffer must be in [0, model.max_new_tokens={max_new_tokens}] and "
+                            f"model.overlong_penalty >= 0, got {overlong_buffer} and {overlong_penalty}")
         if logits_chunk_tokens < 0:
             problems.append(f"model.logits_chunk_tokens must be >= 0 (0 = no chunking), got {logits_chunk_tokens}")
         if micro_batch_layout == "shared_prefix" and self.hparams.gradient_checkpointing:
@@ -132,6 +148,10 @@ class RubricRLModule(ManualStepMixin, QEDModule):
         self.hand_grad_clip_to_deepspeed()
         limit = getattr(self.engine, "max_model_len", None)
         datamodule = self.trainer.datamodule if self.trainer is not None else None
+        spares = getattr(getattr(datamodule, "hparams", None), "spare_prompts_per_step", 0)
+        if spares and not self.hparams.skip_flat_groups:
+            raise ValueError(f"data.spare_prompts_per_step={spares} hands out candidates that only dynamic sampling "
+                             "uses; set model.skip_flat_groups=true, or data.spare_prompts_per_step=0.")
         problems = [*getattr(datamodule, "train_problems", []), *getattr(datamodule, "val_problems", [])]
         if limit is None or not problems:
             return
@@ -294,27 +314,40 @@ class RubricRLModule(ManualStepMixin, QEDModule):
         metrics, _, _ = self.rl_step(batch)
         self.log_step(metrics, len(batch))
 
+    def sample_groups(self, problems: list[ProofProblem]) -> Groups:
+        """1. sample and 2. grade `problems` (G rollouts each); rewards carry the overlong penalty when it is on."""
+        hp = self.hparams
+        t0 = time.perf_counter()
+        rollouts = self.generate_rollouts(problems, hp.group_size)
+        t1 = time.perf_counter()
+        rewards, valid, grades = self.compute_rewards(problems, rollouts)
+        groups = Groups(problems, rollouts, rewards, valid, grades, t1 - t0, time.perf_counter() - t1)
+        return shape_rewards(groups, hp.max_new_tokens, hp.overlong_buffer, hp.overlong_penalty)
+
     def rl_step(self, batch: list[ProofProblem]) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
         """Sample, grade, advantage, loss and step on `batch` (each item one GRPO prompt: its `prompt_ids`, graded
-        against its `problem` and `rubric`); returns the metrics, the rewards `[P * G]` and their validity `[P * G]`."""
+        against its `problem` and `rubric`; spares are drawn only by dynamic sampling); returns the metrics, the
+        rewards `[P * G]` and their validity `[P * G]` of the groups trained on."""
         hp = self.hparams
         step = self.global_step  # the weights' version now; the optimizer step below increments it
         t0 = time.perf_counter()
-        rollouts = self.generate_rollouts(batch, hp.group_size)  # 1. sample
-        t1 = time.perf_counter()
-        rewards, valid, grades = self.compute_rewards(batch, rollouts)  # 2. grade
+        prompts, spares = split_spares(batch)
+        groups, sampled = self.sample_groups(prompts), {}  # 1. sample + 2. grade
+        if hp.skip_flat_groups:
+            groups, sampled = fill_step(groups, spares, len(prompts), hp.group_size, self.sample_groups)
+        rollouts, rewards, valid, grades = groups.rollouts, groups.rewards, groups.valid, groups.grades
         t2 = time.perf_counter()
         advantages = group_advantages_masked(rewards, valid, hp.group_size, scale=hp.advantage_scale)  # 3. advantage
         self.engine.sleep()
-        metrics = self.optimize(rollouts, advantages, valid)  # 4. loss + 5. step
+        metrics = self.optimize(rollouts, advantages, groups.loss_mask(hp.mask_truncated))  # 4. loss + 5. step
         t3 = time.perf_counter()
         # rollout/* and judge/score_* of the whole step: every rank's rollouts (see rl_metrics)
         table = torch.cat(gather_objects(rollout_table(rollouts, rewards, valid, grades)))
         metrics.update(table_metrics(table, hp.group_size, step))
         metrics.update(self.judge.pop_metrics())
         tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
-        metrics.update({"time/generate_s": t1 - t0, "time/grade_s": t2 - t1, "time/train_s": t3 - t2,
-                        "train/tokens_per_sec": tokens / max(t3 - t0, 1e-9)})
+        metrics.update({"time/generate_s": groups.generate_s, "time/grade_s": groups.grade_s, "time/train_s": t3 - t2,
+                        "train/tokens_per_sec": tokens / max(t3 - t0, 1e-9), **sampled})
         return metrics, rewards, valid
 
     def log_step(self, metrics: dict[str, float], batch_size: int) -> None:
