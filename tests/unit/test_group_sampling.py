@@ -26,7 +26,7 @@ def _problems(*indices: int, spare: bool = False) -> list[ProofProblem]:
 def _groups(problems: list[ProofProblem], lengths: int = 3) -> Groups:
     rollouts = [Completion([1], [2] * lengths, [0.0] * lengths, "stop", f"P{p.index} #{j}") for p in problems for j in range(G)]
     rewards = torch.tensor([r for p in problems for r in REWARDS[p.index]])
-    return Groups(problems, rollouts, rewards, torch.ones(len(rollouts), dtype=torch.bool), [None] * len(rollouts), 1.0, 2.0)
+    return Groups(problems, rollouts, rewards, torch.ones(len(rollouts), dtype=torch.bool), [None] * len(rollouts))
 
 
 def test_soft_overlong_penalty_by_hand():
@@ -66,7 +66,6 @@ def test_fill_step_refills_from_spares_until_the_step_has_signal():
     assert kept.rewards.tolist() == [0.0, 1.0, 0.5, 1.0, 1.0, 0.0] and not flat_groups(kept.rewards, G).any()
     assert metrics == {"rollout/groups_generated": 6.0, "rollout/groups_kept": 3.0, "rollout/rollouts_judged": 12.0,
                        "rollout/groups_short": 0.0}
-    assert (kept.generate_s, kept.grade_s) == (3.0, 6.0)  # the time of all three sampled batches
 
 
 def test_fill_step_is_bounded_by_the_spares_and_never_trains_on_nothing():
@@ -118,7 +117,7 @@ class _Judge(RubricJudge):
 def _module(monkeypatch, **kwargs):
     module = RubricRLModule("unused", engine=_Engine(), judge=_Judge(), group_size=G, max_new_tokens=4, **kwargs)
     trained: list = []
-    monkeypatch.setattr(module, "optimize", lambda rollouts, adv, mask: trained.append((rollouts, adv, mask)) or {})
+    monkeypatch.setattr(module, "optimize", lambda rollouts, adv, mask, progress=None: trained.append((rollouts, adv, mask)) or {})
     return module, trained
 
 

@@ -36,27 +36,25 @@ __all__ = ["Groups", "fill_step", "shape_rewards", "split_spares"]
 
 @dataclass
 class Groups:
-    """Graded groups of one step: G rollouts per problem, a problem's G adjacent, plus the time they took."""
+    """Graded groups of one step: G rollouts per problem, a problem's G adjacent."""
 
     problems: list[ProofProblem]
     rollouts: list[Completion]  # [P * G]
     rewards: torch.Tensor  # [P * G]
     valid: torch.Tensor  # [P * G] bool; False = a judge failure dropped from its group (on_failure="drop")
     grades: list
-    generate_s: float = 0.0
-    grade_s: float = 0.0
 
     def take(self, keep: list[int]) -> Groups:
         """The groups at indices `keep` (problem order)."""
         size = len(self.rollouts) // max(len(self.problems), 1)
         rows = [g * size + j for g in keep for j in range(size)]
         return Groups([self.problems[g] for g in keep], [self.rollouts[i] for i in rows], self.rewards[rows],
-                      self.valid[rows], [self.grades[i] for i in rows], self.generate_s, self.grade_s)
+                      self.valid[rows], [self.grades[i] for i in rows])
 
     def join(self, other: Groups) -> Groups:
         return Groups(self.problems + other.problems, self.rollouts + other.rollouts,
                       torch.cat([self.rewards, other.rewards]), torch.cat([self.valid, other.valid]),
-                      self.grades + other.grades, self.generate_s + other.generate_s, self.grade_s + other.grade_s)
+                      self.grades + other.grades)
 
     def loss_mask(self, mask_truncated: bool) -> torch.Tensor:
         """Bool `[P * G]`: the rollouts that enter the loss (valid, and not truncated under `mask_truncated`)."""
@@ -76,7 +74,7 @@ def shape_rewards(groups: Groups, max_new_tokens: int, buffer: int, penalty: flo
         return groups
     lengths = torch.tensor([len(r.completion_ids) for r in groups.rollouts])  # [P * G]
     shaped = groups.rewards + soft_overlong_penalty(lengths, max_new_tokens, buffer, penalty).to(groups.rewards.dtype)
-    return Groups(groups.problems, groups.rollouts, shaped, groups.valid, groups.grades, groups.generate_s, groups.grade_s)
+    return Groups(groups.problems, groups.rollouts, shaped, groups.valid, groups.grades)
 
 
 def _with_signal(groups: Groups, group_size: int) -> list[int]:
@@ -92,16 +90,13 @@ def fill_step(first: Groups, spares: list[ProofProblem], target: int, group_size
     `sample`) until `target` groups have variance or the spares run out; see the module docstring."""
     kept = first.take(_with_signal(first, group_size))
     generated, judged, pool = len(first.problems), len(first.rollouts), list(spares)
-    generate_s, grade_s = first.generate_s, first.grade_s  # every sampled batch's time, kept or not
     while len(kept.problems) < target and pool:
         missing = target - len(kept.problems)
         draw, pool = pool[:missing], pool[missing:]
         more = sample(draw)
         generated, judged = generated + len(draw), judged + len(more.rollouts)
-        generate_s, grade_s = generate_s + more.generate_s, grade_s + more.grade_s
         kept = kept.join(more.take(_with_signal(more, group_size)))
     chosen = kept if kept.problems else first  # never more than `target`: each draw fills at most what is missing
-    chosen.generate_s, chosen.grade_s = generate_s, grade_s
     metrics = {"rollout/groups_generated": float(generated), "rollout/groups_kept": float(len(kept.problems)),
                "rollout/rollouts_judged": float(judged), "rollout/groups_short": float(max(target - len(kept.problems), 0))}
     return chosen, metrics
