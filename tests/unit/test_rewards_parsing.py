@@ -163,3 +163,34 @@ def test_prompt_version_is_name_and_short_sha(tmp_path):
     assert mine.name == "my_judge" and mine.version != packaged.version and mine.version.startswith("my_judge@")
     with pytest.raises(ValueError, match="neither a packaged template"):
         load_prompt("rubric_v9")
+
+
+def test_a_reference_style_template_runs_unchanged_through_aliases(tmp_path):
+    text = "Problem: {problem}\nScheme: {marking_scheme}\nProof: {solution}\n$\\frac{a}{b}$ {other}"
+    aliases = {"marking_scheme": "rubric", "solution": "proof"}
+    prompt = make_prompt("v1ref", text, aliases)
+    assert prompt.placeholders == {"problem", "rubric", "proof"}
+    assert prompt.render(problem="P", rubric="R", proof="{problem}") == "Problem: P\nScheme: R\nProof: {problem}\n$\\frac{a}{b}$ {other}"
+    assert prompt.version != make_prompt("v1ref", text).version  # the aliases change what the judge reads
+    with pytest.raises(ValueError, match=r"unknown fields \['answer'\]"):
+        make_prompt("x", "{a}", {"a": "answer"})
+
+
+def test_the_first_verdict_option_reads_the_first_tag_and_keys_its_own_cache(tmp_path):
+    from qed_lightning.rewards import RubricJudge
+    from qed_lightning.rewards.clients import JudgeClient
+
+    class _Client(JudgeClient):
+        model_name = "none"
+
+        async def complete(self, prompt):
+            return ""
+
+    path = tmp_path / "v1.md"
+    path.write_text("{problem} {marking_scheme} === Proof Solution ===\n{solution}\n=== End of Proof Solution ===")
+    first = RubricJudge(_Client(), prompt=str(path), placeholders={"marking_scheme": "rubric", "solution": "proof"},
+                        verdict="first")
+    last = RubricJudge(_Client(), prompt=str(path), placeholders={"marking_scheme": "rubric", "solution": "proof"})
+    reply = "<score>2</score> on reflection <score>5</score>"
+    assert (first.parse(reply), last.parse(reply)) == (2, 5)
+    assert first.prompt.version == last.prompt.version + "+first"
