@@ -35,7 +35,7 @@ import torch
 from qed_lightning.data.rl import ProofProblem
 from qed_lightning.lm_head import chunked_token_stats, final_hidden_states
 from qed_lightning.modules.base import QEDModule
-from qed_lightning.modules.group_sampling import Groups, fill_step, shape_rewards, split_spares
+from qed_lightning.modules.group_sampling import Groups, check_spares, fill_step, shape_rewards, split_spares
 from qed_lightning.modules.optim_step import ManualStep
 from qed_lightning.modules.phases import Phase, StepPhases
 from qed_lightning.modules.rl_metrics import gather_objects, reduce_over_ranks, rollout_table, table_metrics
@@ -178,10 +178,7 @@ class RubricRLModule(QEDModule):
         self.optim_step.hand_grad_clip_to_deepspeed()
         limit = self.engine.max_model_len
         datamodule = self.trainer.datamodule if self.trainer is not None else None
-        spares = getattr(getattr(datamodule, "hparams", None), "spare_prompts_per_step", 0)
-        if spares and not self.hparams.skip_flat_groups:
-            raise ValueError(f"data.spare_prompts_per_step={spares} hands out candidates that only dynamic sampling "
-                             "uses; set model.skip_flat_groups=true, or data.spare_prompts_per_step=0.")
+        check_spares(getattr(getattr(datamodule, "hparams", None), "spare_prompts_per_step", 0), self.hparams.skip_flat_groups)
         problems = [*getattr(datamodule, "train_problems", []), *getattr(datamodule, "val_problems", [])]
         if limit is None or not problems:
             return
@@ -190,7 +187,8 @@ class RubricRLModule(QEDModule):
         if need > limit:
             raise ValueError(
                 f"model.engine.init_args.max_model_len={limit} is shorter than the longest prompt ({len(longest.prompt_ids)} "
-                f"tokens, the problem at line {longest.line} of data.path) plus model.max_new_tokens={self.hparams.max_new_tokens}; raise "
+                f"tokens, the problem at line {longest.line} of data.path) plus model.max_new_tokens="
+                f"{self.hparams.max_new_tokens}; raise "
                 f"max_model_len to at least {need}, or lower max_new_tokens / data.max_prompt_tokens.")
 
     @property
