@@ -4,7 +4,8 @@
     qed-fit --config configs/rl.yaml --print_config   # validate a paper-scale config without running it
 
 Configs use omegaconf mode, so `${...}` interpolation works. The model's `model_name_or_path` is linked to the data
-module's `tokenizer`, so the checkpoint is named once.
+module's `tokenizer`, so the checkpoint is named once. A data error (a bad row, a missing file) is printed without a
+traceback and exits with status 2; `--debug` (or QED_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
+from qed_lightning.data.loading import debug_requested, exit_on_data_error
 from qed_lightning.modules.base import QEDModule
 
 SUBCOMMANDS = {"fit", "validate", "test", "predict"}
@@ -70,8 +72,11 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> QEDCLI:
 
 
 def main() -> None:
-    sys.argv = sys.argv[:1] + _with_default_subcommand(sys.argv[1:])
-    make_cli()
+    args = sys.argv[1:]
+    debug = debug_requested(args)
+    sys.argv = sys.argv[:1] + _with_default_subcommand(args)
+    with exit_on_data_error("qed-fit", debug):
+        make_cli()
 
 
 if __name__ == "__main__":

@@ -55,9 +55,9 @@ def _rows(**changes) -> list[dict]:
     ("rows", "expected"),
     [
         ([{k: v for k, v in r.items() if k != "rubrics"} for r in RL_ROWS[:6]], r"missing column\(s\) \['rubrics'\]"),
-        (_rows(r2=("problem", "   ")), r"row 2, column 'problem': empty string"),
-        (_rows(r3=("rubrics", 5)), r"row 3, column 'rubrics': expected a string, got int"),
-        (_rows(r1=("rubrics", RL_ROWS[1]["rubrics"].replace("**1 pt**", "**2 pts**", 1))), r"row 1, column 'rubrics': rubric checkpoints total \d+ points, expected 7"),
+        (_rows(r2=("problem", "   ")), r"line 3, column 'problem': empty string"),
+        (_rows(r3=("rubrics", 5)), r"line 4, column 'rubrics': expected a markdown string or a list of \{title, points, description\} items, got int"),
+        (_rows(r1=("rubrics", RL_ROWS[1]["rubrics"].replace("**1 pt**", "**2 pts**", 1))), r"line 2, column 'rubrics': rubric checkpoints total \d+ points, expected 7"),
         (b'{"problem": "P", "rubrics": "R"}\n{"problem": "caf\xe9", "rubrics": "R"}\n', r"line 2: not valid UTF-8"),
         (b"", r"the file is empty"),
     ],
@@ -72,7 +72,7 @@ def test_malformed_rl_data_is_named(tiny_model_dir, tmp_path, rows, expected):
 
 def test_malformed_sft_messages_are_named(tiny_model_dir, tmp_path):
     data = _write(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "q"}]}, {"messages": "text"}])
-    with pytest.raises(ValueError, match=r"row 0, column 'messages': no non-empty assistant message[\s\S]*row 1, column 'messages': expected a non-empty list"):
+    with pytest.raises(ValueError, match=r"line 1, column 'messages': no non-empty assistant message[\s\S]*line 2, column 'messages': expected a non-empty list"):
         _fit("configs/demo/sft.yaml", tiny_model_dir, tmp_path, "--data.init_args.path", str(data))
 
 
@@ -88,6 +88,11 @@ def test_shared_prefix_layout_with_gradient_checkpointing_names_both_flags(tiny_
             "shared_prefix", "--model.init_args.gradient_checkpointing", "true")
 
 
+def test_spare_prompts_without_dynamic_sampling_name_both_flags(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"data.spare_prompts_per_step=2 .* set model.skip_flat_groups=true"):
+        _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl", "--data.init_args.spare_prompts_per_step", "2")
+
+
 def test_engine_context_shorter_than_prompt_names_the_flag(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"model.engine.init_args.max_model_len=64 is shorter than the longest prompt .* raise max_model_len to at least \d+"):
         _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl", "--model.init_args.engine.init_args.max_model_len", "64")
@@ -100,8 +105,12 @@ def test_engine_context_shorter_than_prompt_names_the_flag(tiny_model_dir, tmp_p
         (["--model.init_args.aggregation", "sum"], "aggregation"),
         (["--model.init_args.micro_batch_layout", "shared"], "micro_batch_layout"),
         (["--data.init_args.prompts_per_step", "0"], "prompts_per_step must be >= 1"),
+        (["--data.init_args.reward_mean_range", "[0.9, 0.1]"], "data.reward_mean_range must be [lo, hi] with 0 <= lo <= hi <= 1"),
+        (["--data.init_args.on_invalid_row", "ignore"], "on_invalid_row"),
+        (["--model.init_args.overlong_buffer", "200"], "model.overlong_buffer must be in [0, model.max_new_tokens=96]"),
     ],
-    ids=["typo-in-key", "unknown-choice", "unknown-layout", "zero-prompts"],
+    ids=["typo-in-key", "unknown-choice", "unknown-layout", "zero-prompts", "reversed-range", "unknown-policy",
+         "overlong-buffer"],
 )
 def test_bad_config_values_name_the_flag(tiny_model_dir, tmp_path, capsys, override, expected):
     with pytest.raises((SystemExit, ValueError)) as info:

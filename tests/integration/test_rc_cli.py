@@ -43,7 +43,8 @@ def test_demo_rc_steps_log_cycles_and_train_every_weight(tiny_model_dir, tmp_pat
     # empty response is scored 0 as truncated without a judge call, so count both)
     assert _graded(rows) == [16.0, 16.0]
     assert series(rows, "rc/states") == [4.0, 4.0]
-    cycles = [k for k in rows[0] if k.startswith("rc/reward_cycle_")]
+    first_step = next(r for r in rows if "rc/states" in r)  # (the data counts have a row of their own, at step 0)
+    cycles = [k for k in first_step if k.startswith("rc/reward_cycle_")]
     assert cycles and set(cycles) <= {"rc/reward_cycle_0", "rc/reward_cycle_1", "rc/reward_cycle_2"}
     for key in ["rc/summary_len_mean", "rc/summary_empty_frac", "rc/summary_truncated_frac", "rc/summarizer_s",
                 "rc/trajectory_tokens_mean", "time/rc_loop_s", "train/loss", "train/grad_norm"]:

@@ -35,13 +35,13 @@ def test_bundled_samples_load_in_all_three_shapes(samples_dir):
     assert len({p.problem_id for p in rl}) == len(rl)
 
 
-def test_an_empty_value_is_reported_with_its_row_and_column(tmp_path):
+def test_an_empty_value_is_reported_with_its_line_and_column(tmp_path):
     path = _write(tmp_path / "b.jsonl", [_imo_row(0), _imo_row(1, grading_guidelines="  "), _imo_row(2, problem=None)])
     with pytest.raises(DataError) as err:
         IMOProofBench(path).load()
     message = str(err.value)
-    assert "row 1, column 'grading_guidelines': empty string" in message
-    assert "row 2, column 'problem'" in message
+    assert "line 2, column 'grading_guidelines': empty string" in message  # lines of the file, from 1
+    assert "line 3, column 'problem': null value" in message
 
 
 def test_a_missing_column_names_the_mapping_to_set(tmp_path):
@@ -64,13 +64,13 @@ def test_columns_map_other_names(tmp_path):
 def test_a_rubric_that_is_not_worth_7_points_is_refused(tmp_path):
     scheme = [{"title": "Setup", "points": 2, "desc": "a"}, {"title": "Rest", "points": 3, "desc": "b"}]
     path = _write(tmp_path / "b.jsonl", [{"problem_id": "x", "problem": "p", "grading_scheme": scheme}])
-    with pytest.raises(DataError, match=r"row 0, column 'grading_scheme': rubric items total 5 points, expected 7"):
+    with pytest.raises(DataError, match=r"line 1, column 'grading_scheme': rubric items total 5 points, expected 7"):
         ProofBench(path).load()
 
 
-def test_duplicate_problem_ids_are_refused_with_their_rows(tmp_path):
+def test_duplicate_problem_ids_are_refused_with_their_lines(tmp_path):
     path = _write(tmp_path / "b.jsonl", [_imo_row(0), _imo_row(1), _imo_row(2, problem_id="P0")])
-    with pytest.raises(DataError, match=r"'problem_id' must be unique.*'P0' in rows \[0, 2\]"):
+    with pytest.raises(DataError, match=r"'problem_id' must be unique.*'P0' in lines \[1, 3\]"):
         IMOProofBench(path).load()
 
 

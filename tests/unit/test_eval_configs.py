@@ -40,6 +40,7 @@ def test_config_parses_and_prints(path, subcommand, capsys):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_builds_its_components_without_a_model(path, monkeypatch, tmp_path):
     monkeypatch.setenv("QED_JUDGE_URL", "http://judge.invalid:8000/v1")
+    monkeypatch.setenv("QED_GRADER_URL", "https://grader.invalid/v1")
     name, evaluator, _ = make_evaluator(["--config", str(path), "--output_dir", str(tmp_path)])
     assert name == "evaluate" and isinstance(evaluator, Evaluator)
     assert isinstance(evaluator.benchmark, BENCHMARKS[path.stem])

@@ -96,8 +96,8 @@ def test_agreement_with_the_bundled_human_grades(samples_dir, tmp_path):
     bad = tmp_path / "human.jsonl"
     bad.write_text('{"problem_id": "PB-Basic-001", "response": "Proof.", "human_score": 8}\n'
                    '{"problem_id": "nope", "response": "Proof.", "human_score": 7}\n')
-    with pytest.raises(DataError, match=r"row 0, column 'human_score': expected an integer score 0..7, got 8"):
+    with pytest.raises(DataError, match=r"line 1, column 'human_score': expected an integer score 0..7, got 8"):
         load_human_grades(str(bad), problems)
     bad.write_text('{"problem_id": "nope", "response": "Proof.", "human_score": 7}\n')
-    with pytest.raises(DataError, match=r"names problems the benchmark does not have \(row 0: 'nope'\)"):
+    with pytest.raises(DataError, match=r"names problems the benchmark does not have \(line 1: 'nope'\)"):
         load_human_grades(str(bad), problems)

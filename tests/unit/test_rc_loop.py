@@ -19,6 +19,7 @@ from qed_lightning.rc import ReasoningCache, run_reasoning_cache
 from qed_lightning.rewards import Grade, RubricJudge
 from qed_lightning.rewards.clients import JudgeClient
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
+from qed_lightning.seeds import derive_seed
 
 P1 = r"Prove that $\frac{a}{b} + \frac{b}{a} \ge 2$ for positive reals {a, b}."
 P2 = "Prove that there are infinitely many primes."
@@ -33,17 +34,23 @@ LATER_INSTRUCTIONS = (
     "end with a complete and rigorous proof of the statement."
 )
 FIRST_SUMMARY_INSTRUCTIONS = (
-    'Summarize the candidate solution above in at most two paragraphs, written in the first person as the solver ("I '
-    'tried...", "I showed..."). Record its approach, the results it established, the steps that failed or remain '
-    "unjustified, and where it stopped. Report only what the candidate solution contains: add no new reasoning, fix no "
-    "mistakes, and do not solve the problem yourself. Write the summary and nothing else."
+    'Summarize the candidate solution above in at most two paragraphs of plain prose, without headings or lists, '
+    'written in the first person as the solver ("I tried...", "I showed..."). Give a detailed account of the attempt: '
+    "its overall strategy, the theorems and lemmas it used, the calculations and deductions it made, what it checked "
+    "or verified and with what outcome, the steps that failed or remain unjustified, and where it stopped. The attempt "
+    "may be unfinished; summarize the part that exists. Report only what the candidate solution contains: add no new "
+    "reasoning, fix no mistakes, and do not solve the problem yourself. Write the summary and nothing else."
 )
 LATER_SUMMARY_INSTRUCTIONS = (
-    'Write an updated summary of the work on this problem in at most two paragraphs, written in the first person as the '
-    'solver ("I tried...", "I showed..."). Keep what still matters from the existing summary, such as the results '
-    "already established and the approaches that failed, and add what the latest candidate solution did: its approach, "
-    "what it established, what failed or remains unjustified, and where it stopped. Report only what is written above: "
-    "add no new reasoning, fix no mistakes, and do not solve the problem yourself. Write the summary and nothing else."
+    "The latest candidate solution was written with the existing summary in hand. Write an updated summary of the "
+    "work on this problem in at most two paragraphs of plain prose, without headings or lists, written in the first "
+    'person as the solver ("I tried...", "I showed..."). Keep everything important from the existing summary, such as '
+    "the results already established and the approaches that failed, and add a detailed account of the latest "
+    "attempt: its strategy, the theorems and lemmas it used, the calculations and deductions it made, what it checked "
+    "or verified and with what outcome, what failed or remains unjustified, and where it stopped. Make clear how the "
+    "latest attempt relates to the earlier work: whether it verified it, repaired it, continued it or took another "
+    "route. The attempt may be unfinished; summarize the part that exists. Report only what is written above: add no "
+    "new reasoning, fix no mistakes, and do not solve the problem yourself. Write the summary and nothing else."
 )
 
 
@@ -196,11 +203,13 @@ def test_every_call_gets_its_own_seeds(tiny_tokenizer):
                                                       SamplingConfig(temperature=0.8, seeds=(11, 22)))
     seeds = [s.seeds for s in policy.samplings + summarizer.samplings]
     assert len({seed for pair in seeds for seed in pair}) == 12  # 3 reasoning + 3 summary calls x 2 problems
-    assert policy.samplings[0].seeds == (11, 22) and policy.samplings[0].temperature == 0.8
+    # cycle k reasons with derive_seed(s, "cycle", k) of each problem's seed s
+    assert policy.samplings[1].seeds == (derive_seed(11, "cycle", 1), derive_seed(22, "cycle", 1))
+    assert policy.samplings[0].temperature == 0.8
     # the summarizer keeps its own sampling (the paper's defaults) and derives its seeds from the policy's
     first = summarizer.samplings[0]
     assert (first.temperature, first.top_p, first.top_k, first.max_new_tokens) == (0.7, 0.8, 20, 2048)
-    assert first.seeds == (11 + 500_009, 22 + 500_009)
+    assert first.seeds == (derive_seed(11, "summary", 0), derive_seed(22, "summary", 0))
 
 
 def test_scaffold_summarizes_with_the_policy_and_skips_the_last_summary(tiny_tokenizer):
@@ -352,3 +361,29 @@ def test_config_errors_name_the_flags(tiny_tokenizer):
         ReasoningCacheRLModule("unused", engine=ScriptedPolicy(tiny_tokenizer), judge=CapturingJudge(), replay_ratio=0.5,
                                summarizer=ScriptedSummarizer(tiny_tokenizer))
     assert "model.summarizer_model" in str(info.value)
+
+
+def test_the_summarizer_reads_up_to_the_last_or_the_first_think_close(tiny_tokenizer):
+    attempt = "<think>\nfirst idea\n</think>\nmore thinking about cycle 0\n</think>\n\nproof 0"
+
+    class TwoCloses(ScriptedPolicy):
+        def answer(self, prompt: str) -> str:
+            return attempt
+
+    for split, latest in [("last", "first idea\n</think>\nmore thinking about cycle 0"), ("first", "first idea")]:
+        summarizer = _Recorder(tiny_tokenizer)
+        ReasoningCache(cycles=1, summarizer=summarizer, summary_input_split=split).run(
+            [P2], TwoCloses(tiny_tokenizer), tiny_tokenizer, SAMPLING)
+        assert _section(summarizer.calls[0][0], "LATEST CANDIDATE SOLUTION").strip() == latest
+
+
+class _Recorder(_Scripted):
+    def answer(self, prompt: str) -> str:
+        return "I summarized cycle 0."
+
+
+def test_the_stage3_judge_can_read_the_problem_inside_the_policy_prompt(tiny_tokenizer, monkeypatch):
+    module, _, _ = _module(tiny_tokenizer, monkeypatch, judge_problem="policy_prompt")
+    module.training_step(_batch(), 0)
+    prefix = "Generate a rigorous proof to the following question:\n\n"
+    assert [r.problem for r in module.judge.requests] == [prefix + P1] * 6 + [prefix + P2] * 6

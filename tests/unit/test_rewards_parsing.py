@@ -16,15 +16,14 @@ from qed_lightning.rewards import (
     parse_points,
     parse_score,
     render_rubric,
-    rubric_total,
     strip_self_evaluation,
 )
-from qed_lightning.rewards import cache, parsing, rubric, templates
+from qed_lightning.rewards import cache, parsing, templates
 from qed_lightning.rewards.templates import make_prompt
 from qed_lightning.testing.judge_rules import PROOF_END, PROOF_START, proof_section
 
 
-@pytest.mark.parametrize("module", [parsing, rubric, templates, cache])
+@pytest.mark.parametrize("module", [parsing, templates, cache])
 def test_doctests(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
@@ -126,59 +125,6 @@ def test_render_rubric_markdown_is_stripped_and_bad_items_are_named():
         render_rubric([{"title": "a", "points": 1, "desc": "x"}, {"title": "b", "points": 6}])
 
 
-PLAIN_RUBRIC = """## Checkpoints (7 pts total)
-- **2 pts**: Reduces to the case $n$ odd.
-- **1 pt**: Checks $n = 1$.
-- **4 pts**: Proves the bound $f(n) \\le n^2$.
-
-## Zero-credit items
-- Restating the problem.
-
-## Deductions
-- **-1 pt**: arithmetic slip.
-- **2 pts**: this line is outside the checkpoint section and must not count.
-"""
-
-CHAIN_RUBRIC = """1. **Checkpoints (7 pts total)**
-**Score exactly one chain: take the maximum subtotal among chains; do not add points across chains.**
-- **1 pt**: Sets up notation common to both approaches.
-
-**Chain A (induction)**
-- **2 pts**: Base case and hypothesis.
-- **3 pts**: Inductive step.
-
-**Chain B (generating functions)**
-- **4 pts**: Closed form of the generating function.
-- **2 pts**: Extracts the coefficient.
-
-2. **Zero-credit items**
-- Conjecturing the answer without proof.
-3. **Deductions**
-- **-2**: missing the case $n = 0$.
-"""
-
-
-def test_rubric_total_plain():
-    assert rubric_total(PLAIN_RUBRIC) == 2 + 1 + 4
-
-
-def test_rubric_total_chains_take_the_max_not_the_sum():
-    # common 1 + max(chain A 2+3=5, chain B 4+2=6) = 7 (the sum over chains would be 12)
-    assert rubric_total(CHAIN_RUBRIC) == 7
-
-
-def test_rubric_total_heading_chains():
-    text = "## Checkpoints\n### Chain A\n- **3 pts**: x\n- **2 pts**: y\n### Chain B\n- **7 pts**: z\n## Deductions\n"
-    assert rubric_total(text) == 7  # max(5, 7)
-
-
-def test_rubric_total_errors_name_the_problem():
-    with pytest.raises(ValueError, match="no checkpoint section"):
-        rubric_total("## Marking\n- **7 pts**: everything")
-    with pytest.raises(ValueError, match="no checkpoint items"):
-        rubric_total("## Checkpoints\nGive points generously.\n## Deductions\n")
-
-
 # ---- prompt templates ------------------------------------------------------------------------------------------
 def test_render_keeps_latex_braces_and_substitutes_once():
     prompt = make_prompt("t", "P: {problem}\nR: {rubric}\nS: {proof}")
@@ -219,13 +165,32 @@ def test_prompt_version_is_name_and_short_sha(tmp_path):
         load_prompt("rubric_v9")
 
 
-def test_every_sample_rubric_totals_seven(samples_dir):
-    import json
+def test_a_reference_style_template_runs_unchanged_through_aliases(tmp_path):
+    text = "Problem: {problem}\nScheme: {marking_scheme}\nProof: {solution}\n$\\frac{a}{b}$ {other}"
+    aliases = {"marking_scheme": "rubric", "solution": "proof"}
+    prompt = make_prompt("v1ref", text, aliases)
+    assert prompt.placeholders == {"problem", "rubric", "proof"}
+    assert prompt.render(problem="P", rubric="R", proof="{problem}") == "Problem: P\nScheme: R\nProof: {problem}\n$\\frac{a}{b}$ {other}"
+    assert prompt.version != make_prompt("v1ref", text).version  # the aliases change what the judge reads
+    with pytest.raises(ValueError, match=r"unknown fields \['answer'\]"):
+        make_prompt("x", "{a}", {"a": "answer"})
 
-    path = samples_dir / "fineproofs_rl.jsonl"
-    if not path.exists():
-        pytest.skip(f"{path} not written yet")
-    rubrics = [json.loads(line)["rubrics"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    assert rubrics and [rubric_total(r) for r in rubrics] == [7] * len(rubrics)
-    # Chains count by their maximum: at least one sample would exceed 7 if the chains were summed.
-    assert any("**Chain B" in r for r in rubrics)
+
+def test_the_first_verdict_option_reads_the_first_tag_and_keys_its_own_cache(tmp_path):
+    from qed_lightning.rewards import RubricJudge
+    from qed_lightning.rewards.clients import JudgeClient
+
+    class _Client(JudgeClient):
+        model_name = "none"
+
+        async def complete(self, prompt):
+            return ""
+
+    path = tmp_path / "v1.md"
+    path.write_text("{problem} {marking_scheme} === Proof Solution ===\n{solution}\n=== End of Proof Solution ===")
+    first = RubricJudge(_Client(), prompt=str(path), placeholders={"marking_scheme": "rubric", "solution": "proof"},
+                        verdict="first")
+    last = RubricJudge(_Client(), prompt=str(path), placeholders={"marking_scheme": "rubric", "solution": "proof"})
+    reply = "<score>2</score> on reflection <score>5</score>"
+    assert (first.parse(reply), last.parse(reply)) == (2, 5)
+    assert first.prompt.version == last.prompt.version + "+first"

@@ -1,6 +1,12 @@
-"""The RL loader: seeded order per epoch, rank sharding, and exact resumption from its state."""
+"""The RL loader (seeded order per epoch, rank sharding, spares, exact resumption) and the RL data module's
+difficulty range and unverified rubrics."""
 
-from qed_lightning.data.rl import ProblemBatches, ProofProblem
+import json
+
+import pytest
+
+from qed_lightning.data.loading import DataError
+from qed_lightning.data.rl import ProblemBatches, ProofProblem, ProofRLDataModule
 
 
 def _problems(n: int) -> list[ProofProblem]:
@@ -56,3 +62,66 @@ def test_ranks_split_the_same_order_and_agree_on_length():
     a, b = _indices(ranks[0]), _indices(ranks[1])
     flat = [i for batch in a + b for i in batch]
     assert len(flat) == len(set(flat)) == 8
+
+
+def test_spare_candidates_ride_with_each_batch_and_resume_exactly():
+    loader = ProblemBatches(_problems(20), batch_size=3, seed=2, spares=2)
+    assert len(loader) == 4  # 20 // (3 + 2)
+    batches = list(loader)
+    assert [[p.spare for p in b] for b in batches] == [[False] * 3 + [True] * 2] * 4
+    assert len({p.index for b in batches for p in b}) == 20  # prompts and spares: each problem once per epoch
+
+    interrupted = ProblemBatches(_problems(20), batch_size=3, seed=2, spares=2)
+    it = iter(interrupted)
+    next(it)
+    assert [p.index for p in interrupted.peek()] == [p.index for p in batches[1][:3]]  # the prompts only
+    state = interrupted.state_dict()
+    resumed = ProblemBatches(_problems(20), batch_size=3, seed=2, spares=2)
+    resumed.load_state_dict(state)
+    assert _indices(resumed) == _indices(batches[1:])
+
+
+def _write(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return str(path)
+
+
+RUBRIC = "## Checkpoints (7 pts total)\n- **7 pts**: the proof"
+
+
+def test_reward_mean_range_keeps_problems_inside_and_counts_both(tiny_model_dir, tmp_path):
+    rates = [0.0, 0.05, 0.2, 0.5, 0.9, 1.0]
+    rows = [{"problem": f"Prove {i}.", "rubrics": RUBRIC, "reward_mean": r, "scores": [7]} for i, r in enumerate(rates)]
+    data = ProofRLDataModule(_write(tmp_path / "d.jsonl", rows), tokenizer=str(tiny_model_dir), prompts_per_step=1,
+                             reward_mean_range=(0.1, 0.9))
+    data.setup("fit")
+    assert sorted(p.pass_rate for p in data.train_problems) == [0.2, 0.5, 0.9]  # both ends included
+    assert (data.stats["data/difficulty_kept"], data.stats["data/difficulty_dropped"]) == (3.0, 3.0)
+
+    # without reward_mean the rate is mean(scores) / 7: 0, 0.5, 1 -> only the middle one is in [0.1, 0.9]
+    rows = [{"problem": f"Prove {i}.", "rubrics": RUBRIC, "scores": s} for i, s in enumerate([[0, 0], [7, 0], [7, 7]])]
+    data = ProofRLDataModule(_write(tmp_path / "s.jsonl", rows), tokenizer=str(tiny_model_dir), prompts_per_step=1,
+                             reward_mean_range=(0.1, 0.9))
+    data.setup("fit")
+    assert [p.problem for p in data.train_problems] == ["Prove 1."]
+    assert (data.stats["data/difficulty_kept"], data.stats["data/difficulty_dropped"]) == (1.0, 2.0)
+
+
+def test_difficulty_columns_are_checked_only_when_the_range_is_set(tiny_model_dir, tmp_path):
+    rows = [{"problem": "Prove it.", "rubrics": RUBRIC, "reward_mean": 1.5}, {"problem": "Q.", "rubrics": RUBRIC, "reward_mean": 0.5}]
+    path = _write(tmp_path / "d.jsonl", rows)
+    ProofRLDataModule(path, tokenizer=str(tiny_model_dir), prompts_per_step=1).setup("fit")  # unused column: fine
+    with pytest.raises(DataError, match=r"line 1, column 'reward_mean': expected a number in \[0, 1\], got 1.5"):
+        ProofRLDataModule(path, tokenizer=str(tiny_model_dir), prompts_per_step=1, reward_mean_range=(0, 1)).setup("fit")
+    bare = _write(tmp_path / "b.jsonl", [{"problem": "Q.", "rubrics": RUBRIC}])
+    with pytest.raises(DataError, match=r"reward_mean_range needs the base model's pass rate: a column 'reward_mean' or 'scores'"):
+        ProofRLDataModule(bare, tokenizer=str(tiny_model_dir), prompts_per_step=1, reward_mean_range=(0, 1)).setup("fit")
+
+
+def test_unverified_rubrics_are_kept_counted_and_listed(tiny_model_dir, tmp_path):
+    rows = [{"problem": "A.", "rubrics": RUBRIC}, {"problem": "B.", "rubrics": "Give 7 points to a full proof."},
+            {"problem": "C.", "rubrics": RUBRIC}]
+    data = ProofRLDataModule(_write(tmp_path / "d.jsonl", rows), tokenizer=str(tiny_model_dir), prompts_per_step=1)
+    data.setup("fit")
+    assert len(data.train_problems) == 3 and data.stats["data/rubric_unverified"] == 1.0
+    assert data.report["rubric_unverified"] == [{"line": 2, "why": "no line names a 'Checkpoints' section"}]

@@ -1,4 +1,8 @@
-"""Chat templating with an assistant-only loss mask.
+"""Chat templating: prompt ids of one user turn, and conversations with an assistant-only loss mask.
+
+`chat_prompt_ids` is the one way a user turn becomes prompt token ids (the RL policy prompt, the reasoning-cache
+states and summaries, every evaluation scaffold): the tokenizer's own chat template with the generation prompt,
+no system prompt (as the paper), so the policy sees at training exactly what it sees at evaluation.
 
 The paper trains on the assistant turn only, thinking and proof both. We render the conversation with the
 tokenizer's own chat template (so the model sees exactly what it will see at inference) and mark as trainable the
@@ -15,6 +19,8 @@ import os
 from dataclasses import dataclass
 
 IGNORE_INDEX = -100
+#: the paper's policy prompt (one user turn, no system prompt); `{problem}` is replaced by the statement
+POLICY_PROMPT = "Generate a rigorous proof to the following question:\n\n{problem}"
 
 
 @dataclass
@@ -26,6 +32,12 @@ class TokenizedExample:
     @property
     def num_trained(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def chat_prompt_ids(tokenizer, content: str) -> list[int]:
+    """One user turn, chat-templated with the generation prompt, as token ids (no system prompt)."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:

@@ -1,118 +1,68 @@
 """FineProofs-RL as a LightningDataModule: problems with their marking schemes, batched as prompts per RL step.
 
-One batch is one RL step's worth of problems (`prompts_per_step`, 64 in the paper); the module samples `group_size`
-completions of each. Rows are validated before any model loads: a non-empty problem, a rubric (markdown or list
-form) whose checkpoints add up to 7, and a policy prompt that fits the engine's context.
+One batch is one RL step's worth of problems (`prompts_per_step`, 64 in the paper, plus `spare_prompts_per_step`
+candidates for dynamic sampling); the module samples `group_size` completions of each. Every row is checked before
+any model loads (`validation.py`): a non-empty problem, a usable rubric (markdown or list form; a total read as
+anything but 7 is refused, a total that cannot be read is kept and counted as `data/rubric_unverified`), a policy
+prompt that fits `max_prompt_tokens`, and, with `reward_mean_range`, the difficulty columns. Rejected rows stop the
+run or are skipped (`on_invalid_row`); `<run>/data_report.json` lists the counts and the unverified rubrics.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from qed_lightning.data.loading import DataError, load_rows, nonempty_str, remap, validate_rows
-from qed_lightning.rewards.rubric import render_rubric, rubric_total
+from qed_lightning.data.batches import ProblemBatches
+from qed_lightning.data.chat import POLICY_PROMPT, chat_prompt_ids
+from qed_lightning.data.difficulty import difficulty_checks, in_range, pass_rate
+from qed_lightning.data.loading import DataError, Reject, Table, load_table
+from qed_lightning.data.rubric import check_rubric, read_rubric, render_rubric
+from qed_lightning.data.validation import RowPolicy, find_rejects, nonempty_str, remap
 
-POLICY_PROMPT = "Generate a rigorous proof to the following question:\n\n{problem}"
+__all__ = ["POLICY_PROMPT", "ProblemBatches", "ProofProblem", "ProofRLDataModule", "check_rubric", "render_policy_prompt"]
+
+REPORT_FILE = "data_report.json"
 
 
 @dataclass
 class ProofProblem:
-    """One RL problem: the statement, its rendered marking scheme, and the tokenized policy prompt."""
+    """One RL prompt: the problem statement, its rendered marking scheme, and the tokenized prompt the policy answers.
+
+    Args:
+        index: the problem's position among the file's readable rows (0-based; seeds are derived from it).
+        problem, rubric, source: the statement, the rendered marking scheme, the source column.
+        prompt_ids: the chat-templated prompt (the policy prompt, or a reasoning-cache state's prompt).
+        line: the problem's 1-based line in the data file (row number for Parquet and hub data).
+        pass_rate: the base model's pass rate (`reward_mean`), read when `data.reward_mean_range` is set.
+        spare: a dynamic-sampling candidate beyond the step's `prompts_per_step` (`data.spare_prompts_per_step`).
+        cycle: stage 3: the reasoning-cache state's cycle k (state s_k); None for a plain policy prompt.
+        replayed: stage 3: the state comes from the replay buffer of an earlier step.
+        repeat: stage 3 validation: which of the `val_samples` runs of the problem this is.
+    """
 
     index: int
     problem: str
     rubric: str
     source: str = ""
     prompt_ids: list[int] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def check_rubric(value: Any) -> str | None:
-    """A data-layer check: the rubric renders and (markdown form) its checkpoints total 7 points."""
-    if isinstance(value, list):
-        try:
-            render_rubric(value)
-        except (ValueError, TypeError) as err:
-            return str(err)
-        total = sum(int(item.get("points", 0)) for item in value)
-        return None if total == 7 else f"rubric items total {total} points, expected 7"
-    problem = nonempty_str(value)
-    if problem:
-        return problem
-    try:
-        total = rubric_total(value)
-    except ValueError as err:
-        return str(err)
-    return None if total == 7 else f"rubric checkpoints total {total} points, expected 7 (chains count by their maximum)"
+    line: int = 0
+    pass_rate: float | None = None
+    spare: bool = False
+    cycle: int | None = None
+    replayed: bool = False
+    repeat: int = 0
 
 
 def render_policy_prompt(tokenizer, problem: str, template: str = POLICY_PROMPT) -> list[int]:
     """The paper's policy prompt (one user turn, no system prompt), chat-templated and tokenized."""
-    messages = [{"role": "user", "content": template.replace("{problem}", problem)}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-class ProblemBatches:
-    """The RL step's problems, in a seeded order per epoch, that resumes exactly where a checkpoint left off.
-
-    Lightning saves the `state_dict` of any loader that has one with each checkpoint and restores it on resume, so
-    a run killed mid-epoch neither repeats nor skips a problem (a plain shuffling DataLoader restarts its epoch).
-    The order of epoch e is a permutation seeded by (seed, e), identical on every rank; rank r takes every W-th
-    problem of it. Lightning does not prefetch from a loader of known length, so at checkpoint time the batches
-    handed out are exactly the batches trained (the kill-and-resume test pins this). Each new pass over the loader
-    is the next epoch, except the first pass after a restore, which finishes the restored epoch.
-    """
-
-    def __init__(self, problems: list[ProofProblem], batch_size: int, seed: int, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1) -> None:
-        self.problems, self.batch_size, self.seed, self.shuffle = problems, batch_size, seed, shuffle
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.consumed, self._resume_at, self._started = 0, 0, 0, False
-
-    def _order(self, epoch: int) -> list[ProofProblem]:
-        order = list(self.problems)
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order[self.rank :: self.world_size]
-
-    def __len__(self) -> int:
-        """Batches per epoch, the same on every rank (a data-parallel step needs all ranks): full batches only,
-        the remainder waits for the next epoch's order; a dataset smaller than one global batch gives one
-        partial batch."""
-        full = len(self.problems) // (self.batch_size * self.world_size)
-        return full if full > 0 else 1
-
-    def __iter__(self):
-        if self._started:
-            self.epoch += 1
-        self._started = True
-        start, self._resume_at = self._resume_at, 0
-        mine = self._order(self.epoch)
-        self.consumed = start
-        for pos in range(start, len(self)):
-            self.consumed = pos + 1
-            yield mine[pos * self.batch_size : (pos + 1) * self.batch_size]
-
-    def peek(self) -> list[ProofProblem] | None:
-        """The batch the running pass yields next, without consuming it (None at the end of a pass): what
-        `AsyncRollouts` generates while the current step trains."""
-        if not self._started or self.consumed >= len(self):
-            return None
-        return self._order(self.epoch)[self.consumed * self.batch_size : (self.consumed + 1) * self.batch_size]
-
-    def state_dict(self) -> dict[str, int]:
-        if self._started and self.consumed >= len(self):
-            return {"epoch": self.epoch + 1, "consumed": 0, "seed": self.seed}
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self._resume_at, self._started = int(state["epoch"]), int(state["consumed"]), False
+    return chat_prompt_ids(tokenizer, template.replace("{problem}", problem))
 
 
 class ProofRLDataModule(L.LightningDataModule):
@@ -122,13 +72,20 @@ class ProofRLDataModule(L.LightningDataModule):
         path: hub id (e.g. "lm-provers/FineProofs-RL") or a local .jsonl/.json/.parquet file.
         tokenizer: linked to the model's `model_name_or_path` by `qed-fit`.
         subset: hub config name. split: hub split.
-        columns: map of our fields ("problem", "rubrics", "source") onto the file's columns.
+        columns: map of our fields ("problem", "rubrics", "source", "reward_mean", "scores") onto the file's columns.
         prompts_per_step: problems per RL step *per training process* (each gets `group_size` rollouts); the
             step's batch is `prompts_per_step x world size x group_size` sequences.
+        spare_prompts_per_step: extra candidates per step and process for dynamic sampling (`model.skip_flat_groups`):
+            generated only when groups come out flat, and the bound on its extra generations (0 = none).
         val_size: problems held out for the periodic validation pass (graded, not trained on).
-        max_prompt_tokens: refuse problems whose policy prompt is longer (keep it below the engine's max length
+        max_prompt_tokens: reject problems whose policy prompt is longer (keep it below the engine's max length
             minus the completion budget).
         prompt_template: the policy prompt; `{problem}` is replaced by the statement.
+        on_invalid_row: "error" (refuse the data, naming every bad row) or "skip" (train on the valid rows; the
+            rejects go to `<run>/data_rejects.jsonl`).
+        max_invalid_fraction: with "skip", the largest share of rejected rows a run starts with.
+        reward_mean_range: keep problems whose base-model pass rate (`reward_mean`, else mean(scores) / 7) lies in
+            [lo, hi]; None = all problems (paper).
         seed: shuffling seed.
     """
 
@@ -140,35 +97,105 @@ class ProofRLDataModule(L.LightningDataModule):
         split: str = "train",
         columns: dict[str, str] | None = None,
         prompts_per_step: int = 64,
+        spare_prompts_per_step: int = 0,
         val_size: int = 0,
         max_prompt_tokens: int = 4096,
         prompt_template: str = POLICY_PROMPT,
+        on_invalid_row: Literal["error", "skip"] = "error",
+        max_invalid_fraction: float = 0.1,
+        reward_mean_range: tuple[float, float] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        problems = []
         if prompts_per_step < 1:
-            raise ValueError(f"data.prompts_per_step must be >= 1, got {prompts_per_step}")
-        if val_size < 0:
-            raise ValueError(f"data.val_size must be >= 0, got {val_size}")
+            problems.append(f"data.prompts_per_step must be >= 1, got {prompts_per_step}")
+        if spare_prompts_per_step < 0 or val_size < 0:
+            problems.append(f"data.spare_prompts_per_step and data.val_size must be >= 0, got {spare_prompts_per_step} "
+                            f"and {val_size}")
         if "{problem}" not in prompt_template:
-            raise ValueError("data.prompt_template must contain the placeholder {problem}")
+            problems.append("data.prompt_template must contain the placeholder {problem}")
+        if reward_mean_range is not None and not 0.0 <= reward_mean_range[0] <= reward_mean_range[1] <= 1.0:
+            problems.append(f"data.reward_mean_range must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(reward_mean_range)}")
+        if not 0.0 <= max_invalid_fraction <= 1.0:
+            problems.append(f"data.max_invalid_fraction must be in [0, 1], got {max_invalid_fraction}")
+        if problems:
+            raise ValueError("; ".join(problems))
         self.save_hyperparameters()
+        self.policy = RowPolicy(on_invalid_row, max_invalid_fraction)
         self.train_problems: list[ProofProblem] = []
         self.val_problems: list[ProofProblem] = []
+        self.stats: dict[str, float] = {}
+        self.report: dict = {}
+
+    # -- loading -------------------------------------------------------------------------------------------------
+
+    def _checks(self, table: Table) -> dict:
+        checks = {"problem": nonempty_str, "rubrics": check_rubric}
+        if self.hparams.reward_mean_range is not None:
+            checks.update(difficulty_checks({k for row in table.rows for k in row}, self.hparams.columns))
+        return checks
+
+    def _problem(self, table: Table, index: int, tokenizer) -> ProofProblem | Reject:
+        """Row `index` as a problem, or a reject when its policy prompt is over `max_prompt_tokens`."""
+        hp = self.hparams
+        fields = remap(table.rows[index], hp.columns, ["problem", "rubrics", "source", "reward_mean", "scores"])
+        ids = render_policy_prompt(tokenizer, fields["problem"], hp.prompt_template)
+        if len(ids) > hp.max_prompt_tokens:
+            column = (hp.columns or {}).get("problem", "problem")
+            return table.reject(index, column, f"the policy prompt has {len(ids)} tokens, more than "
+                                f"data.max_prompt_tokens={hp.max_prompt_tokens}; raise it (and the engine's max_model_len)")
+        rate = pass_rate(fields["reward_mean"], fields["scores"]) if hp.reward_mean_range is not None else None
+        return ProofProblem(index, fields["problem"], render_rubric(fields["rubrics"]), fields["source"] or "", ids,
+                            line=table.positions[index], pass_rate=rate)
 
     def load_problems(self, tokenizer) -> list[ProofProblem]:
+        """Every valid problem of the file (before the difficulty range); rejects follow `on_invalid_row`."""
         hp = self.hparams
-        rows = load_rows(hp.path, subset=hp.subset, split=hp.split)
-        validate_rows(rows, {"problem": nonempty_str, "rubrics": check_rubric}, where=hp.path, columns=hp.columns)
-        problems = []
-        for i, row in enumerate(rows):
-            fields = remap(row, hp.columns, ["problem", "rubrics", "source"])
-            ids = render_policy_prompt(tokenizer, fields["problem"], hp.prompt_template)
-            if len(ids) > hp.max_prompt_tokens:
-                raise DataError(f"{hp.path}: row {i}, column 'problem': the policy prompt has {len(ids)} tokens, more "
-                                f"than data.max_prompt_tokens={hp.max_prompt_tokens}; raise it (and the engine's max_model_len).")
-            problems.append(ProofProblem(i, fields["problem"], render_rubric(fields["rubrics"]), fields["source"] or "", ids))
+        table = load_table(hp.path, subset=hp.subset, split=hp.split)
+        rejects = find_rejects(table, self._checks(table), hp.columns)
+        bad = {r.position for r in rejects}
+        problems: list[ProofProblem] = []
+        for index, line in enumerate(table.positions):
+            if line in bad:
+                continue
+            made = self._problem(table, index, tokenizer)
+            (rejects if isinstance(made, Reject) else problems).append(made)
+        rejects.sort(key=lambda r: r.position)
+        skipped = self.policy.apply(table.where, rejects, table.total, self._run_dir())
+        unverified = self._unverified(table, problems)
+        self.stats = {"data/rows_read": float(table.total), "data/rejected": float(len(skipped)),
+                      "data/rubric_unverified": float(len(unverified))}
+        self.report = {"file": table.where, "rows": table.total, "rejected": len(skipped),
+                       "rubric_unverified": unverified}
         return problems
+
+    def _unverified(self, table: Table, problems: list[ProofProblem]) -> list[dict]:
+        """The kept problems whose markdown rubric total could not be read: their line and why."""
+        column = (self.hparams.columns or {}).get("rubrics", "rubrics")
+        readings = ((p, table.rows[p.index][column]) for p in problems)
+        readings = ((p, read_rubric(r)) for p, r in readings if isinstance(r, str))
+        return [{"line": p.line, "why": reading.why_unread} for p, reading in readings if not reading.verified]
+
+    def _by_difficulty(self, problems: list[ProofProblem]) -> list[ProofProblem]:
+        bounds = self.hparams.reward_mean_range
+        if bounds is None:
+            return problems
+        kept = [p for p in problems if in_range(p.pass_rate, tuple(bounds))]
+        self.stats.update({"data/difficulty_kept": float(len(kept)), "data/difficulty_dropped": float(len(problems) - len(kept))})
+        self.report["difficulty"] = {"reward_mean_range": list(bounds), "kept": len(kept), "dropped": len(problems) - len(kept)}
+        if not kept:
+            raise DataError(f"{self.hparams.path}: no problem has a pass rate in data.reward_mean_range={list(bounds)} "
+                            f"(out of {len(problems)}); widen the range.")
+        return kept
+
+    # -- Lightning hooks -----------------------------------------------------------------------------------------
+
+    def _run_dir(self) -> Path | None:
+        trainer = self.trainer
+        if trainer is None or not trainer.is_global_zero:
+            return None
+        return Path(trainer.default_root_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_problems:
@@ -177,21 +204,38 @@ class ProofRLDataModule(L.LightningDataModule):
 
         if self.hparams.tokenizer is None:
             raise ValueError("ProofRLDataModule needs `data.tokenizer` (qed-fit links it to model.model_name_or_path).")
-        problems = self.load_problems(AutoTokenizer.from_pretrained(self.hparams.tokenizer))
+        problems = self._by_difficulty(self.load_problems(AutoTokenizer.from_pretrained(self.hparams.tokenizer)))
         random.Random(self.hparams.seed).shuffle(problems)
         n_val = self.hparams.val_size
         if n_val >= len(problems):
             raise DataError(f"{self.hparams.path}: data.val_size={n_val} leaves no training problems out of {len(problems)}.")
         self.val_problems, self.train_problems = problems[:n_val], problems[n_val:]
-        rank_zero_info(f"RL data: {len(self.train_problems)} train and {len(self.val_problems)} validation problems from {self.hparams.path}")
+        self.stats["data/problems"] = float(len(self.train_problems))
+        self._publish()
 
-    def _batches(self, problems: list[ProofProblem], shuffle: bool) -> ProblemBatches:
+    def _publish(self) -> None:
+        """Log the data counts (rank zero), and write `<run>/data_report.json`."""
+        s = self.stats
+        difficulty = (f", {int(s['data/difficulty_dropped'])} outside data.reward_mean_range"
+                      if "data/difficulty_dropped" in s else "")
+        rank_zero_info(f"RL data: {len(self.train_problems)} train and {len(self.val_problems)} validation problems from "
+                       f"{self.hparams.path} ({int(s['data/rows_read'])} rows, {int(s['data/rejected'])} rejected{difficulty}, "
+                       f"{int(s['data/rubric_unverified'])} rubrics whose total could not be read, kept)")
+        run_dir = self._run_dir()
+        if run_dir is None:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / REPORT_FILE).write_text(json.dumps({**self.report, "stats": s}, indent=2) + "\n", encoding="utf-8")
+        if self.trainer.logger is not None:
+            self.trainer.logger.log_metrics(s, step=0)
+
+    def _batches(self, problems: list[ProofProblem], shuffle: bool, spares: int) -> ProblemBatches:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return ProblemBatches(problems, self.hparams.prompts_per_step, self.hparams.seed, shuffle, rank, world)
+        return ProblemBatches(problems, self.hparams.prompts_per_step, self.hparams.seed, shuffle, rank, world, spares)
 
     def train_dataloader(self) -> ProblemBatches:
-        return self._batches(self.train_problems, shuffle=True)
+        return self._batches(self.train_problems, shuffle=True, spares=self.hparams.spare_prompts_per_step)
 
     def val_dataloader(self) -> ProblemBatches | list:
-        return self._batches(self.val_problems, shuffle=False) if self.val_problems else []
+        return self._batches(self.val_problems, shuffle=False, spares=0) if self.val_problems else []

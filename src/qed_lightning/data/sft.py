@@ -5,6 +5,8 @@ Truncation policy (`truncation`):
   model to stop mid-thought, which is the length failure mode the paper warns about, so we would rather lose it.
 - "truncate": keep the first `max_length` tokens (the loss then covers the start of the thinking only).
 Either way the counts are logged (`data/truncated`, `data/dropped`) and reported at setup.
+
+Malformed rows stop the run, naming each by line and column, or are skipped (`on_invalid_row`, `validation.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -19,7 +22,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from qed_lightning.data.chat import TokenizedExample, tokenize_conversation
-from qed_lightning.data.loading import DataError, chat_messages, load_rows, remap, validate_rows
+from qed_lightning.data.loading import DataError, load_table
+from qed_lightning.data.validation import RowPolicy, chat_messages, find_rejects, remap
 from qed_lightning.data.packing import collate_rows, first_fit_decreasing, pack_row
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,9 @@ class SFTDataModule(L.LightningDataModule):
         packing: pack several examples per row (position ids restart per example).
         batch_size: rows per micro-batch.
         val_fraction: fraction of examples held out for validation (0 = no validation loop).
+        on_invalid_row: "error" (refuse the data, naming every bad row) or "skip" (train on the valid rows; the
+            rejects go to `<run>/data_rejects.jsonl`).
+        max_invalid_fraction: with "skip", the largest share of rejected rows a run starts with.
         seed: seed of the split and of the packing order.
         num_workers: DataLoader workers.
     """
@@ -55,6 +62,8 @@ class SFTDataModule(L.LightningDataModule):
         packing: bool = True,
         batch_size: int = 1,
         val_fraction: float = 0.0,
+        on_invalid_row: Literal["error", "skip"] = "error",
+        max_invalid_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -66,9 +75,12 @@ class SFTDataModule(L.LightningDataModule):
             problems.append(f"data.batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= val_fraction < 1.0:
             problems.append(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if not 0.0 <= max_invalid_fraction <= 1.0:
+            problems.append(f"data.max_invalid_fraction must be in [0, 1], got {max_invalid_fraction}")
         if problems:
             raise ValueError("; ".join(problems))
         self.save_hyperparameters()
+        self.policy = RowPolicy(on_invalid_row, max_invalid_fraction)
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []
         self.stats: dict[str, float] = {}
@@ -83,8 +95,12 @@ class SFTDataModule(L.LightningDataModule):
 
     def _examples(self, tokenizer) -> list[TokenizedExample]:
         hp = self.hparams
-        rows = load_rows(hp.path, subset=hp.subset, split=hp.split)
-        validate_rows(rows, {"messages": chat_messages}, where=hp.path, columns=hp.columns)
+        table = load_table(hp.path, subset=hp.subset, split=hp.split)
+        rejects = find_rejects(table, {"messages": chat_messages}, hp.columns)
+        trainer = self.trainer
+        run_dir = Path(trainer.default_root_dir) if trainer is not None and trainer.is_global_zero else None
+        skipped = self.policy.apply(table.where, rejects, table.total, run_dir)
+        rows = [row for row, line in zip(table.rows, table.positions, strict=True) if line not in skipped]
         examples, dropped, truncated, no_labels = [], 0, 0, 0
         for row in rows:
             ex = tokenize_conversation(tokenizer, remap(row, hp.columns, ["messages"])["messages"], hp.max_length)
@@ -97,7 +113,8 @@ class SFTDataModule(L.LightningDataModule):
                 no_labels += 1
                 continue
             examples.append(ex)
-        self.stats = {"data/examples": len(rows), "data/truncated": truncated, "data/dropped": dropped + no_labels}
+        self.stats = {"data/examples": len(rows), "data/truncated": truncated, "data/dropped": dropped + no_labels,
+                      "data/rejected": len(skipped)}
         if not examples:
             raise DataError(f"{hp.path}: all {len(rows)} examples were dropped ({truncated} longer than "
                             f"data.max_length={hp.max_length}); raise data.max_length or set data.truncation=truncate.")
@@ -121,7 +138,7 @@ class SFTDataModule(L.LightningDataModule):
         rank_zero_info(
             f"SFT data: {self.stats['data/examples']} examples from {hp.path}, {self.stats['data/truncated']} over "
             f"max_length={hp.max_length} ({hp.truncation}), {self.stats['data/dropped']} dropped, "
-            f"{len(self.train_rows)} train rows, {len(self.val_rows)} val rows"
+            f"{self.stats['data/rejected']} rejected rows, {len(self.train_rows)} train rows, {len(self.val_rows)} val rows"
         )
 
     def _rows(self, examples: list[TokenizedExample]) -> list[dict]:

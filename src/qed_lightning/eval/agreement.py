@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from qed_lightning.data.loading import DataError, load_rows, nonempty_str, remap, validate_rows
+from qed_lightning.data.loading import DataError, load_table
+from qed_lightning.data.validation import nonempty_str, remap, validate_rows
 from qed_lightning.eval.benchmarks import EvalProblem
 from qed_lightning.eval.metrics import JudgeAgreement
 from qed_lightning.rewards.parsing import THINK_CLOSE
@@ -46,12 +47,12 @@ def _id(value: Any) -> str | None:
 def load_human_grades(path: str, problems: dict[str, EvalProblem],
                       columns: dict[str, str] | None = None) -> list[HumanGrade]:
     """Read and validate human-graded samples; every problem id must belong to the benchmark."""
-    rows = load_rows(path)
-    validate_rows(rows, {"problem_id": _id, "response": nonempty_str, "human_score": _score_0_to_7},
-                  where=path, columns=columns)
+    table = load_table(path)
+    validate_rows(table, {"problem_id": _id, "response": nonempty_str, "human_score": _score_0_to_7}, columns)
     grades = [HumanGrade(str(f["problem_id"]), f["response"], f["human_score"])
-              for f in (remap(row, columns, FIELDS) for row in rows)]
-    unknown = [f"row {i}: {g.problem_id!r}" for i, g in enumerate(grades) if g.problem_id not in problems]
+              for f in (remap(row, columns, FIELDS) for row in table.rows)]
+    unknown = [f"{table.unit} {line}: {g.problem_id!r}" for line, g in zip(table.positions, grades, strict=True)
+               if g.problem_id not in problems]
     if unknown:
         column = (columns or {}).get("problem_id", "problem_id")
         raise DataError(f"{path}: column {column!r} names problems the benchmark does not have ({'; '.join(unknown[:10])}); "

@@ -21,10 +21,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from qed_lightning.data.loading import Check, DataError, load_rows, nonempty_str, remap, validate_rows
-from qed_lightning.data.rl import check_rubric
+from qed_lightning.data.loading import DataError, Table, load_table
+from qed_lightning.data.rubric import check_rubric, render_rubric
+from qed_lightning.data.validation import Check, nonempty_str, remap, validate_rows
 from qed_lightning.rewards.parsing import THINK_CLOSE, strip_self_evaluation
-from qed_lightning.rewards.rubric import render_rubric
 from qed_lightning.rewards.types import GradeRequest
 
 __all__ = ["Benchmark", "EvalProblem", "IMOProofBench", "ProofBench", "RubricBenchmark", "without_self_evaluation"]
@@ -111,23 +111,22 @@ class Benchmark:
         """Read, validate and convert every row; raises `DataError` naming each bad row and column.
 
         `select=False` ignores `limit` and `problem_ids` (judge agreement looks problems up by id)."""
-        rows = load_rows(self.path, subset=self.subset, split=self.split)
-        if not rows:
-            raise DataError(f"{self.path}: the benchmark holds no rows (subset={self.subset!r}, split={self.split!r}).")
-        validate_rows(rows, self.checks, where=self.path, columns=self.columns)
-        self._check_optional_columns(rows)
-        problems = [self.to_problem(i, row) for i, row in enumerate(rows)]
-        self._check_unique_ids(problems)
+        table = load_table(self.path, subset=self.subset, split=self.split)
+        validate_rows(table, self.checks, self.columns)
+        self._check_optional_columns(table)
+        problems = [self.to_problem(i, row) for i, row in enumerate(table.rows)]
+        self._check_unique_ids(problems, table)
         return self._select(problems) if select else problems
 
-    def _check_optional_columns(self, rows: list[dict[str, Any]]) -> None:
+    def _check_optional_columns(self, table: Table) -> None:
+        have = {k for row in table.rows for k in row}
         optional = {f: self.columns.get(f, f) for f in ("problem_id", *META_FIELDS)}
-        mapped = [f"{f} -> {c!r}" for f, c in optional.items() if f in self.user_columns and c not in rows[0]]
+        mapped = [f"{f} -> {c!r}" for f, c in optional.items() if f in self.user_columns and c not in have]
         if mapped:
             raise DataError(f"{self.path}: the benchmark's `columns` maps {', '.join(mapped)}, but the file has no such "
-                            f"column; it has {sorted(rows[0])}.")
-        present = {f: c for f, c in optional.items() if c in rows[0]}
-        validate_rows(rows, {f: _optional_str for f in present}, where=self.path, columns=present)
+                            f"column; it has {sorted(have)}.")
+        present = {f: c for f, c in optional.items() if c in have}
+        validate_rows(table, {f: _optional_str for f in present}, present, required=False)
 
     def to_problem(self, index: int, row: dict[str, Any]) -> EvalProblem:
         """One validated row as an `EvalProblem` (override to read other fields)."""
@@ -141,11 +140,12 @@ class Benchmark:
         digest = hashlib.sha256(fields["problem"].encode("utf-8")).hexdigest()[:8]
         return f"row-{index}-{digest}"
 
-    def _check_unique_ids(self, problems: list[EvalProblem]) -> None:
+    def _check_unique_ids(self, problems: list[EvalProblem], table: Table) -> None:
         counts = Counter(p.problem_id for p in problems)
-        duplicates = {pid: [i for i, p in enumerate(problems) if p.problem_id == pid] for pid, c in counts.items() if c > 1}
+        duplicates = {pid: [table.positions[i] for i, p in enumerate(problems) if p.problem_id == pid]
+                      for pid, c in counts.items() if c > 1}
         if duplicates:
-            listed = "; ".join(f"{pid!r} in rows {rows}" for pid, rows in list(duplicates.items())[:10])
+            listed = "; ".join(f"{pid!r} in {table.unit}s {rows}" for pid, rows in list(duplicates.items())[:10])
             column = self.columns.get("problem_id", "problem_id")
             raise DataError(f"{self.path}: column {column!r} must be unique (it keys resumed samples): {listed}.")
 

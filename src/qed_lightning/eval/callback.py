@@ -20,13 +20,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from qed_lightning.data.rl import POLICY_PROMPT
+from qed_lightning.data.chat import POLICY_PROMPT
 from qed_lightning.eval.benchmarks import Benchmark, EvalProblem
 from qed_lightning.eval.metrics import ProofScore
 from qed_lightning.eval.scaffolds import DirectScaffold
 from qed_lightning.rewards.judge import BaseJudge
 from qed_lightning.rollout.base import SamplingConfig
 from qed_lightning.rollout.sync import WeightSyncCallback
+from qed_lightning.seeds import derive_seed
 
 __all__ = ["ProofBenchEvalCallback"]
 
@@ -44,7 +45,7 @@ class ProofBenchEvalCallback(Callback):
         temperature, top_p, max_new_tokens: sampling.
         name: metric prefix, `val/<name>_*`.
         prompt_template: the policy prompt.
-        seed: sampling seed base (the step is added).
+        seed: sampling seed base; each sample's seed is derived from it, the step, the problem and the run.
     """
 
     def __init__(self, benchmark: Benchmark, judge: BaseJudge | None = None, every_n_steps: int = 50, n: int = 1,
@@ -80,7 +81,8 @@ class ProofBenchEvalCallback(Callback):
         indices = [i for i in range(len(self.problems)) for _ in range(self.n)][rank::world_size]  # [P * n / ranks]
         runs = [k for _ in self.problems for k in range(self.n)][rank::world_size]
         problems = [self.problems[i] for i in indices]
-        sampling = replace(self.sampling, seed=self.sampling.seed + step)
+        seeds = tuple(derive_seed(self.sampling.seed, "eval", self.name, step, p.problem_id, k) for p, k in zip(problems, runs))
+        sampling = replace(self.sampling, seed=None, seeds=seeds)
         outputs = self.scaffold.run([p.problem for p in problems], engine, pl_module.tokenizer, sampling)
         grades = judge.grade([p.grade_request(o.response) for p, o in zip(problems, outputs)])
         metric = ProofScore(judge.on_failure)

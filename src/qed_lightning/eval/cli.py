@@ -7,7 +7,7 @@
 
 The schema is `Evaluator.__init__` (jsonargparse): components (benchmark, judge, engine, scaffold) are chosen by
 `class_path`; configs use omegaconf mode, so `${...}` interpolation works. Rerunning a command resumes in its
-`output_dir`.
+`output_dir`. A data error is printed without a traceback and exits with status 2 (`--debug` or QED_DEBUG=1 shows it).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from qed_lightning.data.loading import debug_requested, exit_on_data_error
 from qed_lightning.eval.runner import Evaluator
 
 __all__ = ["build_parser", "main", "make_evaluator", "run"]
@@ -84,7 +85,10 @@ def main(args: list[str] | None = None) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per judge request otherwise
-    run(args)
+    args = list(sys.argv[1:] if args is None else args)
+    debug = debug_requested(args)
+    with exit_on_data_error("qed-eval", debug):
+        run(args)
 
 
 if __name__ == "__main__":

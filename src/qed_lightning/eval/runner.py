@@ -35,6 +35,7 @@ from qed_lightning.eval.store import JsonlLog, SampleKey, SampleStore, check_man
 from qed_lightning.rewards.cache import GradeCache
 from qed_lightning.rewards.judge import BaseJudge
 from qed_lightning.rollout.base import RolloutEngine, SamplingConfig
+from qed_lightning.seeds import derive_seed
 
 __all__ = ["Evaluator", "judge_id"]
 
@@ -58,8 +59,8 @@ class Evaluator:
         n: samples per problem; sample k of every problem forms run k (the std is over runs).
         temperature, top_p, top_k, max_new_tokens: sampling (SPEC 6: T 0.8, or 0.6 with top_p 0.95).
         output_dir: where samples, grades, the summary and the plot go; rerunning resumes there.
-        seed: sampling seed; a chunk's calls start at seed + the run position of its first sample (the engine adds
-            the prompt's index within a call), so an uninterrupted direct run samples each key with its own seed.
+        seed: sampling seed; each sample's seed is `derive_seed(seed, problem id, sample index, scaffold)`, so a
+            sample is the same whichever chunk or resumed run generates it.
         batch_size: samples per scaffold call; each finished chunk is written before the next starts.
         regrade_failures: on a rerun, ask the judge again about samples whose grading failed.
         plot: write `scores.png`.
@@ -122,10 +123,9 @@ class Evaluator:
                  len(wanted) - len(to_generate) - len(to_grade), len(to_grade), len(to_generate))
         if to_grade:
             self._grade(store, by_id, to_grade)
-        position = {key: i for i, key in enumerate(wanted)}
         for start in range(0, len(to_generate), self.batch_size):
             chunk = to_generate[start:start + self.batch_size]
-            generations = self._generate(by_id, chunk, self.seed + position[chunk[0]])
+            generations = self._generate(by_id, chunk)
             store.generations.append(generations)
             self._grade(store, by_id, generations)
             log.info("qed-eval: %d of %d samples generated and graded", start + len(chunk), len(to_generate))
@@ -140,9 +140,9 @@ class Evaluator:
         self.engine.start(self.model)  # the engine lifecycle (RolloutEngine); no policy to share here
         self.engine.attach(None, self.tokenizer)
 
-    def _generate(self, by_id: dict[str, EvalProblem], keys: list[SampleKey], seed: int) -> list[dict[str, Any]]:
+    def _generate(self, by_id: dict[str, EvalProblem], keys: list[SampleKey]) -> list[dict[str, Any]]:
         self._start_engine()
-        sampling = replace(self.sampling, seed=seed)
+        sampling = replace(self.sampling, seed=None, seeds=tuple(derive_seed(self.seed, *key) for key in keys))
         outputs = self.scaffold.run([by_id[pid].problem for pid, _, _ in keys], self.engine, self.tokenizer, sampling)
         self.stats["generated"] += len(keys)
         return [{"problem_id": pid, "sample": k, "scaffold": name, "prompt": out.prompt, "output": out.response,

@@ -10,7 +10,9 @@
 Every scaffold batches all problems into each generation call and reports, per problem, all tokens it generated
 (every call: attempts, self-checks, summaries), so scaffolds can be compared at equal cost. A scaffold's `run` takes
 a flat list of problem statements (the same problem repeated for repeated samples) and returns one
-`ScaffoldOutput` per entry. Override point: subclass `Scaffold` and implement `run`.
+`ScaffoldOutput` per entry. Every generation call of a scaffold draws its own random stream: the seed of each
+entry's first call comes with `sampling` (the evaluator derives it from the sample's key), later rounds derive
+theirs from it (`qed_lightning.seeds.derive_sampling`). Override point: subclass `Scaffold` and implement `run`.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from qed_lightning.data.rl import POLICY_PROMPT
+from qed_lightning.data.chat import POLICY_PROMPT, chat_prompt_ids
 from qed_lightning.rewards.parsing import extract_proof, parse_points, strip_self_evaluation
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
+from qed_lightning.seeds import derive_sampling
 
 __all__ = ["DirectScaffold", "GenerateVerifyRefine", "ReasoningCacheScaffold", "Scaffold", "ScaffoldOutput",
            "chat_prompt_ids", "load_scaffold_prompt", "sampling_settings"]
@@ -52,12 +55,6 @@ class ScaffoldOutput:
     truncated: bool
     calls: int = 1
     trace: list[dict[str, Any]] = field(default_factory=list)
-
-
-def chat_prompt_ids(tokenizer, text: str) -> list[int]:
-    """One user turn, chat-templated with the generation prompt, as token ids (no system prompt, as the paper)."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def generate_texts(engine: RolloutEngine, tokenizer, texts: list[str], sampling: SamplingConfig) -> list[Completion]:
@@ -192,7 +189,7 @@ class GenerateVerifyRefine(Scaffold):
             critiques = self._verify(problems, attempts, round_, engine, tokenizer, sampling)
             if not critiques:
                 break
-            self._refine(problems, attempts, critiques, engine, tokenizer, sampling)
+            self._refine(problems, attempts, critiques, round_, engine, tokenizer, sampling)
         return [ScaffoldOutput(prompt, a.completion.text, a.tokens, a.completion.truncated, a.calls, a.trace)
                 for prompt, a in zip(prompts, attempts)]
 
@@ -202,7 +199,7 @@ class GenerateVerifyRefine(Scaffold):
         active = [i for i, a in enumerate(attempts) if not a.done]
         checkable = [i for i in active if attempts[i].proof()]
         budget = self.verify_max_new_tokens or sampling.max_new_tokens
-        verify_sampling = replace(sampling, max_new_tokens=budget)
+        verify_sampling = replace(derive_sampling(sampling, "verify", round_, indices=checkable), max_new_tokens=budget)
         texts = [fill(self.verify_template, problem=problems[i], proof=attempts[i].proof()) for i in checkable]
         verdicts = dict(zip(checkable, generate_texts(engine, tokenizer, texts, verify_sampling)))
         critiques = {}
@@ -218,12 +215,13 @@ class GenerateVerifyRefine(Scaffold):
                 critiques[i] = critique
         return critiques
 
-    def _refine(self, problems: list[str], attempts: list[_Attempt], critiques: dict[int, str], engine, tokenizer,
-                sampling: SamplingConfig) -> None:
+    def _refine(self, problems: list[str], attempts: list[_Attempt], critiques: dict[int, str], round_: int, engine,
+                tokenizer, sampling: SamplingConfig) -> None:
         order = list(critiques)
         texts = [fill(self.refine_template, problem=problems[i], proof=attempts[i].proof() or NO_PROOF,
                       critique=critiques[i]) for i in order]
-        for i, revised in zip(order, generate_texts(engine, tokenizer, texts, sampling)):
+        refine_sampling = derive_sampling(sampling, "refine", round_, indices=order)
+        for i, revised in zip(order, generate_texts(engine, tokenizer, texts, refine_sampling)):
             attempts[i].completion = revised
             attempts[i].tokens += len(revised.completion_ids)
             attempts[i].calls += 1
@@ -239,6 +237,8 @@ class ReasoningCacheScaffold(Scaffold):
         summarizer_tokenizer: tokenizer of a separate summarizer (None = the policy's).
         summarizer_sampling: sampling of the summaries (None = the RC default: T 0.7, top_p 0.8, top_k 20, 2,048).
         reasoning_prompt / summary_prompt: RC templates (packaged names or paths).
+        summary_input_split: the summarizer reads an attempt's thinking up to its "last" `</think>` (ours) or its
+            "first" (the reference).
         name: as for `Scaffold` (the RC prompts replace the policy prompt, so there is no `prompt_template`).
     """
 
@@ -246,19 +246,22 @@ class ReasoningCacheScaffold(Scaffold):
 
     def __init__(self, cycles: int = 3, summarizer: RolloutEngine | None = None, summarizer_tokenizer: str | None = None,
                  summarizer_sampling: SamplingConfig | None = None, reasoning_prompt: str = "rc_reasoning_v1",
-                 summary_prompt: str = "rc_summary_v1", name: str | None = None) -> None:
+                 summary_prompt: str = "rc_summary_v1", summary_input_split: Literal["last", "first"] = "last",
+                 name: str | None = None) -> None:
         super().__init__(name)
         if cycles < 1:
             raise ValueError(f"scaffold.cycles must be >= 1, got {cycles}.")
         self.cycles, self.summarizer, self.summarizer_tokenizer = cycles, summarizer, summarizer_tokenizer
         self.summarizer_sampling = summarizer_sampling
         self.reasoning_prompt, self.summary_prompt = reasoning_prompt, summary_prompt
+        self.summary_input_split = summary_input_split
 
     def settings(self) -> dict[str, Any]:
         sampling = sampling_settings(self.summarizer_sampling) if self.summarizer_sampling is not None else None
         summarizer = type(self.summarizer).__name__ if self.summarizer is not None else None
         return {"kind": self.kind, "cycles": self.cycles, "summarizer": summarizer, "summarizer_sampling": sampling,
-                "reasoning_prompt": self.reasoning_prompt, "summary_prompt": self.summary_prompt}
+                "reasoning_prompt": self.reasoning_prompt, "summary_prompt": self.summary_prompt,
+                "summary_input_split": self.summary_input_split}
 
     def run(self, problems: list[str], engine: RolloutEngine, tokenizer, sampling: SamplingConfig) -> list[ScaffoldOutput]:
         from qed_lightning.rc.loop import SUMMARIZER_SAMPLING, run_reasoning_cache  # stage 3's loop, loaded on use
@@ -268,6 +271,7 @@ class ReasoningCacheScaffold(Scaffold):
             summarizer_tokenizer=self.summarizer_tokenizer,
             summarizer_sampling=self.summarizer_sampling or SUMMARIZER_SAMPLING,
             reasoning_prompt=self.reasoning_prompt, summary_prompt=self.summary_prompt,
+            summary_input_split=self.summary_input_split,
         )
         return [self._output(t) for t in trajectories]
 

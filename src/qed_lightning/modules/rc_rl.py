@@ -24,6 +24,9 @@ Paper's choice and ours where they differ:
   is saved in the module's checkpoint.
 - Colocated and on-policy per step, as stage 2 here (the paper generates asynchronously).
 - Validation runs the test-time scaffold (`summarize_last=False`) and logs the reward of every cycle's attempt.
+- What the stage-3 judge reads as the problem: the bare statement (`judge_problem="statement"`, as in stage 2), or
+  the statement inside the paper's policy prompt (`"policy_prompt"`, what the reference's judge saw); which
+  `</think>` ends the thinking the summarizer reads: `summary_input_split` "last" (ours) or "first" (reference).
 
 Override points: those of `RubricRLModule` (`compute_rewards`, `compute_loss`), plus `select_states` (which states
 are trained on). The RC prompts are versioned files (`reasoning_prompt`, `summary_prompt`).
@@ -34,23 +37,20 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import replace
+from typing import Literal
 
 import torch
 
+from qed_lightning.data.chat import POLICY_PROMPT
 from qed_lightning.data.rl import ProofProblem
 from qed_lightning.modules.rubric_rl import RubricRLModule
-from qed_lightning.rc.loop import RCState, RCTrajectory, ReasoningCache, shift_seeds
+from qed_lightning.rc.loop import RCState, RCTrajectory, ReasoningCache
 from qed_lightning.rewards import RubricJudge
 from qed_lightning.rollout.base import RolloutEngine, SamplingConfig
 from qed_lightning.rollout.sync import FrozenEngineCallback
+from qed_lightning.seeds import derive_sampling, derive_seed
 
 log = logging.getLogger(__name__)
-
-# seed offsets: the RC loop's own sampling, each state's cycle, replayed states and validation repeats of a problem
-_RC_SEED_OFFSET = 30_000_001
-_STATE_SEED_STRIDE = 3_001
-_REPLAY_SEED_OFFSET = 1_501
-_REPEAT_SEED_STRIDE = 50_000_017
 
 
 def sample_state_indices(num_states: int, m: int, rng: random.Random) -> list[int]:
@@ -64,10 +64,20 @@ def sample_state_indices(num_states: int, m: int, rng: random.Random) -> list[in
     return sorted(rng.sample(range(num_states), min(m, num_states)))
 
 
-def state_prompt(problem: ProofProblem, state: RCState, replayed: bool = False) -> ProofProblem:
-    """One RC state as a GRPO prompt: the state's reasoning prompt, graded against the original problem and rubric."""
-    return ProofProblem(problem.index, problem.problem, problem.rubric, problem.source, list(state.prompt_ids),
-                        {"cycle": state.cycle, "replayed": replayed})
+def state_prompt(problem: ProofProblem, state: RCState, replayed: bool = False,
+                 judge_problem: Literal["statement", "policy_prompt"] = "statement") -> ProofProblem:
+    """One RC state as a GRPO prompt: the state's reasoning prompt, graded against the original problem and rubric
+    (the judge reads the statement, or with `judge_problem="policy_prompt"` the statement inside the policy prompt).
+
+    >>> s = state_prompt(ProofProblem(3, "Show 1 < 2.", "R", line=4), RCState(2, "I tried.", "...", [7, 8]))
+    >>> (s.index, s.problem, s.prompt_ids, s.cycle, s.replayed, s.line)
+    (3, 'Show 1 < 2.', [7, 8], 2, False, 4)
+    >>> state_prompt(ProofProblem(3, "Show 1 < 2.", "R"), RCState(0, "", "", []), judge_problem="policy_prompt").problem
+    'Generate a rigorous proof to the following question:\\n\\nShow 1 < 2.'
+    """
+    graded = POLICY_PROMPT.replace("{problem}", problem.problem) if judge_problem == "policy_prompt" else problem.problem
+    return replace(problem, problem=graded, prompt_ids=list(state.prompt_ids), cycle=state.cycle, replayed=replayed,
+                   spare=False)
 
 
 def cycle_rewards(cycles: list[int], rewards: torch.Tensor, valid: torch.Tensor, group_size: int, prefix: str) -> dict[str, float]:
@@ -114,6 +124,9 @@ class ReasoningCacheRLModule(RubricRLModule):
         grade_trajectory_turns: also grade the trajectory's own attempts (logged as `rc/turn_*`, never trained on).
         replay_size: states of earlier steps kept for replay (0 = no buffer).
         replay_ratio: share of a step's trained states drawn from the buffer.
+        judge_problem: what the judge reads as the problem: "statement" (ours) or "policy_prompt" (the reference).
+        summary_input_split: the summarizer reads an attempt's thinking up to its "last" `</think>` (ours) or its
+            "first" (the reference).
     """
 
     _hparams_ignore = ("optimizer", "lr_scheduler", "engine", "judge", "summarizer")
@@ -136,6 +149,8 @@ class ReasoningCacheRLModule(RubricRLModule):
         grade_trajectory_turns: bool = False,
         replay_size: int = 0,
         replay_ratio: float = 0.0,
+        judge_problem: Literal["statement", "policy_prompt"] = "statement",
+        summary_input_split: Literal["last", "first"] = "last",
         **kwargs,
     ) -> None:
         super().__init__(model_name_or_path, engine, judge, **kwargs)  # stage 2's (and QEDModule's) arguments
@@ -157,7 +172,8 @@ class ReasoningCacheRLModule(RubricRLModule):
             log.warning("model.states_per_trajectory=%d > cycles + 1 = %d states: every state is trained on",
                         states_per_trajectory, cycles + 1)
         sampling = SamplingConfig(summarizer_temperature, summarizer_top_p, summarizer_top_k, summarizer_max_new_tokens)
-        self.rc = ReasoningCache(cycles, reasoning_prompt, summary_prompt, summarizer, summarizer_model, sampling)
+        self.rc = ReasoningCache(cycles, reasoning_prompt, summary_prompt, summarizer, summarizer_model, sampling,
+                                 summary_input_split)
         self.summarizer = summarizer
         self.replay: list[dict] = []
 
@@ -169,17 +185,9 @@ class ReasoningCacheRLModule(RubricRLModule):
 
     # -- 0. cache ------------------------------------------------------------------------------------------------
 
-    def sampling(self, problems: list[ProofProblem], step: int | None = None) -> SamplingConfig:
-        """Stage 2's seeds (seed, step, problem), moved apart for each RC state (cycle, replayed) and validation repeat
-        of a problem, so two prompts of one problem never share a random stream."""
-        sampling = super().sampling(problems, step)
-        offsets = [_STATE_SEED_STRIDE * (p.meta.get("cycle", -1) + 1) + _REPLAY_SEED_OFFSET * bool(p.meta.get("replayed"))
-                   + _REPEAT_SEED_STRIDE * p.meta.get("repeat", 0) for p in problems]
-        return replace(sampling, seeds=tuple(s + o for s, o in zip(sampling.seeds, offsets, strict=True)))
-
     def build_trajectories(self, problems: list[ProofProblem], summarize_last: bool = True) -> list[RCTrajectory]:
         """Run the RC loop on `problems` with the current policy (seeded apart from the step's rollouts)."""
-        sampling = shift_seeds(self.sampling(problems), _RC_SEED_OFFSET)
+        sampling = derive_sampling(self.sampling(problems), "rc_loop")  # apart from the step's rollouts
         return self.rc.run([p.problem for p in problems], self.engine, self.tokenizer, sampling, summarize_last)
 
     # -- 1. states -----------------------------------------------------------------------------------------------
@@ -189,10 +197,11 @@ class ReasoningCacheRLModule(RubricRLModule):
         batch position a problem lands on), a `replay_ratio` share of them swapped for states of earlier steps; then
         this step's states join the replay buffer (one buffer per rank; the checkpoint holds rank 0's)."""
         hp = self.hparams
-        fresh = [state_prompt(p, t.states[i]) for p, t in zip(problems, trajectories, strict=True)
+        fresh = [state_prompt(p, t.states[i], judge_problem=hp.judge_problem)
+                 for p, t in zip(problems, trajectories, strict=True)
                  for i in sample_state_indices(len(t.states), hp.states_per_trajectory,
-                                               random.Random(f"{hp.seed}/{self.global_step}/{p.index}"))]
-        rng = random.Random(f"{hp.seed}/{self.global_step}/replay/{self.global_rank}")
+                                               random.Random(derive_seed(hp.seed, "states", self.global_step, p.index)))]
+        rng = random.Random(derive_seed(hp.seed, "replay", self.global_step, self.global_rank))
         n_replay = min(round(hp.replay_ratio * len(fresh)), len(self.replay))
         keep = sorted(rng.sample(range(len(fresh)), len(fresh) - n_replay))
         chosen = [fresh[i] for i in keep] + [self._from_replay(e) for e in rng.sample(self.replay, n_replay)]
@@ -204,14 +213,13 @@ class ReasoningCacheRLModule(RubricRLModule):
     @staticmethod
     def _to_replay(problem: ProofProblem, state: RCState) -> dict:
         return {"index": problem.index, "problem": problem.problem, "rubric": problem.rubric, "source": problem.source,
-                "cycle": state.cycle, "summary": state.summary, "prompt_text": state.prompt_text,
+                "line": problem.line, "cycle": state.cycle, "summary": state.summary, "prompt_text": state.prompt_text,
                 "prompt_ids": list(state.prompt_ids)}
 
-    @staticmethod
-    def _from_replay(entry: dict) -> ProofProblem:
-        problem = ProofProblem(entry["index"], entry["problem"], entry["rubric"], entry["source"])
+    def _from_replay(self, entry: dict) -> ProofProblem:
+        problem = ProofProblem(entry["index"], entry["problem"], entry["rubric"], entry["source"], line=entry.get("line", 0))
         state = RCState(entry["cycle"], entry["summary"], entry["prompt_text"], entry["prompt_ids"])
-        return state_prompt(problem, state, replayed=True)
+        return state_prompt(problem, state, replayed=True, judge_problem=self.hparams.judge_problem)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rc_replay"] = list(self.replay)
@@ -227,10 +235,10 @@ class ReasoningCacheRLModule(RubricRLModule):
             trajectories = self.build_trajectories(batch)  # 0. cache
         states = self.select_states(batch, trajectories)  # 1. states
         metrics, rewards, valid = self.rl_step(states)  # 2. sample, grade, advantage, loss, step
-        metrics.update(cycle_rewards([s.meta["cycle"] for s in states], rewards, valid, hp.group_size, "rc/"))
+        metrics.update(cycle_rewards([s.cycle for s in states], rewards, valid, hp.group_size, "rc/"))
         metrics.update(summary_metrics(trajectories, self.rc.timings))
         metrics.update({"rc/states": float(len(states)),  # time/rc_loop_s comes with rl_step's phase times
-                        "rc/replayed_frac": sum(s.meta["replayed"] for s in states) / len(states)})
+                        "rc/replayed_frac": sum(s.replayed for s in states) / len(states)})
         if hp.grade_trajectory_turns:
             metrics.update(self.grade_turns(batch, trajectories, "rc/turn_"))
         self.log_step(metrics, len(batch))
@@ -248,7 +256,7 @@ class ReasoningCacheRLModule(RubricRLModule):
     def validation_step(self, batch: list[ProofProblem], batch_idx: int) -> None:
         """The test-time scaffold on held-out problems (`val_samples` runs each): reward of every cycle's attempt;
         `val/reward_mean` is the reward of the final attempt."""
-        problems = [replace(p, meta={**p.meta, "repeat": r}) for p in batch for r in range(self.hparams.val_samples)]
+        problems = [replace(p, repeat=r) for p in batch for r in range(self.hparams.val_samples)]
         trajectories = self.build_trajectories(problems, summarize_last=False)
         metrics = self.grade_turns(problems, trajectories, "val/")
         metrics["val/reward_mean"] = metrics.get(f"val/reward_cycle_{self.hparams.cycles - 1}", 0.0)

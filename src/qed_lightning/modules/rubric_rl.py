@@ -13,6 +13,9 @@ One optimizer step = sample, grade, advantage, loss, step:
 
 Where we differ from the paper: the paper generates asynchronously on separate GPUs, up to ~1 step off-policy.
 Colocated, each step here is on-policy unless `sync_interval > 1`; the ratio rho corrects either way.
+Options the paper does not use (off by default, `modules/group_sampling.py`): dynamic sampling (`skip_flat_groups`:
+groups whose rewards are all equal are replaced from the batch's spare prompts), the soft overlong penalty
+(`overlong_buffer`, `overlong_penalty`) and masking truncated completions out of the loss (`mask_truncated`).
 
 Override points: `compute_rewards(problems, rollouts)` and `compute_loss(...)`; `rl_step(prompts)` (sample, grade,
 advantage, loss, step on a list of prompts) is what `ReasoningCacheRLModule` reuses on its RC states. Components:
@@ -32,6 +35,7 @@ import torch
 from qed_lightning.data.rl import ProofProblem
 from qed_lightning.lm_head import chunked_token_stats, final_hidden_states
 from qed_lightning.modules.base import QEDModule
+from qed_lightning.modules.group_sampling import Groups, check_spares, fill_step, shape_rewards, split_spares
 from qed_lightning.modules.optim_step import ManualStep
 from qed_lightning.modules.phases import Phase, StepPhases
 from qed_lightning.modules.rl_metrics import gather_objects, reduce_over_ranks, rollout_table, table_metrics
@@ -49,6 +53,7 @@ from qed_lightning.rl.microbatch import (
 )
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
 from qed_lightning.rollout.sync import WeightSyncCallback
+from qed_lightning.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +105,11 @@ class RubricRLModule(QEDModule):
         sync_interval: optimizer steps between weight pushes to the engine.
         max_nonfinite_steps: consecutive steps with a non-finite loss/gradient (skipped) before the run aborts.
         val_samples: rollouts per problem in the validation pass. seed: sampling seed base.
+        skip_flat_groups: dynamic sampling (DAPO): train only on groups whose rewards differ, refilling the step from
+            the batch's spares (`data.spare_prompts_per_step`, which bounds the extra generations).
+        overlong_buffer / overlong_penalty: DAPO's soft overlong penalty: the reward falls linearly by up to
+            `overlong_penalty` over the last `overlong_buffer` tokens of `max_new_tokens` (0 = off).
+        mask_truncated: leave completions that hit `max_new_tokens` out of the loss (they stay in the baseline).
     """
 
     def __init__(
@@ -126,6 +136,10 @@ class RubricRLModule(QEDModule):
         max_nonfinite_steps: int = 3,
         val_samples: int = 1,
         seed: int = 0,
+        skip_flat_groups: bool = False,
+        overlong_buffer: int = 0,
+        overlong_penalty: float = 1.0,
+        mask_truncated: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(model_name_or_path, **kwargs)  # QEDModule's arguments (jsonargparse reads them through kwargs)
@@ -136,6 +150,9 @@ class RubricRLModule(QEDModule):
             problems.append(f"model.temperature must be > 0 for RL sampling, got {temperature}")
         if max_new_tokens < 1 or micro_batch_tokens < 1:
             problems.append("model.max_new_tokens and model.micro_batch_tokens must be >= 1")
+        if not 0 <= overlong_buffer <= max_new_tokens or overlong_penalty < 0:
+            problems.append(f"model.overlong_buffer must be in [0, model.max_new_tokens={max_new_tokens}] and "
+                            f"model.overlong_penalty >= 0, got {overlong_buffer} and {overlong_penalty}")
         if logits_chunk_tokens < 0:
             problems.append(f"model.logits_chunk_tokens must be >= 0 (0 = no chunking), got {logits_chunk_tokens}")
         if micro_batch_layout == "shared_prefix" and self.hparams.gradient_checkpointing:
@@ -161,6 +178,7 @@ class RubricRLModule(QEDModule):
         self.optim_step.hand_grad_clip_to_deepspeed()
         limit = self.engine.max_model_len
         datamodule = self.trainer.datamodule if self.trainer is not None else None
+        check_spares(getattr(getattr(datamodule, "hparams", None), "spare_prompts_per_step", 0), self.hparams.skip_flat_groups)
         problems = [*getattr(datamodule, "train_problems", []), *getattr(datamodule, "val_problems", [])]
         if limit is None or not problems:
             return
@@ -169,7 +187,8 @@ class RubricRLModule(QEDModule):
         if need > limit:
             raise ValueError(
                 f"model.engine.init_args.max_model_len={limit} is shorter than the longest prompt ({len(longest.prompt_ids)} "
-                f"tokens, problem row {longest.index}) plus model.max_new_tokens={self.hparams.max_new_tokens}; raise "
+                f"tokens, the problem at line {longest.line} of data.path) plus model.max_new_tokens="
+                f"{self.hparams.max_new_tokens}; raise "
                 f"max_model_len to at least {need}, or lower max_new_tokens / data.max_prompt_tokens.")
 
     @property
@@ -197,11 +216,12 @@ class RubricRLModule(QEDModule):
     # -- 1. sample -----------------------------------------------------------------------------------------------
 
     def sampling(self, problems: list[ProofProblem], step: int | None = None) -> SamplingConfig:
-        """The step's sampling settings, seeded by (seed, step, problem): reproducible across resumes and ranks.
-        `step` defaults to the current one (`AsyncRollouts` asks for the next step's settings ahead of time)."""
+        """The step's sampling settings, seeded by (seed, step, problem, and a stage-3 prompt's cycle, replay and
+        repeat; `derive_seed`): reproducible across resumes and ranks, one random stream per prompt. `step` defaults
+        to the current one (`AsyncRollouts` asks for the next step's settings ahead of time)."""
         hp = self.hparams
         step = self.global_step if step is None else step
-        seeds = tuple(hp.seed + 100_003 * step + 7_919 * p.index for p in problems)
+        seeds = tuple(derive_seed(hp.seed, "rollout", step, p.index, p.cycle, p.replayed, p.repeat) for p in problems)
         return SamplingConfig(hp.temperature, hp.top_p, hp.top_k, hp.max_new_tokens, seeds=seeds)
 
     def generate_rollouts(self, problems: list[ProofProblem], n: int) -> list[Completion]:
@@ -321,21 +341,35 @@ class RubricRLModule(QEDModule):
         metrics, _, _ = self.rl_step(batch)
         self.log_step(metrics, len(batch))
 
+    def sample_groups(self, problems: list[ProofProblem]) -> Groups:
+        """1. sample and 2. grade `problems` (G rollouts each, in the "generate" and "grade" phases); the rewards
+        carry the overlong penalty when it is on. Dynamic sampling calls this again for spare problems."""
+        hp = self.hparams
+        with self.phases.phase("generate"):
+            rollouts = self.generate_rollouts(problems, hp.group_size)
+        with self.phases.phase("grade"):
+            rewards, valid, grades = self.compute_rewards(problems, rollouts)
+        groups = Groups(problems, rollouts, rewards, valid, grades)
+        return shape_rewards(groups, hp.max_new_tokens, hp.overlong_buffer, hp.overlong_penalty)
+
     def rl_step(self, batch: list[ProofProblem]) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
         """Sample, grade, advantage, loss and step on `batch` (each item one GRPO prompt: its `prompt_ids`, graded
-        against its `problem` and `rubric`); returns the metrics, the rewards `[P * G]` and their validity `[P * G]`.
+        against its `problem` and `rubric`; spare candidates are drawn only by dynamic sampling); returns the
+        metrics, the rewards `[P * G]` and their validity `[P * G]` of the groups trained on.
         Each named step runs in a phase of `self.phases` ("generate", "grade", "train"), which times it."""
         hp = self.hparams
         version = self.global_step  # the weights' version now; the optimizer step below increments it
-        with self.phases.phase("generate"):
-            rollouts = self.generate_rollouts(batch, hp.group_size)  # 1. sample
-        with self.phases.phase("grade"):
-            rewards, valid, grades = self.compute_rewards(batch, rollouts)  # 2. grade
+        prompts, spares = split_spares(batch)
+        groups, refilled = self.sample_groups(prompts), {}  # 1. sample + 2. grade
+        if hp.skip_flat_groups:  # dynamic sampling: flat groups are replaced from the spares (group_sampling.py)
+            groups, refilled = fill_step(groups, spares, len(prompts), hp.group_size, self.sample_groups)
+        rollouts, rewards, valid, grades = groups.rollouts, groups.rewards, groups.valid, groups.grades
         with self.phases.phase("train") as progress:
             advantages = group_advantages_masked(rewards, valid, hp.group_size, scale=hp.advantage_scale)  # 3. advantage
             self.engine.sleep()
-            metrics = self.optimize(rollouts, advantages, valid, progress)  # 4. loss + 5. step
+            metrics = self.optimize(rollouts, advantages, groups.loss_mask(hp.mask_truncated), progress)  # 4. loss + 5. step
         metrics.update(self.step_metrics(rollouts, rewards, valid, grades, version))  # 6. metrics
+        metrics.update(refilled)
         return metrics, rewards, valid
 
     def step_metrics(self, rollouts: list[Completion], rewards: torch.Tensor, valid: torch.Tensor, grades: list,

@@ -11,7 +11,6 @@ from qed_lightning.rc.loop import (
     chat_prompt_ids,
     load_rc_prompt,
     run_reasoning_cache,
-    shift_seeds,
     summary_text,
     thinking_text,
 )
@@ -25,7 +24,6 @@ __all__ = [
     "chat_prompt_ids",
     "load_rc_prompt",
     "run_reasoning_cache",
-    "shift_seeds",
     "summary_text",
     "thinking_text",
 ]

@@ -19,27 +19,35 @@ tokens) in training, the model summarizing itself at test time. Ours: both (`sum
 engine and tokenizer). Where the paper leaves it open:
 - the prompts are ours, versioned files under `rc/prompts/`; each holds two variants, one for an empty summary and
   one for the later cycles, separated by the line `VARIANT_MARKER`;
+- what the summarizer reads of an attempt is its thinking up to the last `</think>` (`summary_input_split="last"`,
+  ours) or the first (`"first"`, the reference's split; the two differ only for an attempt that closes its thinking
+  more than once);
 - the summary is the summarizer's text after its last `</think>` (a thinking model summarizing itself), or all of
   it (an instruct model), stripped; a summarizer output that hits its token limit is still used as the new summary
   and counted (`Completion.truncated`), and an empty summary sends the next cycle back to the from-scratch prompt;
-- the test-time scaffold skips the summary of the last attempt (`summarize_last=False`), which nothing reads.
+- the test-time scaffold skips the summary of the last attempt (`summarize_last=False`), which nothing reads;
+- every call draws its own random stream: cycle k's reasoning seeds are `derive_seed(s, "cycle", k)` and its
+  summaries' `derive_seed(s, "summary", k)` of each problem's seed s (`qed_lightning.seeds`).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
+from qed_lightning.data.chat import chat_prompt_ids
 from qed_lightning.rewards.parsing import THINK_CLOSE, extract_proof
 from qed_lightning.rewards.templates import make_prompt
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
+from qed_lightning.seeds import derive_sampling
 
 __all__ = [
     "PLACEHOLDERS", "SUMMARIZER_SAMPLING", "VARIANT_MARKER", "RCPrompt", "RCState", "RCTrajectory", "ReasoningCache",
-    "chat_prompt_ids", "load_rc_prompt", "run_reasoning_cache", "shift_seeds", "summary_text", "thinking_text",
+    "chat_prompt_ids", "load_rc_prompt", "run_reasoning_cache", "summary_text", "thinking_text",
 ]
 
 PLACEHOLDERS = ("problem", "summary", "existing_summary", "latest")
@@ -48,8 +56,6 @@ THINK_OPEN = "<think>"
 #: the paper's summarizer sampling (ref): Qwen3-4B-Instruct-2507 at T 0.7, top_p 0.8, top_k 20, 2,048 new tokens
 SUMMARIZER_SAMPLING = SamplingConfig(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=2048)
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
-_CYCLE_SEED_STRIDE = 1_000_003  # seeds of cycle k: base + stride * k, so the cycles of a run never share a seed
-_SUMMARY_SEED_OFFSET = 500_009
 
 
 # -- prompts -------------------------------------------------------------------------------------------------------
@@ -107,21 +113,18 @@ def load_rc_prompt(name_or_path: str, required: tuple[str, ...], summary_field: 
     return RCPrompt(name, make_prompt(name, text).version, first.strip(), later.strip())
 
 
-def chat_prompt_ids(tokenizer, content: str) -> list[int]:
-    """One user turn, chat-templated with the generation prompt, as token ids."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-def thinking_text(attempt: str) -> str:
-    """What the summarizer reads of an attempt: its text before the last `</think>` (all of it when there is none).
+def thinking_text(attempt: str, split: Literal["last", "first"] = "last") -> str:
+    """What the summarizer reads of an attempt: its text before the last (or first) `</think>`, all of it when there
+    is none.
 
     >>> thinking_text("<think>\\nTry n = 2.\\n</think>\\n\\nProof. Done.")
     'Try n = 2.'
+    >>> thinking_text("<think>a</think>b</think>c"), thinking_text("<think>a</think>b</think>c", split="first")
+    ('a</think>b', 'a')
     >>> thinking_text("Still going, no end tag")
     'Still going, no end tag'
     """
-    head, sep, _ = attempt.rpartition(THINK_CLOSE)
+    head, sep, _ = attempt.rpartition(THINK_CLOSE) if split == "last" else attempt.partition(THINK_CLOSE)
     text = (head if sep else attempt).strip()
     return text[len(THINK_OPEN):].strip() if text.startswith(THINK_OPEN) else text
 
@@ -168,22 +171,6 @@ class RCTrajectory:
 # -- the loop ------------------------------------------------------------------------------------------------------
 
 
-def shift_seeds(sampling: SamplingConfig, offset: int, like: SamplingConfig | None = None) -> SamplingConfig:
-    """`sampling` with its seeds (or those of `like`, when `sampling` has none) moved by `offset`; unseeded stays
-    unseeded. The cycles of a run, and the summaries, so never repeat the random stream of another call.
-
-    >>> shift_seeds(SamplingConfig(seeds=(1, 9)), 100).seeds
-    (101, 109)
-    >>> shift_seeds(SamplingConfig(temperature=0.7), 5, like=SamplingConfig(seed=3)).seed
-    8
-    """
-    if sampling.seed is None and sampling.seeds is None and like is not None:
-        sampling = replace(sampling, seed=like.seed, seeds=like.seeds)
-    if sampling.seeds is not None:
-        return replace(sampling, seeds=tuple(s + offset for s in sampling.seeds))
-    return sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + offset)
-
-
 class ReasoningCache:
     """The RC loop over a batch of problems (see the module docstring).
 
@@ -196,6 +183,8 @@ class ReasoningCache:
             policy's tokenizer.
         summarizer_sampling: the summarizer's sampling (paper: T 0.7, top_p 0.8, top_k 20, 2,048 tokens); without
             seeds of its own it derives them from the policy's sampling seeds.
+        summary_input_split: the summarizer reads an attempt's thinking up to its "last" `</think>` (ours) or its
+            "first" (the reference's split).
     """
 
     def __init__(
@@ -206,6 +195,7 @@ class ReasoningCache:
         summarizer: RolloutEngine | None = None,
         summarizer_tokenizer: str | None = None,
         summarizer_sampling: SamplingConfig = SUMMARIZER_SAMPLING,
+        summary_input_split: Literal["last", "first"] = "last",
     ) -> None:
         if cycles < 1:
             raise ValueError(f"RC cycles must be >= 1, got {cycles}")
@@ -215,6 +205,7 @@ class ReasoningCache:
         self.summarizer = summarizer
         self.summarizer_tokenizer_path = summarizer_tokenizer
         self.summarizer_sampling = summarizer_sampling
+        self.summary_input_split = summary_input_split
         self._summarizer_tokenizer = None
         self.timings: dict[str, float] = {"reason_s": 0.0, "summarize_s": 0.0}
 
@@ -225,7 +216,7 @@ class ReasoningCache:
 
     def summary_prompt_text(self, problem: str, existing_summary: str, attempt: str) -> str:
         return self.summary_prompt.render(bool(existing_summary), problem=problem, existing_summary=existing_summary,
-                                          latest=thinking_text(attempt))
+                                          latest=thinking_text(attempt, self.summary_input_split))
 
     def _summarizer(self, engine: RolloutEngine, tokenizer):
         if self.summarizer is None:
@@ -237,6 +228,20 @@ class ReasoningCache:
 
             self._summarizer_tokenizer = AutoTokenizer.from_pretrained(self.summarizer_tokenizer_path)
         return self.summarizer, self._summarizer_tokenizer
+
+    def _summary_sampling(self, sampling: SamplingConfig, cycle: int, n: int) -> SamplingConfig:
+        """The summaries' sampling: the summarizer's own, seeded from its own seeds if it has some, else from the
+        policy's; a random stream apart from every reasoning call."""
+        own = self.summarizer_sampling
+        if own.seed is None and own.seeds is None:
+            own = SamplingConfig(own.temperature, own.top_p, own.top_k, own.max_new_tokens, sampling.seed, sampling.seeds)
+        return derive_sampling(own, "summary", cycle, indices=range(n))
+
+    def _summarize(self, problems: list[str], states, attempts, engine, tokenizer, sampling: SamplingConfig,
+                   cycle: int) -> list[Completion]:
+        texts = [self.summary_prompt_text(p, s[-1].summary, a[-1].text) for p, s, a in zip(problems, states, attempts, strict=True)]
+        outs = engine.generate([chat_prompt_ids(tokenizer, t) for t in texts], self._summary_sampling(sampling, cycle, len(texts)))
+        return [out for (out,) in outs]
 
     def run(self, problems: list[str], engine: RolloutEngine, tokenizer, sampling: SamplingConfig,
             summarize_last: bool = True) -> list[RCTrajectory]:
@@ -251,20 +256,19 @@ class ReasoningCache:
         self.timings = {"reason_s": 0.0, "summarize_s": 0.0}
         for k in range(self.cycles):
             t0 = time.perf_counter()
-            groups = engine.generate([s[-1].prompt_ids for s in states], shift_seeds(sampling, _CYCLE_SEED_STRIDE * k))
+            cycle_sampling = derive_sampling(sampling, "cycle", k, indices=range(len(problems)))
+            groups = engine.generate([s[-1].prompt_ids for s in states], cycle_sampling)
             t1 = time.perf_counter()
             self.timings["reason_s"] += t1 - t0
             for i, (attempt,) in enumerate(groups):
                 attempts[i].append(attempt)
             if k == self.cycles - 1 and not summarize_last:
-                for i in range(len(problems)):
-                    summaries[i].append(None)
+                for made in summaries:
+                    made.append(None)
                 break
-            texts = [self.summary_prompt_text(p, s[-1].summary, a[-1].text) for p, s, a in zip(problems, states, attempts, strict=True)]
-            summary_sampling = shift_seeds(self.summarizer_sampling, _SUMMARY_SEED_OFFSET + _CYCLE_SEED_STRIDE * k, sampling)
-            outs = sum_engine.generate([chat_prompt_ids(sum_tokenizer, t) for t in texts], summary_sampling)
+            outs = self._summarize(problems, states, attempts, sum_engine, sum_tokenizer, sampling, k)
             self.timings["summarize_s"] += time.perf_counter() - t1
-            for i, (out,) in enumerate(outs):
+            for i, out in enumerate(outs):
                 summaries[i].append(out)
                 states[i].append(self.state(problems[i], summary_text(out.text), k + 1, tokenizer))
         return [
@@ -286,9 +290,11 @@ def run_reasoning_cache(
     reasoning_prompt: str = "rc_reasoning_v1",
     summary_prompt: str = "rc_summary_v1",
     summarize_last: bool = False,
+    summary_input_split: Literal["last", "first"] = "last",
 ) -> list[RCTrajectory]:
     """The test-time RC scaffold: `cycles` attempts per problem, the model summarizing itself unless a `summarizer`
     is given; each trajectory's answer is `final_proof`. The summary of the last attempt is skipped by default (so
     the trajectories hold K states s_0..s_{K-1} and `summaries[-1]` is None): nothing reads it at test time."""
-    cache = ReasoningCache(cycles, reasoning_prompt, summary_prompt, summarizer, summarizer_tokenizer, summarizer_sampling)
+    cache = ReasoningCache(cycles, reasoning_prompt, summary_prompt, summarizer, summarizer_tokenizer, summarizer_sampling,
+                           summary_input_split)
     return cache.run(problems, engine, tokenizer, sampling, summarize_last=summarize_last)

@@ -2,7 +2,7 @@
 
 - `parsing`: what is graded (`extract_proof`) and how a judge's reply becomes a score (`parse_score`,
   `parse_points`); pure and doctested.
-- `rubric`: render a marking scheme for the prompt, check that it is worth 7 points.
+- rubric rendering and reading live in `qed_lightning.data.rubric` (data-format code); re-exported here.
 - `templates`: the versioned judge prompts under `prompts/` and a brace-safe renderer (`load_prompt`).
 - `clients`: `OpenAIJudgeClient` (any OpenAI-compatible endpoint, chat or responses API); `engine_client`:
   `EngineJudgeClient` (a local rollout engine as the judge).
@@ -16,7 +16,7 @@ from qed_lightning.rewards.cache import GradeCache, grade_cache_key
 from qed_lightning.rewards.clients import JudgeClient, JudgeError, OpenAIJudgeClient
 from qed_lightning.rewards.judge import BaseJudge, JudgeDownError, ProofBenchJudge, RubricJudge
 from qed_lightning.rewards.parsing import band_score, extract_proof, parse_points, parse_score, strip_self_evaluation
-from qed_lightning.rewards.rubric import render_rubric, rubric_total
+from qed_lightning.data.rubric import render_rubric, rubric_total
 from qed_lightning.rewards.templates import JudgePrompt, load_prompt
 from qed_lightning.rewards.types import Grade, GradeRequest
 

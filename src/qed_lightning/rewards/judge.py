@@ -23,12 +23,13 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any, ClassVar, Literal, TypeVar
 
 from qed_lightning.rewards.cache import GradeCache, grade_cache_key
 from qed_lightning.rewards.clients import JudgeClient, JudgeError
 from qed_lightning.rewards.parsing import band_score, extract_proof, parse_points, parse_score, strip_self_evaluation
-from qed_lightning.rewards.rubric import render_rubric
+from qed_lightning.data.rubric import render_rubric
 from qed_lightning.rewards.templates import load_prompt
 from qed_lightning.rewards.types import Grade, GradeRequest
 
@@ -82,11 +83,16 @@ class BaseJudge:
         cache_path: str | None = None,
         max_down_s: float = 1800.0,
         probe_interval_s: float = 30.0,
+        placeholders: dict[str, str] | None = None,
+        verdict: Literal["last", "first"] = "last",
     ):
         if on_failure not in ("zero", "drop"):
             raise ValueError(f"on_failure must be 'zero' (paper: a failure scores 0) or 'drop', got {on_failure!r}.")
         self.client = client
-        self.prompt = load_prompt(prompt)
+        self.prompt = load_prompt(prompt, placeholders)
+        if verdict == "first":  # the same reply reads to another score: grades made so never share a cache key
+            self.prompt = replace(self.prompt, version=f"{self.prompt.version}+first")
+        self.verdict = verdict
         self.prompt.require(set(self.prompt_fields))
         self.require_think_close, self.on_failure, self.banding = require_think_close, on_failure, banding
         # a command-line `...cache_path null` on a nested component reaches us as the string "None" (jsonargparse)
@@ -270,6 +276,9 @@ class RubricJudge(BaseJudge):
         max_down_s: circuit breaker: when every call of a batch fails, pause and probe the judge for up to this
             many seconds, then stop the run with `JudgeDownError` (0 = never pause: failures follow on_failure).
         probe_interval_s: seconds between probes while the judge is down.
+        placeholders: aliases for a template file written with other placeholder names, `{their_name: our_field}`
+            (fields: problem, rubric, proof, reference_solution, guidelines), so the file is used unchanged.
+        verdict: which score tag of the reply counts when there are several: "last" (ours) or "first" (reference).
     """
 
     request_fields = ("problem", "rubric")
@@ -282,14 +291,16 @@ class RubricJudge(BaseJudge):
         return {"problem": request.problem, "rubric": render_rubric(request.rubric), "proof": proof}
 
     def parse(self, reply: str) -> int | None:
-        return parse_score(reply)
+        return parse_score(reply, self.verdict)
 
 
 class ProofBenchJudge(BaseJudge):
     """IMO-ProofBench grading: reference solution + guidelines, 0/1/6/7 scale, `<points>N out of 7</points>`.
 
     The proof's own trailing self-evaluation is cut before grading. Arguments as for `RubricJudge`; the prompt
-    needs `{problem}`, `{reference_solution}`, `{guidelines}`, `{proof}`.
+    needs `{problem}`, `{reference_solution}`, `{guidelines}`, `{proof}`. With `banding=True` the protocol's four
+    values hold for the reported score too: a reply outside them (e.g. 3 out of 7) counts as 1, the partial-credit
+    band (the reference counts it as given; its prompt, like ours, asks for one of the four values).
     """
 
     request_fields = ("problem", "reference_solution", "guidelines")
@@ -297,6 +308,8 @@ class ProofBenchJudge(BaseJudge):
 
     def __init__(self, client: JudgeClient, prompt: str = "imo_proofbench_v1", **kwargs):
         super().__init__(client, prompt, **kwargs)  # BaseJudge's other arguments (jsonargparse reads them through kwargs)
+        if self.banding:  # banded scores are other grades than the replies' own: never share a cache key with them
+            self.prompt = replace(self.prompt, version=f"{self.prompt.version}+banded")
 
     def proof_of(self, response: str) -> str | None:
         proof = super().proof_of(response)
@@ -311,4 +324,5 @@ class ProofBenchJudge(BaseJudge):
         }
 
     def parse(self, reply: str) -> int | None:
-        return parse_points(reply)
+        points = parse_points(reply, self.verdict)
+        return band_score(points) if points is not None and self.banding else points

@@ -6,7 +6,8 @@ Paper's choice (reference implementation): only the text after the last `</think
 
 Ours, where the reference leaves it open:
 - **Which tag counts.** A tag is a complete `<score>...</score>` pair (case-insensitive, no `<` inside). The *last*
-  complete pair is the judge's final verdict, and it must hold a plain integer 0..7 (whitespace around it allowed).
+  complete pair is the judge's final verdict (`which="last"`, ours; the reference reads the *first* tag, which
+  `which="first"` reproduces), and it must hold a plain integer 0..7 (whitespace around it allowed).
   If that last verdict is out of range (8, -1), not an integer (3.5, "seven") or empty, the reply is unparsable
   (`None`): we do not fall back to an earlier tag, because a judge that revised its score to something invalid has
   not given a usable score, and a silent fallback would grade with a number the judge withdrew. Incomplete tags
@@ -20,6 +21,7 @@ Ours, where the reference leaves it open:
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 __all__ = ["band_score", "extract_proof", "parse_points", "parse_score", "strip_self_evaluation"]
 
@@ -45,20 +47,23 @@ _SELF_EVAL_LINE = re.compile(
 )
 
 
-def _last_valid(pattern: re.Pattern[str], body: re.Pattern[str], text: str) -> int | None:
-    """The integer in the last complete tag of `pattern` if its body matches `body` and is in 0..7, else None."""
+Verdict = Literal["last", "first"]
+
+
+def _verdict(pattern: re.Pattern[str], body: re.Pattern[str], text: str, which: Verdict) -> int | None:
+    """The integer in the last (or first) complete tag of `pattern` if its body matches `body` and is in 0..7."""
     tags = pattern.findall(text)
     if not tags:
         return None
-    match = body.fullmatch(tags[-1])
+    match = body.fullmatch(tags[-1] if which == "last" else tags[0])
     if match is None:
         return None
     value = int(match.group(1))
     return value if 0 <= value <= MAX_SCORE else None
 
 
-def parse_score(text: str) -> int | None:
-    """The 0..7 score of the judge's last `<score>N</score>` tag, or None when there is no usable verdict.
+def parse_score(text: str, which: Verdict = "last") -> int | None:
+    """The 0..7 score of the judge's last (or first) `<score>N</score>` tag, or None when there is no usable verdict.
 
     >>> parse_score("<score>3</score><assessment>ok</assessment>")
     3
@@ -70,14 +75,14 @@ def parse_score(text: str) -> int | None:
     True
     >>> parse_score("<score>4</score> then an unfinished <score>6")  # an incomplete tag is not a tag
     4
-    >>> parse_score("no verdict") is None
-    True
+    >>> parse_score("no verdict") is None, parse_score("<score>2</score> <score>5</score>", which="first")
+    (True, 2)
     """
-    return _last_valid(_SCORE_TAG, _INTEGER, text)
+    return _verdict(_SCORE_TAG, _INTEGER, text, which)
 
 
-def parse_points(text: str) -> int | None:
-    """The N of the last `<points>N out of 7</points>` (IMO-ProofBench protocol), N in 0..7, else None.
+def parse_points(text: str, which: Verdict = "last") -> int | None:
+    """The N of the last (or first) `<points>N out of 7</points>` (IMO-ProofBench protocol), N in 0..7, else None.
 
     >>> parse_points("The proof is complete. <points>7 out of 7</points>")
     7
@@ -86,7 +91,7 @@ def parse_points(text: str) -> int | None:
     >>> parse_points("<points>6/7</points>") is None, parse_points("<points>8 out of 7</points>") is None
     (True, True)
     """
-    return _last_valid(_POINTS_TAG, _POINTS_BODY, text)
+    return _verdict(_POINTS_TAG, _POINTS_BODY, text, which)
 
 
 def extract_proof(text: str) -> str | None:

@@ -102,23 +102,33 @@ def group_advantages_masked(
     return centred.reshape(-1)  # [P * G]
 
 
-def zero_advantage_fraction(rewards: Tensor, group_size: int, *, valid: Tensor | None = None) -> float:
-    """Fraction of groups whose rewards are all equal, hence whose advantages are all zero.
+def flat_groups(rewards: Tensor, group_size: int, *, valid: Tensor | None = None) -> Tensor:
+    """Bool `[P]`: True for a group whose rewards are all equal (all-zero advantages, no policy signal).
 
     With `valid` (as in `group_advantages_masked`), only valid members are compared; a group with at most one
-    valid member counts as zero-signal.
+    valid member is flat too.
 
-    >>> zero_advantage_fraction(torch.tensor([1.0, 1.0, 0.0, 0.5]), group_size=2)
-    0.5
+    >>> flat_groups(torch.tensor([1.0, 1.0, 0.0, 0.5, 3.0, 0.0]), group_size=2, valid=torch.tensor([True] * 5 + [False]))
+    tensor([ True, False,  True])
     """
     _check_groups(rewards, group_size)
     if valid is not None:
         _check_valid(rewards, valid)
-    if rewards.numel() == 0:
-        return 0.0
     grouped = _as_float(rewards).view(-1, group_size)  # [P, G]
     keep = torch.ones_like(grouped, dtype=torch.bool) if valid is None else valid.view(-1, group_size)  # [P, G]
     high = torch.where(keep, grouped, -torch.inf).amax(dim=1)  # [P]
     low = torch.where(keep, grouped, torch.inf).amin(dim=1)  # [P]
-    flat = (high == low) | (keep.sum(dim=1) <= 1)  # [P]
+    return (high == low) | (keep.sum(dim=1) <= 1)  # [P]
+
+
+def zero_advantage_fraction(rewards: Tensor, group_size: int, *, valid: Tensor | None = None) -> float:
+    """Fraction of groups whose rewards are all equal (`flat_groups`), hence whose advantages are all zero.
+
+    >>> zero_advantage_fraction(torch.tensor([1.0, 1.0, 0.0, 0.5]), group_size=2)
+    0.5
+    """
+    if rewards.numel() == 0:
+        _check_groups(rewards, group_size)
+        return 0.0
+    flat = flat_groups(rewards, group_size, valid=valid)  # [P]
     return flat.sum().item() / flat.numel()
