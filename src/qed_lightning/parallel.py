@@ -5,10 +5,16 @@ FSDP2 is Lightning's `ModelParallelStrategy` with `torch.distributed.fsdp.fully_
 nodes, tensor parallel inside a node), so on one node with 8 GPUs it would build a mesh of 1 x 8 and give every
 process the same batches. `FSDP2Strategy` only changes those defaults: all processes shard one data-parallel
 dimension, each reads its own part of the data. Everything else (launch, mesh, distributed checkpoints) is Lightning's.
+
+`process_ranks` tells a process its rank whichever launcher started it (torchrun, srun, Lightning's own), for the
+parts that live outside Lightning's strategy: per-rank vLLM engines and per-rank grade-cache files.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
@@ -81,3 +87,40 @@ def apply_fsdp2(model: torch.nn.Module, mesh) -> torch.nn.Module:
     fully_shard(model, mesh=mesh)
     model._is_fsdp_managed_module = True
     return model
+
+
+@dataclass(frozen=True)
+class ProcessRanks:
+    """This process's place in a multi-process job: global rank and world size, rank on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def process_ranks(env: Mapping[str, str] | None = None, dist_rank: int | None = None,
+                  dist_world: int | None = None) -> ProcessRanks:
+    """Rank, world size and local rank, whichever launcher started this process.
+
+    The global rank and world size come from the initialised process group when there is one (`dist_rank`,
+    `dist_world`; read from torch.distributed when left None), else from `RANK`/`WORLD_SIZE` (torchrun) or
+    `SLURM_PROCID`/`SLURM_NTASKS` (srun). The local rank from `LOCAL_RANK` (torchrun, and Lightning's own launcher,
+    which exports no `RANK`) or `SLURM_LOCALID` (srun, where Lightning exports neither).
+
+    >>> process_ranks({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}, dist_rank=-1)
+    ProcessRanks(rank=9, world_size=16, local_rank=1)
+    >>> process_ranks({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "SLURM_LOCALID": "0"}, dist_rank=-1)
+    ProcessRanks(rank=3, world_size=4, local_rank=3)
+    >>> process_ranks({"LOCAL_RANK": "1"}, dist_rank=1, dist_world=2)
+    ProcessRanks(rank=1, world_size=2, local_rank=1)
+    """
+    env = os.environ if env is None else env
+    if dist_rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        dist_rank, dist_world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if dist_rank is not None and dist_rank >= 0:
+        rank, world = dist_rank, dist_world or 1
+    else:
+        rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+        world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+    return ProcessRanks(rank, world, local)

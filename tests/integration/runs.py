@@ -1,9 +1,33 @@
-"""Reading a run's metrics back, shared by the integration tests that drive `qed-fit`."""
+"""Running `qed-fit` in a subprocess and reading a run's metrics back, shared by the integration tests."""
 
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment, offline, one OpenMP thread per process (the ranks share 2 cores), plus `extra`."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_process(cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> int:
+    """Run `cmd` (output to `log`) in its own process group, so a timeout also ends the ranks it launched."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env or subprocess_env(), cwd=REPO,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
 
 
 def read_metrics(root: Path) -> list[dict[str, float]]:

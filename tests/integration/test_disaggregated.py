@@ -20,7 +20,7 @@ from qed_lightning.cli import make_cli
 from qed_lightning.rollout import SamplingConfig, VLLMServerEngine, iter_full_parameters
 from runs import read_metrics, series
 from sampling import T, chat_prompt, trainer_logprobs
-from vllm_server import vllm_serve
+from vllm_server import pool_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -31,11 +31,7 @@ STARTUP_S = 300.0
 @pytest.fixture(scope="module")
 def pool_url(tiny_model_dir, tmp_path_factory):
     # started as scripts/slurm/vllm_pool.sbatch starts a pool member; on CPU, prefills whole (see VLLMServerEngine)
-    log_path = tmp_path_factory.mktemp("pool") / "server.log"
-    with vllm_serve(tiny_model_dir, log_path, "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
-                    "--worker-extension-cls", "qed_lightning.rollout.vllm_worker.QEDWorkerExtension",
-                    "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096",
-                    env={"VLLM_SERVER_DEV_MODE": "1"}, startup_s=STARTUP_S) as url:
+    with pool_server(tiny_model_dir, tmp_path_factory.mktemp("pool") / "server.log", startup_s=STARTUP_S) as url:
         yield url
 
 

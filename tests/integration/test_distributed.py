@@ -17,14 +17,13 @@ RL: samples are seeded per (step, problem) and the HF engine generates each prom
 from __future__ import annotations
 
 import csv
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from runs import run_process, subprocess_env
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -34,28 +33,11 @@ STEPS = 3
 TOL = 1e-5
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1"}
-
-
-def _run(cmd: list[str], log: Path, timeout: float) -> int:
-    """Run `cmd` in its own process group, so a timeout also ends the ranks it launched."""
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-
-
 def _fit(root: Path, *args: str) -> list[dict[str, float]]:
     cmd = [sys.executable, "-m", "qed_lightning.cli", *args, "--trainer.default_root_dir", str(root),
            "--trainer.max_steps", str(STEPS)]
     log = root.with_suffix(".log")
-    assert _run(cmd, log, timeout=900) == 0, log.read_text()[-4000:]
+    assert run_process(cmd, log, timeout=900) == 0, log.read_text()[-4000:]
     (run_dir,) = sorted((root / "csv").glob("version_*"))
     with open(run_dir / "metrics.csv") as fh:
         return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
@@ -101,7 +83,7 @@ def test_fsdp2_sharded_checkpoint_exports_to_the_trained_weights(sft_runs, tmp_p
     ckpt = root / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard per rank
     out = tmp_path / "exported"
-    proc = subprocess.run([str(Path(sys.executable).parent / "qed-export"), str(ckpt), str(out)], env=_env(),
+    proc = subprocess.run([str(Path(sys.executable).parent / "qed-export"), str(ckpt), str(out)], env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the HF export gathered the in-memory FSDP2 model at the end of training (get_model_state_dict, full)
@@ -158,7 +140,7 @@ from pathlib import Path
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoModelForCausalLM
 from qed_lightning.parallel import apply_fsdp2
-from qed_lightning.rollout.server_engine import write_safetensors
+from qed_lightning.rollout.pool_sync import full_parameter_meta, write_safetensors
 from qed_lightning.rollout.sync import iter_full_parameters
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
@@ -170,6 +152,9 @@ apply_fsdp2(model, init_device_mesh("cpu", (2,)))
 assert all(type(p).__name__ == "DTensor" for p in model.parameters())
 shard = model.model.embed_tokens.weight.to_local()
 assert shard.shape[0] * 2 == full["model.embed_tokens.weight"].shape[0]  # each rank holds half
+meta = full_parameter_meta(model)  # what the iterator will yield, with full shapes, read without any gather
+assert [n for n, _, _ in meta] == [n for n in full if n != "lm_head.weight"]  # tied: once, as save_pretrained
+assert all(shape == tuple(full[n].shape) for n, _, shape in meta)
 pairs = iter_full_parameters(model)
 name, first = next(pairs)  # lazily: one parameter gathered, not the model
 assert type(first) is torch.Tensor and torch.equal(first, full[name]), name
@@ -190,11 +175,12 @@ os._exit(0)  # skip interpreter teardown, where gloo's threads occasionally abor
 
 def test_fsdp2_weight_sync_gathers_one_parameter_at_a_time(tiny_model_dir, tmp_path):
     """`iter_full_parameters` on an FSDP2-sharded model (2 gloo processes): full tensors, one per step of the
-    iterator, streamed by rank 0 into small safetensors shards while rank 1 takes part in each gather."""
+    iterator, streamed by rank 0 into small safetensors shards while rank 1 takes part in each gather; the NCCL
+    sync's metadata (`full_parameter_meta`) lists the same entries with their full shapes without gathering."""
     script = tmp_path / "sync.py"
     script.write_text(SYNC_SCRIPT)
     log = tmp_path / "sync.log"
-    code = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+    code = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                  str(tiny_model_dir), str(tmp_path / "out")], log, timeout=300)
     output = log.read_text()
     assert code == 0, output[-4000:]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from qed_lightning.cli import make_cli
+from qed_lightning.rewards import GradeCache
 from runs import read_metrics, series
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,10 +48,9 @@ def test_demo_rl_steps_sync_weights_and_log_everything(tiny_model_dir, tmp_path)
     assert max(series(rows, "rollout/logprob_diff_max")) < 1e-3
     assert series(rows, "rollout/policy_version") == [1.0, 2.0, 3.0]  # one push after each optimizer step
     assert series(rows, "val/reward_mean")  # the held-out problems were graded
-    # every grade was stored in the persistent cache
-    with sqlite3.connect(tmp_path / "grades.sqlite") as db:
-        (count,) = db.execute("select count(*) from grades").fetchone()
-    assert count > 0
+    # the judge's grades were stored in the persistent cache: this process's shard, read back by a new cache
+    cache = GradeCache(tmp_path / "grades.sqlite")
+    assert [p.name for p in cache.shards()] == ["grades.rank0.jsonl"] and len(cache) > 0
     before = load_file(str(tiny_model_dir / "model.safetensors"))
     after = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert [k for k in before if torch.equal(before[k], after[k])] == []

@@ -58,3 +58,15 @@ def vllm_serve(model: Path, log_path: Path, *flags: str, env: dict[str, str] | N
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+#: how scripts/slurm/vllm_pool.sbatch starts each pool member (processed log-probs, no generation_config defaults, our
+#: worker extension for reloads), plus what CPU servers need: seeded requests are prefilled whole (VLLMServerEngine)
+POOL_FLAGS = ("--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
+              "--worker-extension-cls", "qed_lightning.rollout.vllm_worker.QEDWorkerExtension",
+              "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096")
+
+
+def pool_server(model: Path, log_path: Path, startup_s: float = 300.0):
+    """`vllm_serve` as a pool member that accepts weight reloads (`VLLM_SERVER_DEV_MODE=1`)."""
+    return vllm_serve(model, log_path, *POOL_FLAGS, env={"VLLM_SERVER_DEV_MODE": "1"}, startup_s=startup_s)

@@ -95,3 +95,30 @@ def test_reasoning_cache_scaffold_runs_the_rc_loop_batched():
     assert outs[0].tokens == 3 * 12 + 2 * 4 and outs[0].calls == 5
     assert [t["summary"] for t in outs[0].trace] == ["I tried a parity argument.", "I tried a parity argument.", None]
     assert "I tried a parity argument." in engine.calls[2][0]  # the second cycle reasons from the summary
+
+
+def test_a_self_summarizing_policy_gets_room_to_close_its_thinking_before_the_summary():
+    """A thinking model summarizing itself thinks first: its summary budget is the generation budget (64 here), not
+    the instruct summarizer's 2,048, unless set; a separate summarizer keeps 2,048."""
+    tok = FakeTokenizer()
+    budgets: list[tuple[str, int]] = []
+
+    class Recording(FakeEngine):
+        def generate(self, prompts, sampling, n=1):
+            budgets.extend((_kind(tok.text_of(p)), sampling.max_new_tokens) for p in prompts[:1])
+            return super().generate(prompts, sampling, n)
+
+    def reply(text: str):
+        return ("<think>what did I try</think>I tried parity.", 9, "stop")
+
+    ReasoningCacheScaffold(cycles=2).run(["Problem A"], Recording(tok, reply), tok, SAMPLING)
+    assert budgets == [("reason", 64), ("summarize", 64), ("reason", 64)]
+    budgets.clear()
+    ReasoningCacheScaffold(cycles=2, summary_max_new_tokens=16).run(["Problem A"], Recording(tok, reply), tok, SAMPLING)
+    assert budgets[1] == ("summarize", 16)
+    budgets.clear()
+    policy, summarizer = Recording(tok, reply), Recording(tok, reply)
+    ReasoningCacheScaffold(cycles=2, summarizer=summarizer).run(["Problem A"], policy, tok, SAMPLING)
+    assert budgets[1] == ("summarize", 2048)  # the paper's instruct summarizer
+    with pytest.raises(ValueError, match="summary_max_new_tokens must be >= 1"):
+        ReasoningCacheScaffold(summary_max_new_tokens=0)

@@ -424,25 +424,3 @@ def test_partial_failures_do_not_trip_the_breaker(server, make_judge):
     grades = judge.grade([req("QED"), req("QED QED")])
     assert sorted(g.status for g in grades) == ["error", "ok"]
     assert time.perf_counter() - start < 3.0  # no pause: the judge is answering
-
-
-def test_grade_cache_set_up_by_two_processes_at_once(tmp_path):
-    """Two training ranks share one cache file; opening it at the same moment must not fail with "locked"."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_open_and_put, args=(str(tmp_path / "g.sqlite"), i)) for i in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
-    assert len(GradeCache(tmp_path / "g.sqlite")) == 4
-
-
-def _open_and_put(path: str, i: int) -> None:
-    from qed_lightning.rewards import Grade, GradeCache
-
-    cache = GradeCache(path)
-    cache.put(f"key-{i}", Grade(score=i, reward=i / 7, status="ok"))
-    cache.close()

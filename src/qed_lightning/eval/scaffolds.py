@@ -236,6 +236,10 @@ class ReasoningCacheScaffold(Scaffold):
         summarizer: a separate summarizer engine; None = the model summarizes itself (paper, at test time).
         summarizer_tokenizer: tokenizer of a separate summarizer (None = the policy's).
         summarizer_sampling: sampling of the summaries (None = the RC default: T 0.7, top_p 0.8, top_k 20, 2,048).
+        summary_max_new_tokens: the summaries' token budget; None = 2,048 (the paper's instruct summarizer) with a
+            separate summarizer or an explicit `summarizer_sampling`, and the generation budget
+            (`max_new_tokens`) when the model summarizes itself: a thinking policy first thinks, and a summary
+            cut off inside `<think>` would be raw thinking (`rc.summary_text` keeps what follows `</think>`).
         reasoning_prompt / summary_prompt: RC templates (packaged names or paths).
         summary_input_split: the summarizer reads an attempt's thinking up to its "last" `</think>` (ours) or its
             "first" (the reference).
@@ -245,14 +249,16 @@ class ReasoningCacheScaffold(Scaffold):
     kind = "reasoning_cache"
 
     def __init__(self, cycles: int = 3, summarizer: RolloutEngine | None = None, summarizer_tokenizer: str | None = None,
-                 summarizer_sampling: SamplingConfig | None = None, reasoning_prompt: str = "rc_reasoning_v1",
-                 summary_prompt: str = "rc_summary_v1", summary_input_split: Literal["last", "first"] = "last",
+                 summarizer_sampling: SamplingConfig | None = None, summary_max_new_tokens: int | None = None,
+                 reasoning_prompt: str = "rc_reasoning_v1", summary_prompt: str = "rc_summary_v1",
+                 summary_input_split: Literal["last", "first"] = "last",
                  name: str | None = None) -> None:
         super().__init__(name)
-        if cycles < 1:
-            raise ValueError(f"scaffold.cycles must be >= 1, got {cycles}.")
+        if cycles < 1 or (summary_max_new_tokens is not None and summary_max_new_tokens < 1):
+            raise ValueError(f"scaffold.cycles and scaffold.summary_max_new_tokens must be >= 1, got {cycles} and "
+                             f"{summary_max_new_tokens}.")
         self.cycles, self.summarizer, self.summarizer_tokenizer = cycles, summarizer, summarizer_tokenizer
-        self.summarizer_sampling = summarizer_sampling
+        self.summarizer_sampling, self.summary_max_new_tokens = summarizer_sampling, summary_max_new_tokens
         self.reasoning_prompt, self.summary_prompt = reasoning_prompt, summary_prompt
         self.summary_input_split = summary_input_split
 
@@ -260,16 +266,25 @@ class ReasoningCacheScaffold(Scaffold):
         sampling = sampling_settings(self.summarizer_sampling) if self.summarizer_sampling is not None else None
         summarizer = type(self.summarizer).__name__ if self.summarizer is not None else None
         return {"kind": self.kind, "cycles": self.cycles, "summarizer": summarizer, "summarizer_sampling": sampling,
+                "summary_max_new_tokens": self.summary_max_new_tokens,
                 "reasoning_prompt": self.reasoning_prompt, "summary_prompt": self.summary_prompt,
                 "summary_input_split": self.summary_input_split}
 
+    def summary_sampling(self, sampling: SamplingConfig) -> SamplingConfig:
+        """The summaries' sampling for a run generating with `sampling` (see `summary_max_new_tokens`)."""
+        from qed_lightning.rc.loop import SUMMARIZER_SAMPLING
+
+        summary = self.summarizer_sampling or SUMMARIZER_SAMPLING
+        self_summary = self.summarizer is None and self.summarizer_sampling is None
+        budget = self.summary_max_new_tokens or (sampling.max_new_tokens if self_summary else summary.max_new_tokens)
+        return replace(summary, max_new_tokens=budget)
+
     def run(self, problems: list[str], engine: RolloutEngine, tokenizer, sampling: SamplingConfig) -> list[ScaffoldOutput]:
-        from qed_lightning.rc.loop import SUMMARIZER_SAMPLING, run_reasoning_cache  # stage 3's loop, loaded on use
+        from qed_lightning.rc.loop import run_reasoning_cache  # stage 3's loop, loaded on use
 
         trajectories = run_reasoning_cache(
             problems, engine, tokenizer, sampling, cycles=self.cycles, summarizer=self.summarizer,
-            summarizer_tokenizer=self.summarizer_tokenizer,
-            summarizer_sampling=self.summarizer_sampling or SUMMARIZER_SAMPLING,
+            summarizer_tokenizer=self.summarizer_tokenizer, summarizer_sampling=self.summary_sampling(sampling),
             reasoning_prompt=self.reasoning_prompt, summary_prompt=self.summary_prompt,
             summary_input_split=self.summary_input_split,
         )

@@ -48,6 +48,7 @@ from qed_lightning.rc.loop import RCState, RCTrajectory, ReasoningCache
 from qed_lightning.rewards import RubricJudge
 from qed_lightning.rollout.base import RolloutEngine, SamplingConfig
 from qed_lightning.rollout.sync import FrozenEngineCallback
+from qed_lightning.rollout.vllm_engine import SECOND_ENGINE_REFUSED, in_process
 from qed_lightning.seeds import derive_sampling, derive_seed
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,8 @@ class ReasoningCacheRLModule(RubricRLModule):
         if (summarizer is None) != (summarizer_model is None):
             problems.append("model.summarizer (a separate engine) and model.summarizer_model (its weights and tokenizer, e.g. "
                             "Qwen/Qwen3-4B-Instruct-2507) go together; leave both unset for the policy to summarize itself")
+        if summarizer is not None and torch.cuda.is_available() and in_process(summarizer) and in_process(engine):
+            problems.append(f"model.summarizer: {SECOND_ENGINE_REFUSED}")
         if problems:
             raise ValueError("; ".join(problems))
         if states_per_trajectory > cycles + 1:

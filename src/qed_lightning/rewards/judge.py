@@ -272,7 +272,8 @@ class RubricJudge(BaseJudge):
             response when there is no `</think>`.
         on_failure: reward of a failed grade: "zero" (paper) or "drop" (None; excluded from its group).
         banding: map scores to the IMO scale (1..5 -> 1) before dividing by 7.
-        cache_path: SQLite file of the grade cache (None = no cache).
+        cache_path: name of the grade cache (None = no cache); each rank writes `<stem>.rank<R>.jsonl` next to it
+            and every rank reads all of them when it starts (`rewards/cache.py`).
         max_down_s: circuit breaker: when every call of a batch fails, pause and probe the judge for up to this
             many seconds, then stop the run with `JudgeDownError` (0 = never pause: failures follow on_failure).
         probe_interval_s: seconds between probes while the judge is down.

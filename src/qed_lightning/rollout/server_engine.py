@@ -30,8 +30,9 @@ Weight sync, after every optimizer step (`WeightSyncCallback` calls `load_weight
   directory every server can read: shared file system), then each server runs `reload_weights` from it through
   `POST /collective_rpc` and drops its prefix cache. At most one shard is held in memory.
 - `sync: nccl` (GPU clusters; not testable on CPU): vLLM's own trainer-side weight transfer
-  (`NCCLTrainerWeightTransferEngine`): rank 0 joins an NCCL group with each server's workers and broadcasts the
-  parameters (FSDP shards gathered one by one by vLLM's `ModuleSource`); no file system involved.
+  (`NCCLTrainerWeightTransferEngine`): one NCCL group spans trainer rank 0 and the workers of every server; each
+  parameter is gathered once (FSDP2 DTensor, ZeRO-3 partition) and broadcast once to all servers
+  (`rollout.pool_sync`); no file system involved.
 Tied lm_head: an in-place reload of a tied checkpoint leaves a stale pre-packed lm_head on vLLM's CPU backend (see
 `vllm_engine._refresh_tied_lm_head`), and a reload *from a path* through `/collective_rpc` has the same problem
 (found by tests/integration/test_disaggregated.py: after a sync the server's log-probs matched the new body with the
@@ -57,6 +58,7 @@ import torch
 from torch import Tensor
 
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
+from qed_lightning.rollout.pool_sync import PoolWeightSyncClient, full_parameter_source, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -100,44 +102,6 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def write_safetensors(named_tensors: Iterable[tuple[str, Tensor]], out: Path | None, shard_bytes: int = 2**30) -> int:
-    """Stream (name, tensor) pairs into safetensors shards of about `shard_bytes` plus their index; returns the bytes
-    written. With `out=None` the pairs are only consumed (the other ranks of a sharded trainer take part in each
-    parameter's gather). At most one shard is held in memory."""
-    from safetensors.torch import save_file
-
-    shard: dict[str, Tensor] = {}
-    weight_map: dict[str, str] = {}
-    size = total = 0
-    files = 0
-
-    def flush() -> None:
-        nonlocal shard, size, files
-        if shard:
-            files += 1
-            name = f"model-{files:05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        shard, size = {}, 0
-
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    for name, tensor in named_tensors:
-        if out is None:
-            continue
-        data = tensor.detach().to("cpu").contiguous()
-        shard[name] = data
-        size += data.numel() * data.element_size()
-        total += data.numel() * data.element_size()
-        if size >= shard_bytes:
-            flush()
-    if out is not None:
-        flush()
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    return total
-
-
 class VLLMServerEngine(RolloutEngine):
     """A pool of vLLM OpenAI-compatible servers as the rollout engine (see the module docstring for server flags).
 
@@ -154,8 +118,8 @@ class VLLMServerEngine(RolloutEngine):
         timeout_s: per request. max_concurrency: requests in flight per training rank. max_retries: attempts per
             request on connection errors and HTTP 5xx.
         startup_timeout_s: how long `start` waits for every server to answer `/v1/models`.
-        nccl_master_address: this trainer's address as the servers see it (NCCL sync); nccl_port: first rendezvous
-            port (server i uses nccl_port + i).
+        nccl_master_address: this trainer's address as the servers see it (NCCL sync); nccl_port: the rendezvous
+            port of the pool's one broadcast group.
     """
 
     def __init__(
@@ -199,7 +163,7 @@ class VLLMServerEngine(RolloutEngine):
         self.policy_version = 0
         self.client: httpx.Client | None = None
         self.policy: torch.nn.Module | None = None
-        self._senders: list | None = None
+        self._sender = None  # the NCCL transfer engine of sync=nccl, created at the first push
         self._syncs = 0
         self._turn = 0
         self._rank, self._world = 0, 1
@@ -242,9 +206,9 @@ class VLLMServerEngine(RolloutEngine):
             time.sleep(2.0)
 
     def close(self) -> None:
-        for sender in self._senders or []:
-            sender.shutdown()
-        self._senders = None
+        if self._sender is not None:
+            self._sender.shutdown()
+        self._sender = None
         if self.client is not None:
             self.client.close()
             self.client = None
@@ -357,20 +321,17 @@ class VLLMServerEngine(RolloutEngine):
                         "(GPU servers are unaffected)", url, WORKER_EXTENSION)
 
     def _send_nccl(self) -> None:
-        """vLLM's trainer-side NCCL weight transfer, one group per server (GPU only; untested on CPU)."""
-        from vllm.distributed.weight_transfer.base import ModuleSource
+        """vLLM's trainer-side NCCL weight transfer over one group for the whole pool (`rollout.pool_sync`): each
+        parameter gathered once and broadcast once to every server (GPU only; untested on CPU)."""
         from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
 
         if self.policy is None:
             raise RuntimeError("VLLMServerEngine(sync=nccl) needs the policy: WeightSyncCallback attaches it at fit start")
-        if self._senders is None:
-            self._senders = []
-            for i, url in enumerate(self.urls):
-                workers = int(self.client.get(f"{url}/get_world_size").json()["world_size"])
-                info = NCCLTrainerInitInfo(master_address=self.nccl_master_address, master_port=self.nccl_port + i,
-                                           world_size=1 + workers, rank=_rank())
-                self._senders.append(NCCLTrainerWeightTransferEngine.trainer_init(
-                    info, client=HTTPVLLMWeightSyncClient(url, timeout=self.timeout_s), source=ModuleSource(self.policy)))
-        for sender in self._senders:
-            sender.send_weights()
+        if self._sender is None:
+            workers = [int(self.client.get(f"{url}/get_world_size").json()["world_size"]) for url in self.urls]
+            pool = PoolWeightSyncClient([HTTPVLLMWeightSyncClient(url, timeout=self.timeout_s) for url in self.urls], workers)
+            info = NCCLTrainerInitInfo(master_address=self.nccl_master_address, master_port=self.nccl_port,
+                                       world_size=1 + sum(workers), rank=_rank())
+            self._sender = NCCLTrainerWeightTransferEngine.trainer_init(info, client=pool, source=full_parameter_source(self.policy))
+        self._sender.send_weights()

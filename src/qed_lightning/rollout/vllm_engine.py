@@ -11,7 +11,16 @@ under the sampling temperature, the convention of `qed_lightning.rl.token_logpro
 would differ by ~0.3 nats per token at T=0.8 (SPEC 7) and bias every importance ratio. Top-p/top-k also change
 processed log-probs; RL configs keep them off.
 
-On GPU, `enable_sleep_mode=True` lets the engine release its KV cache (level 1) while the optimizer runs.
+One engine per training process (`rollout.launch`): under Lightning, srun or torchrun every rank creates its own
+engine with vLLM's `external_launcher` executor on the rank's own device, told its `RANK`/`LOCAL_RANK`; with
+`tensor_parallel_size` t > 1 groups of t ranks share one engine (each rank's prompts are gathered over the group,
+generated together, and each rank keeps its own). A lone CPU process keeps vLLM's uni-process executor.
+
+Memory hand-off (`enable_sleep_mode`, GPU; `rollout.handoff`): after sampling the engine sleeps at `sleep_level` 2,
+which discards its weights and KV cache (level 1 would copy weights that are replaced after the step to host memory
+and back); after the step `push_weights` wakes the weights, reloads them and wakes the KV cache. vLLM's CPU build
+has no sleep mode: there the same calls run and are counted, and touch no memory. Only one engine per process may
+use sleep mode on GPU (vLLM's CuMem allocator is per process), so a second in-process engine is refused there.
 
 On CPU, prefills are never chunked (`enable_chunked_prefill=False`, a token budget of at least `max_model_len`).
 When a step's prefills exceed the budget, vLLM schedules the last one in part and discards its sampled token, then
@@ -26,12 +35,14 @@ import gc
 import logging
 import os
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import replace
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
+from qed_lightning.rollout.launch import EngineLaunch, current_launch, export_launch, tp_groups
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +61,18 @@ def _refresh_tied_lm_head(model: torch.nn.Module) -> None:
         head.quant_method.process_weights_after_loading(head)
 
 
+_LIVE_GPU_ENGINES: list["VLLMEngine"] = []  # in-process engines on CUDA: vLLM's CuMem allocator allows one
+
+SECOND_ENGINE_REFUSED = (
+    "a second in-process vLLM engine cannot share a GPU training process (vLLM's CuMem allocator, which sleep mode "
+    "needs, serves one engine per process, and the two engines' memory shares would not both fit): run the "
+    "summarizer as a server, model.summarizer: {class_path: qed_lightning.rollout.VLLMServerEngine, init_args: "
+    "{urls: [...], sync: none}} (configs/rc.yaml), or unset model.summarizer and model.summarizer_model so the "
+    "policy summarizes itself")
+
+
 class VLLMEngine(RolloutEngine):
-    """In-process vLLM engine.
+    """In-process vLLM engine, one per training process.
 
     Args:
         model: model folder or hub id; None = the policy's `model_name_or_path` (set when the trainer starts).
@@ -60,9 +81,12 @@ class VLLMEngine(RolloutEngine):
         max_model_len: longest prompt + completion, in tokens.
         enforce_eager: skip CUDA-graph capture (faster start, slower decoding).
         enable_prefix_caching: share the prompt's KV across the G samples of a group.
-        enable_sleep_mode: release memory while the trainer steps (GPU only).
-        seed: engine seed.
-        tensor_parallel_size: GPUs per engine.
+        enable_sleep_mode: the memory hand-off with the trainer (see the module docstring); on CPU its calls run
+            as no-ops.
+        sleep_level: 2 = discard weights and KV cache while the trainer steps (the weights are pushed after every
+            step; needs `model.sync_interval: 1`), 1 = keep a host copy of the weights.
+        seed: engine seed (plus the tensor-parallel group index; requests carry their own seeds).
+        tensor_parallel_size: training processes (GPUs) that share one engine; must divide the world size.
         kv_cache_memory_gib: an explicit KV-cache size; None = derived from `gpu_memory_utilization` on GPU, and
             0.5 GiB on CPU, where vLLM otherwise subtracts the whole trainer process's memory from its share.
         llm_kwargs: further `vllm.LLM` arguments (e.g. `max_num_seqs`, `max_num_batched_tokens`); they override
@@ -78,6 +102,7 @@ class VLLMEngine(RolloutEngine):
         enforce_eager: bool = True,
         enable_prefix_caching: bool = True,
         enable_sleep_mode: bool = False,
+        sleep_level: Literal[1, 2] = 2,
         seed: int = 0,
         tensor_parallel_size: int = 1,
         kv_cache_memory_gib: float | None = None,
@@ -91,45 +116,86 @@ class VLLMEngine(RolloutEngine):
             enforce_eager=enforce_eager,
             enable_prefix_caching=enable_prefix_caching,
             enable_sleep_mode=enable_sleep_mode,
-            seed=seed,
             tensor_parallel_size=tensor_parallel_size,
         )
+        self.seed = seed
+        self.sleep_level = sleep_level
         self.kv_cache_memory_gib = kv_cache_memory_gib
         self.llm_kwargs = dict(llm_kwargs or {})
         self.max_model_len = max_model_len
         self.llm = None
+        self.launch: EngineLaunch | None = None
         self.policy_version = 0
-        self._asleep = False
+        self._sleeping: set[str] = set()  # memory kinds asleep ("weights", "kv_cache"); tracked on CPU too
+        self._tp_group = None  # torch process group of the ranks sharing this engine (tensor_parallel_size > 1)
+        self.handoff_counts = {"sleep": 0, "wake": 0}
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    @property
+    def memory_handoff(self) -> bool:
+        return bool(self.kwargs["enable_sleep_mode"])
+
+    @property
+    def sleep_discards_weights(self) -> bool:
+        return self.memory_handoff and self.sleep_level == 2
 
     def start(self, model: str | None = None) -> None:
-        """Create the vLLM engine (idempotent). Heavy: call it once the trainer starts, not in `__init__`."""
+        """Create this process's engine (idempotent). Heavy: call it once the trainer starts, not in `__init__`."""
         if self.llm is not None:
             return
         self.model = self.model or model
         if self.model is None:
             raise ValueError("VLLMEngine needs a model: set engine `model` or start it with the policy's path.")
+        cuda = torch.cuda.is_available()
+        if cuda and _LIVE_GPU_ENGINES:
+            raise RuntimeError(SECOND_ENGINE_REFUSED)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: weights can be swapped without IPC
+        self.launch = current_launch(self.kwargs["tensor_parallel_size"], self.seed)
+        export_launch(self.launch)
+        if len(self.launch.tp_group) > 1:  # every rank creates every subgroup, in the same order
+            self._tp_group, _ = torch.distributed.new_subgroups_by_enumeration(
+                [list(g) for g in tp_groups(self.launch.ranks.world_size, len(self.launch.tp_group))])
         from vllm import LLM
 
-        kwargs = dict(self.kwargs)
-        if not torch.cuda.is_available():
-            kwargs.pop("enable_sleep_mode")
-            if kwargs["dtype"] == "auto":
-                kwargs["dtype"] = "float32"
-        kv_gib = self.kv_cache_memory_gib if self.kv_cache_memory_gib is not None else (None if torch.cuda.is_available() else 0.5)
-        if kv_gib is not None:
-            kwargs["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
-        if not torch.cuda.is_available():  # whole prefills only: see the module docstring
-            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(self.max_model_len, 4096))
-        kwargs.update(self.llm_kwargs)
-        self.llm = LLM(model=self.model, logprobs_mode="processed_logprobs", **kwargs)
+        self.llm = LLM(model=self.model, logprobs_mode="processed_logprobs", **self._llm_args(cuda))
+        if cuda:
+            _LIVE_GPU_ENGINES.append(self)
         # a tied lm_head has no checkpoint entry, so every in-place reload warns about it; _refresh_tied_lm_head
         # handles that layer, so the warning is noise
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         # On CPU, vLLM's worker binds OpenMP threads (VLLM_CPU_OMP_THREADS_BIND; one per core by default) and replaces
         # torch.set_num_threads with a no-op in this process, so the trainer runs on the threads vLLM bound; set
         # OMP_NUM_THREADS / VLLM_CPU_OMP_THREADS_BIND before the run to choose them (scripts/bench_rl.py does).
-        log.info("vLLM engine ready on %s (max_model_len=%d)", self.model, self.max_model_len)
+        log.info("vLLM engine ready on %s: rank %d of %d, device index %d, executor %s, tensor-parallel group %s "
+                 "(max_model_len=%d)", self.model, self.launch.ranks.rank, self.launch.ranks.world_size,
+                 self.launch.device_index, self.launch.backend or "uni", list(self.launch.tp_group), self.max_model_len)
+
+    def _llm_args(self, cuda: bool) -> dict[str, Any]:
+        """`vllm.LLM` arguments: the configured ones, the launch, and the CPU build's needs."""
+        kwargs = dict(self.kwargs, seed=self.launch.seed)
+        if self.launch.backend is not None:
+            kwargs["distributed_executor_backend"] = self.launch.backend
+        if not cuda:
+            kwargs.pop("enable_sleep_mode")  # vLLM's CPU build has none; the hand-off's calls are no-ops there
+            if kwargs["dtype"] == "auto":
+                kwargs["dtype"] = "float32"
+        kv_gib = self.kv_cache_memory_gib if self.kv_cache_memory_gib is not None else (None if cuda else 0.5)
+        if kv_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
+        if not cuda:  # whole prefills only: see the module docstring
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(self.max_model_len, 4096))
+        kwargs.update(self.llm_kwargs)
+        return kwargs
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm = None
+            if self in _LIVE_GPU_ENGINES:
+                _LIVE_GPU_ENGINES.remove(self)
+            gc.collect()
+
+    # -- generation ----------------------------------------------------------------------------------------------
 
     def _sampling_params(self, sampling: SamplingConfig, n: int, seed: int | None):
         from vllm import SamplingParams
@@ -147,15 +213,38 @@ class VLLMEngine(RolloutEngine):
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, n: int = 1) -> list[list[Completion]]:
         if self.llm is None:
             self.start()
+        if self.sleep_discards_weights and "weights" in self._sleeping:
+            raise RuntimeError("VLLMEngine slept at level 2, which discards its weights; push new weights before "
+                               "generating (WeightSyncCallback does after every step), or set sleep_level: 1")
         self.wake_up()
-        from vllm.inputs import TokensPrompt
-
         too_long = [i for i, p in enumerate(prompts) if len(p) >= self.max_model_len]
         if too_long:
             raise ValueError(f"prompt(s) {too_long} have >= max_model_len={self.max_model_len} tokens; raise the engine's max_model_len")
-        params = [self._sampling_params(sampling, n, sampling.prompt_seed(i)) for i in range(len(prompts))]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        requests = [(list(p), sampling.prompt_seed(i)) for i, p in enumerate(prompts)]
+        if self._tp_group is None:
+            return self._generate(requests, sampling, n)
+        return self._generate_in_group(requests, sampling, n)
+
+    def _generate(self, requests: list[tuple[list[int], int | None]], sampling: SamplingConfig, n: int) -> list[list[Completion]]:
+        from vllm.inputs import TokensPrompt
+
+        params = [self._sampling_params(sampling, n, seed) for _, seed in requests]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in requests], params, use_tqdm=False)
         return [[self._completion(out.prompt_token_ids, o) for o in out.outputs] for out in outputs]
+
+    def _generate_in_group(self, requests, sampling: SamplingConfig, n: int) -> list[list[Completion]]:
+        """Tensor parallelism: the ranks sharing the engine submit the same requests in the same order (their
+        requests gathered), and each keeps its own."""
+        gathered: list = [None] * len(self.launch.tp_group)
+        torch.distributed.all_gather_object(gathered, (requests, replace(sampling, seed=None, seeds=None), n), group=self._tp_group)
+        if any(other[1:] != gathered[0][1:] for other in gathered):
+            raise RuntimeError(f"ranks {list(self.launch.tp_group)} share one vLLM engine but asked for different sampling "
+                               "settings or group sizes in the same call")
+        everything = [r for rank_requests, _, _ in gathered for r in rank_requests]
+        groups = self._generate(everything, sampling, n)
+        mine = self.launch.tp_group.index(self.launch.ranks.rank)
+        start = sum(len(rank_requests) for rank_requests, _, _ in gathered[:mine])
+        return groups[start:start + len(requests)]
 
     def _completion(self, prompt_ids: list[int], output) -> Completion:
         ids = list(output.token_ids)
@@ -163,10 +252,14 @@ class VLLMEngine(RolloutEngine):
         finish = "length" if output.finish_reason == "length" else "stop"
         return Completion(list(prompt_ids), ids, logprobs, finish, output.text, self.policy_version)
 
+    # -- weights and memory --------------------------------------------------------------------------------------
+
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Reload in place from (HF name, full tensor) pairs, in checkpoint format (vLLM fuses q/k/v etc. itself)."""
         if self.llm is None:
             self.start()
-        self.wake_up()
+        if self._sleeping:  # a reload writes into the weights' memory: it must be mapped
+            self.wake_up(("weights",))
         executor = self.llm.llm_engine.model_executor
         worker = getattr(getattr(executor, "driver_worker", None), "worker", None)
         if worker is not None:
@@ -177,20 +270,27 @@ class VLLMEngine(RolloutEngine):
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        if self.llm is not None and self.kwargs["enable_sleep_mode"] and torch.cuda.is_available() and not self._asleep:
-            self.llm.sleep(level=1)
-            self._asleep = True
-
-    @property
-    def memory_handoff(self) -> bool:
-        return bool(self.kwargs["enable_sleep_mode"])
+        """Release the weights (level 2) or copy them to host memory (level 1), and the KV cache."""
+        if self.llm is None or not self.memory_handoff or self._sleeping:
+            return
+        if torch.cuda.is_available():
+            self.llm.sleep(level=self.sleep_level)
+        self._sleeping = {"weights", "kv_cache"}
+        self.handoff_counts["sleep"] += 1
 
     def wake_up(self, tags: tuple[str, ...] | None = None) -> None:
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
+        """Map the given memory kinds again (None = all asleep); weights before a reload, the KV cache after it."""
+        todo = [t for t in (tags or ("weights", "kv_cache")) if t in self._sleeping]
+        if not todo:
+            return
+        if torch.cuda.is_available():
+            self.llm.wake_up(tags=todo)
+        self._sleeping -= set(todo)
+        self.handoff_counts["wake"] += 1
 
-    def close(self) -> None:
-        if self.llm is not None:
-            self.llm = None
-            gc.collect()
+
+def in_process(engine: RolloutEngine) -> bool:
+    """Whether `engine` (or the engine an `AsyncRollouts` wraps) is an in-process vLLM engine."""
+    from qed_lightning.rollout.async_rollouts import AsyncRollouts
+
+    return isinstance(engine.engine if isinstance(engine, AsyncRollouts) else engine, VLLMEngine)
