@@ -2,6 +2,7 @@
 
     qed-fit --config configs/demo/sft.yaml            # same as: qed-fit fit --config ...
     qed-fit --config configs/rl.yaml --print_config   # validate a paper-scale config without running it
+    qed-fit -v --config ...                           # every library's log lines too (or QED_LOG_LEVEL=INFO)
 
 Configs use omegaconf mode, so `${...}` interpolation works. The model's `model_name_or_path` is linked to the data
 module's `tokenizer`, so the checkpoint is named once.
@@ -16,6 +17,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
+from qed_lightning.logs import pop_verbose, setup_logging
 from qed_lightning.modules.base import QEDModule
 
 SUBCOMMANDS = {"fit", "validate", "test", "predict"}
@@ -70,7 +72,10 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> QEDCLI:
 
 
 def main() -> None:
-    sys.argv = sys.argv[:1] + _with_default_subcommand(sys.argv[1:])
+    """The `qed-fit` console script; `-v`/`--verbose` (or `QED_LOG_LEVEL`) shows every library's log lines."""
+    args, verbose = pop_verbose(sys.argv[1:])
+    setup_logging(verbose)
+    sys.argv = sys.argv[:1] + _with_default_subcommand(args)
     make_cli()
 
 
