@@ -90,12 +90,15 @@ def _level(verbose: bool) -> int | None:
 def _quiet_libraries() -> None:
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # its records then propagate to our filtered handler
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars ("Loading weights") follow it
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    for name in ("transformers", "datasets"):
-        module = sys.modules.get(name)
-        if module is not None:  # imported already: the env variables above came too late for them
-            utils = module.utils.logging if name == "transformers" else module
-            utils.disable_progress_bar() if name == "transformers" else utils.disable_progress_bars()
+    # libraries imported already read the variables above too early: switch their bars off directly
+    if (hub := sys.modules.get("huggingface_hub")) is not None:
+        hub.utils.disable_progress_bars()
+    if (transformers := sys.modules.get("transformers")) is not None:
+        transformers.utils.logging.disable_progress_bar()
+    if (datasets := sys.modules.get("datasets")) is not None:
+        datasets.disable_progress_bars()
 
 
 def setup_logging(verbose: bool = False) -> int | None:
