@@ -74,12 +74,10 @@ class QEDProgressBar(RichProgressBar):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        try:  # TEMPORARY until issue 11's phases.py lands
-            from qed_lightning.modules.phases import StepPhases
-        except ImportError:
-            return
-        phases = getattr(pl_module, "phases", None)  # the RL modules own one; SFT has none
-        if isinstance(phases, StepPhases) and self not in phases.listeners:
+        from qed_lightning.modules.rubric_rl import RubricRLModule
+
+        phases = pl_module.phases if isinstance(pl_module, RubricRLModule) else None  # SFT has no phases
+        if trainer.is_global_zero and phases is not None and self not in phases.listeners:
             phases.listeners.append(self)
 
     @property
@@ -89,7 +87,8 @@ class QEDProgressBar(RichProgressBar):
     # -- the phase listener ------------------------------------------------------------------------------------
 
     def phase_started(self, name: str, total: int | None) -> None:
-        self._phase = {"name": name, "completed": 0, "total": total, "start": time.perf_counter(), "stats": {}}
+        step = self._trainer.global_step if self._trainer is not None else 0  # the step's number before it steps
+        self._phase = {"name": name, "completed": 0, "total": total, "start": time.perf_counter(), "stats": {}, "step": step}
         if self.interactive:
             self._phase_task = self.progress.add_task(self._text(), total=total or float("inf"))
 
@@ -113,8 +112,7 @@ class QEDProgressBar(RichProgressBar):
             p = self._phase
             what = f"{p['completed']}/{p['total']} {UNITS.get(name, '')} in " if p["total"] else ""
             extras = phase_line(name, 0, None, seconds, p["stats"]).partition(" · ")[2]
-            step = self._trainer.global_step if self._trainer is not None else 0
-            log.info("[step %d] %s: %s%.1f s%s", step, name, what, seconds, f", {extras}" if extras else "")
+            log.info("[step %d] %s: %s%.1f s%s", p["step"], name, what, seconds, f", {extras}" if extras else "")
         self._phase = {}
 
     def _text(self) -> str:

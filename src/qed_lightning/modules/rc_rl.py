@@ -67,7 +67,7 @@ def sample_state_indices(num_states: int, m: int, rng: random.Random) -> list[in
 def state_prompt(problem: ProofProblem, state: RCState, replayed: bool = False) -> ProofProblem:
     """One RC state as a GRPO prompt: the state's reasoning prompt, graded against the original problem and rubric."""
     return ProofProblem(problem.index, problem.problem, problem.rubric, problem.source, list(state.prompt_ids),
-                        {"cycle": state.cycle, "replayed": replayed})
+                        {"cycle": state.cycle, "replayed": replayed, "summary": state.summary})
 
 
 def cycle_rewards(cycles: list[int], rewards: torch.Tensor, valid: torch.Tensor, group_size: int, prefix: str) -> dict[str, float]:

@@ -35,6 +35,8 @@ from qed_lightning.modules.base import QEDModule
 from qed_lightning.modules.optim_step import ManualStep
 from qed_lightning.modules.phases import Phase, StepPhases
 from qed_lightning.modules.rl_metrics import gather_objects, reduce_over_ranks, rollout_table, table_metrics
+from qed_lightning.modules.rl_records import keep_rollouts, report_progress
+from qed_lightning.report.records import RolloutLog
 from qed_lightning.rewards import GradeRequest, RubricJudge
 from qed_lightning.rl import entropy_from_logits, group_advantages_masked, policy_loss, token_logprobs
 from qed_lightning.rl.microbatch import (
@@ -100,6 +102,9 @@ class RubricRLModule(QEDModule):
         sync_interval: optimizer steps between weight pushes to the engine.
         max_nonfinite_steps: consecutive steps with a non-finite loss/gradient (skipped) before the run aborts.
         val_samples: rollouts per problem in the validation pass. seed: sampling seed base.
+        rollout_log: which rollouts each step keeps in `<run>/rollouts/step_NNNNNN.jsonl` (prompt, completion, graded
+            proof, score, advantage, judge reply...; `report/records.py`, read by `qed-report`): "all", "sample:N"
+            (N per step, a seeded draw) or "off". At paper scale "all" is ~150 MB a step of 49k-token rollouts.
     """
 
     def __init__(
@@ -126,6 +131,7 @@ class RubricRLModule(QEDModule):
         max_nonfinite_steps: int = 3,
         val_samples: int = 1,
         seed: int = 0,
+        rollout_log: str = "all",
         **kwargs,
     ) -> None:
         super().__init__(model_name_or_path, **kwargs)  # QEDModule's arguments (jsonargparse reads them through kwargs)
@@ -143,6 +149,10 @@ class RubricRLModule(QEDModule):
                             "checkpointing disables; use 'auto', 'padded' or 'packed', or model.gradient_checkpointing=false")
         if top_p < 1.0 or top_k > 0:
             log.warning("top_p/top_k truncation changes the sampler's log-probs; the importance ratio assumes plain temperature sampling")
+        try:
+            self.rollout_records = RolloutLog(rollout_log, seed)
+        except ValueError as err:
+            problems.append(str(err))
         if problems:
             raise ValueError("; ".join(problems))
         self.engine = engine
@@ -151,6 +161,7 @@ class RubricRLModule(QEDModule):
         self.automatic_optimization = False
         self.optim_step = ManualStep(self, grad_clip, max_nonfinite_steps)  # clipping, step, non-finite counter
         self.phases = StepPhases()  # the step's named, timed phases (reset per step; listeners may watch them)
+        self.last_rollouts: list[dict] = []  # the last step's kept rollout records (RolloutTable logs samples of them)
 
     _hparams_ignore = ("optimizer", "lr_scheduler", "engine", "judge")
 
@@ -327,16 +338,33 @@ class RubricRLModule(QEDModule):
         Each named step runs in a phase of `self.phases` ("generate", "grade", "train"), which times it."""
         hp = self.hparams
         version = self.global_step  # the weights' version now; the optimizer step below increments it
-        with self.phases.phase("generate"):
+        with self.phases.phase("generate", total=len(batch) * hp.group_size) as ph, self._reporting(ph):
             rollouts = self.generate_rollouts(batch, hp.group_size)  # 1. sample
-        with self.phases.phase("grade"):
+        with self.phases.phase("grade", total=len(rollouts)) as ph, self._reporting(ph):
             rewards, valid, grades = self.compute_rewards(batch, rollouts)  # 2. grade
         with self.phases.phase("train") as progress:
             advantages = group_advantages_masked(rewards, valid, hp.group_size, scale=hp.advantage_scale)  # 3. advantage
             self.engine.sleep()
             metrics = self.optimize(rollouts, advantages, valid, progress)  # 4. loss + 5. step
-        metrics.update(self.step_metrics(rollouts, rewards, valid, grades, version))  # 6. metrics
+        self.record_rollouts(batch, rollouts, grades, rewards, valid, advantages, version)  # 6. records
+        metrics.update(self.step_metrics(rollouts, rewards, valid, grades, version))  # 7. metrics
         return metrics, rewards, valid
+
+    def record_rollouts(self, batch: list[ProofProblem], rollouts: list[Completion], grades: list, rewards: torch.Tensor,
+                        valid: torch.Tensor, advantages: torch.Tensor, version: int) -> None:
+        """Keep what the step generated (`rollout_log`, see `rl_records.keep_rollouts`) in `<run>/rollouts/`;
+        `last_rollouts` holds the kept records for `RolloutTable`."""
+        self.last_rollouts = keep_rollouts(self, self.rollout_records, batch, rollouts, grades, rewards, valid,
+                                           advantages, version)
+
+    def _reporting(self, phase: Phase):
+        return report_progress(self.phases, phase, self.engine, self.judge)
+
+    def on_train_start(self) -> None:
+        """A resumed run redoes the steps after its checkpoint: the rollout files the killed run wrote for them go
+        (they are written again as the steps are redone), so no step is kept twice or from the abandoned run."""
+        if self.trainer.is_global_zero:
+            RolloutLog.forget_from(self.trainer.default_root_dir, self.global_step)
 
     def step_metrics(self, rollouts: list[Completion], rewards: torch.Tensor, valid: torch.Tensor, grades: list,
                      version: int) -> dict[str, float]:

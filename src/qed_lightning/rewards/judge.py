@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, Literal, TypeVar
 
 from qed_lightning.rewards.cache import GradeCache, grade_cache_key
@@ -97,6 +97,8 @@ class BaseJudge:
         self._stats_lock = threading.Lock()
         self._runner: _LoopThread | None = None
         self._last_error = ""
+        #: called with each grade as it finishes (the RL module sets it around its `grade` call; None = nobody listens)
+        self.progress: Callable[[Grade], None] | None = None
         log.info("%s: judge %s, prompt %s", type(self).__name__, client.model_name, self.prompt.version)
 
     # ---- override points ------------------------------------------------------------------------------------
@@ -131,10 +133,16 @@ class BaseJudge:
     async def agrade(self, requests: list[GradeRequest]) -> list[Grade]:
         """`grade` for async callers."""
         self._check_requests(requests)
-        grades = list(await asyncio.gather(*(self._grade_one(r) for r in requests)))
+        grades = list(await asyncio.gather(*(self._grade_reported(r) for r in requests)))
         grades = await self._ride_out_outage(requests, grades)
         self._record(grades)
         return grades
+
+    async def _grade_reported(self, request: GradeRequest) -> Grade:
+        grade = await self._grade_one(request)
+        if self.progress is not None:  # a progress display follows the batch (called on the judge's own thread)
+            self.progress(grade)
+        return grade
 
     # ---- circuit breaker ------------------------------------------------------------------------------------
     async def _ride_out_outage(self, requests: list[GradeRequest], grades: list[Grade]) -> list[Grade]:
