@@ -1,8 +1,9 @@
 """Console output of the command-line tools (`qed-fit`, `qed-eval`, `qed-report`, `qed-export`): quiet and useful.
 
 By default a run shows our own lines (anything logged from `qed_lightning`, including through Lightning's
-`rank_zero_info`) at INFO, every other library (vLLM, Lightning, transformers, httpx...) at WARNING and above, and
-drops the warnings listed in `KNOWN_HARMLESS`: each was read and found to say nothing a user must act on here (the
+`rank_zero_info`) at INFO, every other library (vLLM, Lightning, transformers, httpx...) at WARNING and above (plus
+the few INFO lines a user wants: that a resume restored its checkpoint, why fitting stopped), and drops the warnings
+listed in `KNOWN_HARMLESS`: each was read and found to say nothing a user must act on here (the
 reason is next to it). `-v` / `--verbose` or `QED_LOG_LEVEL=INFO` (or `DEBUG`) shows everything, vLLM's own log
 format included.
 
@@ -19,6 +20,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TextIO
 
 __all__ = ["KNOWN_HARMLESS", "pop_verbose", "setup_logging"]
 
@@ -42,6 +44,8 @@ KNOWN_HARMLESS: tuple[tuple[str, str], ...] = (
     (r"The number of training batches .* is smaller than the logging interval", "short demo runs"),
 )
 _HARMLESS = re.compile("|".join(f"(?:{pattern})" for pattern, _ in KNOWN_HARMLESS))
+#: a library's INFO lines that a user of a run wants to see (that a resume really restored its checkpoint)
+_USEFUL = re.compile(r"Restoring states from the checkpoint|Restored all states from the checkpoint|`Trainer.fit` stopped")
 
 
 def _is_ours(record: logging.LogRecord) -> bool:
@@ -55,16 +59,16 @@ class QuietFilter(logging.Filter):
         if _is_ours(record):
             return record.levelno >= logging.INFO
         if record.levelno < logging.WARNING:
-            return False
+            return record.levelno >= logging.INFO and bool(_USEFUL.search(record.getMessage()))
         return not _HARMLESS.search(record.getMessage())
 
 
 class _Formatter(logging.Formatter):
-    """Our lines as they are; a library's with its level and name, so a reader knows where it came from."""
+    """INFO lines as they are; a warning or error with its level and logger, so a reader knows where it came from."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = super().format(record)
-        if _is_ours(record) and record.levelno < logging.WARNING:
+        if record.levelno < logging.WARNING:
             return message
         name = "warning" if record.name == "py.warnings" else record.name
         return f"{record.levelname} [{name}] {message}"
@@ -101,14 +105,14 @@ def _quiet_libraries() -> None:
         datasets.disable_progress_bars()
 
 
-def setup_logging(verbose: bool = False) -> int | None:
-    """Configure the root logger for a command-line run (see the module docstring); returns the level asked for
-    (None = quiet mode). Safe to call twice: the previous handler is replaced."""
+def setup_logging(verbose: bool = False, stream: TextIO | None = None) -> int | None:
+    """Configure the root logger for a command-line run (see the module docstring), writing to `stream` (default
+    stderr); returns the level asked for (None = quiet mode). Safe to call twice: the previous handler is replaced."""
     level = _level(verbose)
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "_qed", False)]:
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler._qed = True  # type: ignore[attr-defined]
     handler.setFormatter(_Formatter("%(message)s"))
     if level is None:

@@ -54,7 +54,7 @@ def test_tensorboard_event_files_hold_metrics_hyperparameters_and_the_rollout_ta
     assert len(events.Scalars("rollout/reward_mean")) == STEPS and len(events.Scalars("judge/score_0")) == STEPS
     (table,) = events.Tensors("rollouts/text_summary")  # step 0 only: every_n_steps is 10
     text = table.tensor_proto.string_val[0].decode()
-    assert text.startswith("| " + " | ".join(COLUMNS)) and text.count("\n") == 2 + 16  # header, rule, 16 rollouts
+    assert text.startswith("| " + " | ".join(COLUMNS)) and len(text.split("\n")) == 2 + 16  # header, rule, 16 rollouts
     hparams = yaml.safe_load((version / "hparams.yaml").read_text())
     assert hparams["qed/judge_prompt"].startswith("rubric_v1@") and hparams["qed/policy_prompt"].startswith("policy@")
     assert hparams["config/model.init_args.group_size"] == 4  # the whole config, flattened

@@ -51,3 +51,17 @@ def test_csv_stays_first_and_trackers_write_under_the_run_root(tmp_path, monkeyp
 
 def test_doctests():
     assert doctest.testmod(qed_lightning.callbacks.hparams).failed == 0
+
+
+def test_rollout_table_rows_are_spread_over_the_step_and_cut():
+    from qed_lightning.callbacks.rollout_table import COLUMNS, _markdown, table_rows
+
+    records = [{"step": 3, "problem_id": k, "sample": 0, "score": k % 8, "reward": 0.5, "advantage": 0.1, "status": "ok",
+                "completion_tokens": 9, "proof": "p|" * 10 if k else None, "completion": "raw\ntext", "judge_reply": "r"}
+               for k in range(10)]
+    rows = table_rows(records, rows=4, max_chars=5)
+    assert [r[COLUMNS.index("problem_id")] for r in rows] == [0, 3, 6, 9]  # first, last and evenly between
+    assert rows[0][COLUMNS.index("proof")] == "raw\ntext"[:5] + " [... 3 more characters]"  # not graded: the completion
+    assert rows[1][COLUMNS.index("proof")] == "p|p|p [... 15 more characters]"
+    table = _markdown(rows).split("\n")
+    assert len(table) == 2 + 4 and table[2].count(" | ") == len(COLUMNS) - 1  # a | inside a proof is escaped

@@ -41,8 +41,8 @@ def table_rows(records: list[dict[str, Any]], rows: int, max_chars: int) -> list
 
 
 def _markdown(rows: list[list[Any]]) -> str:
-    def clean(value: Any) -> str:
-        return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+    def clean(value: Any) -> str:  # one table row per rollout: every line break and control space becomes a space
+        return "" if value is None else " ".join(str(value).split()).replace("|", "\\|")
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     return "\n".join(lines + ["| " + " | ".join(clean(v) for v in row) + " |" for row in rows])

@@ -71,6 +71,8 @@ class BaseJudge:
 
     request_fields: ClassVar[tuple[str, ...]] = ("problem",)
     prompt_fields: ClassVar[frozenset[str]] = frozenset({"proof"})
+    #: called with each grade as it finishes (the RL module sets it around its `grade` call; None = nobody listens)
+    progress: Callable[[Grade], None] | None = None
 
     def __init__(
         self,
@@ -97,8 +99,6 @@ class BaseJudge:
         self._stats_lock = threading.Lock()
         self._runner: _LoopThread | None = None
         self._last_error = ""
-        #: called with each grade as it finishes (the RL module sets it around its `grade` call; None = nobody listens)
-        self.progress: Callable[[Grade], None] | None = None
         log.info("%s: judge %s, prompt %s", type(self).__name__, client.model_name, self.prompt.version)
 
     # ---- override points ------------------------------------------------------------------------------------
