@@ -55,8 +55,9 @@ def keep_rollouts(module: L.LightningModule, keep: RolloutLog, batch: list, roll
         return []
     records = rollout_records(batch, rollouts, grades, rewards, valid, advantages, version,
                               module.tokenizer.decode, module.judge.proof_of)
-    mine = keep.select(records, version, module.global_rank, module.trainer.world_size)
+    trainer = module._trainer  # None for a module stepped outside a Trainer: the records stay in memory
+    mine = keep.select(records, version, module.global_rank, trainer.world_size if trainer is not None else 1)
     kept = [r for part in gather_objects(mine) for r in part]
-    if module.trainer.is_global_zero:
-        keep.write(module.trainer.default_root_dir, version, kept)
+    if trainer is not None and trainer.is_global_zero:
+        keep.write(trainer.default_root_dir, version, kept)
     return kept
