@@ -10,7 +10,8 @@ format included.
 How: vLLM configures a handler of its own that does not propagate, so in quiet mode we ask it not to
 (`VLLM_CONFIGURE_LOGGING=0`) and its records reach our root handler and its filter; Lightning's own handler is
 removed for the same reason. Python warnings go through logging (`logging.captureWarnings`) and so through the same
-filter. Hub progress bars (transformers' "Loading weights", datasets' "Generating train split") are switched off.
+filter; deprecation notices (meant for developers) are ignored. Hub progress bars (transformers' "Loading weights",
+datasets' "Generating train split") are switched off.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import TextIO
 
@@ -70,7 +72,7 @@ class _Formatter(logging.Formatter):
         message = super().format(record)
         if record.levelno < logging.WARNING:
             return message
-        name = "warning" if record.name == "py.warnings" else record.name
+        name = "python warning" if record.name == "py.warnings" else record.name
         return f"{record.levelname} [{name}] {message}"
 
 
@@ -103,6 +105,8 @@ def _quiet_libraries() -> None:
         transformers.utils.logging.disable_progress_bar()
     if (datasets := sys.modules.get("datasets")) is not None:
         datasets.disable_progress_bars()
+    # deprecation notices address the developers of the code that calls a library, not a user of a run
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def setup_logging(verbose: bool = False, stream: TextIO | None = None) -> int | None:
