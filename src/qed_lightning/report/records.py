@@ -70,11 +70,21 @@ def rollout_records(problems: Sequence, rollouts: Sequence, grades: Sequence, re
             "prompt_tokens": len(rollout.prompt_ids), "completion_tokens": len(rollout.completion_ids),
             "policy_version": rollout.policy_version,
         }
-        if "cycle" in problem.meta:  # stage 3: the RC state this prompt came from
-            record.update(cycle=problem.meta["cycle"], replayed=bool(problem.meta.get("replayed")),
-                          state=problem.meta.get("summary", ""))
+        record.update(_rc_state(problem))
         records.append(record)
     return records
+
+
+def _rc_state(problem) -> dict[str, Any]:
+    """Stage 3: the RC state a prompt came from (cycle, replayed, the state's summary); {} for a policy prompt.
+    ProofProblem carries them in `meta` here; main's ProofProblem has typed `cycle`/`replayed` fields (no `meta`, no
+    summary yet): both are read until the two meet."""
+    meta = getattr(problem, "meta", None) or {}
+    cycle = getattr(problem, "cycle", meta.get("cycle"))
+    if cycle is None:
+        return {}
+    return {"cycle": cycle, "replayed": bool(getattr(problem, "replayed", meta.get("replayed"))),
+            "state": meta.get("summary", getattr(problem, "summary", ""))}
 
 
 class RolloutLog:
