@@ -11,7 +11,8 @@ step's phases) and shows the current one under the step bar:
     sync      weights to the engine
 
 In a terminal it is a second live bar; where the output is not a terminal (a log file, CI, SLURM), it writes one line
-per phase when the phase ends (`[step 3] generate: 64 rollouts in 12.3 s, 1,234 tok/s`), never a line per update.
+per phase when the phase ends (`[step 3] generate: 64/64 rollouts in 12.3 s, 1,234 tok/s`), never a line per update.
+Generation advances as rollouts finish (vLLM reports finished requests), so rollouts of equal length finish together.
 Besides the three phase events, the bar accepts `phase_stats(name, stats)`: `{"tokens": n}` (generated tokens so far)
 and `{"failed": n}` (judge failures so far), which the RL module forwards from the engine and the judge.
 
@@ -116,8 +117,10 @@ class QEDProgressBar(RichProgressBar):
         self._phase = {}
 
     def _text(self) -> str:
+        """The live bar's description: the phase and its units (the bar's own column shows k/N), then its rates."""
         p = self._phase
-        return phase_line(p["name"], p["completed"], p["total"], time.perf_counter() - p["start"], p["stats"])
+        extras = phase_line(p["name"], 0, None, time.perf_counter() - p["start"], p["stats"]).partition(" · ")[2]
+        return " · ".join(x for x in (f"{p['name']} {UNITS.get(p['name'], '')}".strip(), extras) if x)
 
     def _refresh_phase(self) -> None:
         if self._phase_task is not None and self.progress is not None:
