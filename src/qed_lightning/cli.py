@@ -2,6 +2,7 @@
 
     qed-fit --config configs/demo/sft.yaml            # same as: qed-fit fit --config ...
     qed-fit --config configs/rl.yaml --print_config   # validate a paper-scale config without running it
+    qed-fit -v --config ...                           # every library's log lines too (or QED_LOG_LEVEL=INFO)
 
 Configs use omegaconf mode, so `${...}` interpolation works. The model's `model_name_or_path` is linked to the data
 module's `tokenizer`, so the checkpoint is named once. A data error (a bad row, a missing file) is printed without a
@@ -17,14 +18,17 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
+from qed_lightning.callbacks.hparams import LogConfigCallback
 from qed_lightning.data.loading import debug_requested, exit_on_data_error
+from qed_lightning.logs import pop_verbose, setup_logging
 from qed_lightning.modules.base import QEDModule
 
 SUBCOMMANDS = {"fit", "validate", "test", "predict"}
 
 
 class QEDCLI(LightningCLI):
-    """LightningCLI with our conventions: tokenizer linked to the model, CSV metrics under the run's root dir."""
+    """LightningCLI with our conventions: tokenizer linked to the model, CSV metrics under the run's root dir (plus
+    any tracker of `configs/logger/`), the config and the judge/prompt versions logged as hyperparameters."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer", apply_on="parse")
@@ -33,15 +37,40 @@ class QEDCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config["trainer"]
         root = str(trainer.get("default_root_dir") or "runs")
-        if trainer.get("logger") in (None, True):  # no logger configured: CSV metrics in <default_root_dir>/csv
-            trainer["logger"] = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
-                                          init_args=Namespace(save_dir=root, name="csv"))
+        complete_loggers(trainer, root)
         for callback in trainer.get("callbacks") or []:
             # checkpoints in one fixed folder per run, so `--ckpt_path last` finds them after a restart (the
             # default, <log dir>/checkpoints, moves to a new version folder every time the run is resumed)
             init = callback.get("init_args") if hasattr(callback, "get") else None
             if init is not None and str(callback.get("class_path", "")).endswith("ModelCheckpoint") and not init.get("dirpath"):
                 init["dirpath"] = f"{root}/checkpoints"
+
+
+def complete_loggers(trainer: Namespace, root: str) -> None:
+    """CSV metrics in `<root>/csv` always (`qed-report` and the tests read them), first, so the run's `config.yaml`
+    lands beside them; the trackers of `configs/logger/*.yaml` write under `<root>` unless their config says where
+    (`logger+:` entries in a YAML cannot interpolate the stage config's `default_root_dir`)."""
+    spec = trainer.get("logger")
+    if spec is False:
+        return
+    specs = [] if spec in (None, True) else list(spec) if isinstance(spec, list) else [spec]
+    if not any(str(s.get("class_path", "")).endswith("CSVLogger") for s in specs):
+        specs.insert(0, Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=root, name="csv")))
+    for s in specs:
+        kind, init = str(s.get("class_path", "")).rsplit(".", 1)[-1], s.get("init_args")
+        if init is None:
+            continue
+        if kind == "TensorBoardLogger" and not init.get("save_dir"):
+            init["save_dir"] = root
+        elif kind == "WandbLogger" and init.get("save_dir") in (None, "."):
+            init["save_dir"] = root
+        elif kind == "MLFlowLogger":
+            if not init.get("tracking_uri") and not os.environ.get("MLFLOW_TRACKING_URI"):
+                init["tracking_uri"] = f"file:{os.path.abspath(root)}/mlruns"
+            if str(init.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")).startswith("file:"):
+                # MLflow 3 refuses its file store unless asked (it wants a database server); a local run wants files
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    trainer["logger"] = specs if len(specs) > 1 else specs[0]
 
 
 def _with_default_subcommand(args: list[str]) -> list[str]:
@@ -64,6 +93,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> QEDCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_callback=LogConfigCallback,  # also logs the config and judge/prompt versions to every logger
         save_config_kwargs={"overwrite": True},
         args=argv,
         run=run,
@@ -72,7 +102,10 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> QEDCLI:
 
 
 def main() -> None:
-    args = sys.argv[1:]
+    """The `qed-fit` console script; `-v`/`--verbose` (or `QED_LOG_LEVEL`) shows every library's log lines, `--debug`
+    (or QED_DEBUG=1) the traceback of a data error."""
+    args, verbose = pop_verbose(sys.argv[1:])
+    setup_logging(verbose)
     debug = debug_requested(args)
     sys.argv = sys.argv[:1] + _with_default_subcommand(args)
     with exit_on_data_error("qed-fit", debug):

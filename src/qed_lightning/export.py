@@ -2,6 +2,12 @@
 
     qed-export runs/rl/csv/version_0/checkpoints/last.ckpt runs/rl/hf-step200
     qed-export CKPT OUT --base runs/sft/hf          # config + tokenizer from another folder than the run's model
+    qed-export CKPT OUT --eval_summary runs/eval/imo/summary.json --push_to_hub me/qed-nano-rl
+
+Beside the weights goes a `README.md` model card (`qed_lightning.model_card`): the stage, the model it started from,
+data, judge, steps, and the evaluation summary when given. `--push_to_hub REPO` uploads the folder with
+huggingface_hub's `HfApi.create_repo` + `upload_folder` (needs network and a token, `HF_TOKEN` or `hf auth login`;
+untested here, where no hub is reachable).
 
 Reads, without any process group:
 - FSDP2 (`FSDP2Strategy`/`ModelParallelStrategy`) directories: torch distributed checkpoints (DCP). Only the model's
@@ -22,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from qed_lightning.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +115,10 @@ def _dtype_of(path: Path, kind: str, state: dict | None) -> torch.dtype:
     return next(v.dtype for k, v in state.items() if k.startswith(PREFIX) and v.is_floating_point())
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, base: str | None = None) -> Path:
-    """Write `ckpt`'s model weights as a HF folder `out` (config and tokenizer from `base`); returns `out`."""
+def export_checkpoint(ckpt: str | Path, out: str | Path, base: str | None = None, run_config: str | Path | None = None,
+                      eval_summary: str | Path | None = None) -> Path:
+    """Write `ckpt`'s model weights as a HF folder `out` (config and tokenizer from `base`) with its model card
+    (`write_card`); returns `out`."""
     from transformers import AutoTokenizer
 
     path, out = Path(ckpt), Path(out)
@@ -133,8 +143,34 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, base: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    write_card(out, meta, Path(ckpt), run_config, eval_summary)
     log.info("exported %s (step %s) to %s", ckpt, meta.get("global_step"), out)
     return out
+
+
+def write_card(out: Path, meta: dict, ckpt: Path, run_config: str | Path | None = None,
+               eval_summary: str | Path | None = None) -> Path:
+    """`out/README.md`: the model card of the checkpoint `ckpt` (its run's config.yaml found unless given)."""
+    from qed_lightning.model_card import card_facts, find_run_config, load_card_inputs, render_model_card
+
+    config_path = Path(run_config) if run_config else find_run_config(ckpt)
+    config, summary = load_card_inputs(config_path, Path(eval_summary) if eval_summary else None)
+    facts = card_facts(meta, config)
+    path = out / "README.md"
+    path.write_text(render_model_card(out.name, facts, summary), encoding="utf-8")
+    return path
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Upload `folder` to the Hub model repo `repo_id` (created if missing); returns the commit URL.
+    Untested here: our machines reach no hub."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                               commit_message="Upload model exported by qed-export")
+    return str(getattr(commit, "commit_url", commit))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,9 +178,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a Lightning .ckpt file or a sharded checkpoint directory")
     parser.add_argument("out_dir", help="HF folder to write (config, safetensors, tokenizer)")
     parser.add_argument("--base", default=None, help="model folder for config and tokenizer (default: the run's model_name_or_path)")
+    parser.add_argument("--run_config", default=None, help="the run's config.yaml for the model card (default: found beside the checkpoint)")
+    parser.add_argument("--eval_summary", default=None, help="a qed-eval summary.json to put in the model card")
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO", help="upload the folder to this Hub model repo (needs network)")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    parser.add_argument("-v", "--verbose", action="store_true", help="every library's log lines")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    export_checkpoint(args.checkpoint, args.out_dir, args.base)
+    setup_logging(args.verbose)
+    out = export_checkpoint(args.checkpoint, args.out_dir, args.base, args.run_config, args.eval_summary)
+    if args.push_to_hub:
+        log.info("uploaded to %s", push_to_hub(out, args.push_to_hub, args.private))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Exact resume: a demo RL run killed with SIGKILL and resumed with `--ckpt_path last` ends with the same weights as
-an uninterrupted run with the same seed."""
+"""Exact resume: a demo RL run killed with SIGKILL and resumed with `--ckpt_path last` ends with the same weights and
+the same rollout records as an uninterrupted run with the same seed."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from qed_lightning.report.records import read_rollouts
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -80,3 +82,10 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     # and training really moved the weights, so equality is not trivial
     init = load_file(str(tiny_model_dir / "model.safetensors"))
     assert any(not torch.equal(init[k], a[k]) for k in a)
+    # the rollout records: each step once, none left from the killed run's unfinished steps, and the resumed run's
+    # steps are the uninterrupted run's (same seeds, same weights: the same texts and scores)
+    assert sorted(p.name for p in (killed / "rollouts").iterdir()) == [f"step_{s:06d}.jsonl" for s in range(STEPS)]
+    straight_records, killed_records = read_rollouts(straight), read_rollouts(killed)
+    assert len(killed_records) == STEPS * 16
+    assert [(r["step"], r["completion"], r["score"]) for r in killed_records] == \
+        [(r["step"], r["completion"], r["score"]) for r in straight_records]

@@ -9,8 +9,9 @@ import yaml
 from qed_lightning.cli import make_cli
 
 REPO = Path(__file__).resolve().parents[2]
-# configs/strategy and configs/layout hold fragments composed after a stage config (tests/unit/test_strategy_presets.py)
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not {"strategy", "layout", "eval"} & set(p.parts))
+# configs/strategy, configs/layout and configs/logger hold fragments composed after a stage config
+# (tests/unit/test_strategy_presets.py, tests/unit/test_logger_configs.py)
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not {"strategy", "layout", "eval", "logger"} & set(p.parts))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))

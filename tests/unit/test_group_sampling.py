@@ -115,7 +115,9 @@ class _Judge(RubricJudge):
 
 
 def _module(monkeypatch, **kwargs):
-    module = RubricRLModule("unused", engine=_Engine(), judge=_Judge(), group_size=G, max_new_tokens=4, **kwargs)
+    # no model or tokenizer is loaded here, so no rollout records (they decode the prompts)
+    module = RubricRLModule("unused", engine=_Engine(), judge=_Judge(), group_size=G, max_new_tokens=4,
+                            rollout_log="off", **kwargs)
     trained: list = []
     monkeypatch.setattr(module, "optimize", lambda rollouts, adv, mask, progress=None: trained.append((rollouts, adv, mask)) or {})
     return module, trained

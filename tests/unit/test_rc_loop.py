@@ -329,6 +329,12 @@ def test_training_step_grades_fresh_rollouts_of_sampled_states_against_the_origi
     assert cycles and all(metrics[k] == 1.0 for k in cycles)
     assert metrics["rc/states"] == 4.0 and metrics["rc/replayed_frac"] == 0.0
     assert metrics["rollout/reward_mean"] == 1.0
+    # the step's rollout records carry each one's RC state: its cycle, and the summary its prompt was built from
+    records = module.last_rollouts
+    assert len(records) == 12 and all(r["problem"] in (P1, P2) and not r["replayed"] for r in records)
+    for r in records:
+        assert f"proof {r['cycle']} #" in r["completion"] and (r["state"] == "") == (r["cycle"] == 0)
+        assert r["state"] in r["prompt"]
 
 
 def test_trajectory_turns_are_graded_only_when_asked(tiny_tokenizer, monkeypatch):

@@ -1,7 +1,11 @@
-"""Small single-purpose callbacks: atomic checkpoints, pre-emption handling, the progress bar."""
+"""Small single-purpose callbacks: atomic checkpoints, pre-emption handling, the progress bar, rollout tables for
+experiment trackers, and the config logged as hyperparameters."""
 
 from qed_lightning.callbacks.checkpoint import AtomicModelCheckpoint, save_checkpoint_atomic
+from qed_lightning.callbacks.hparams import LogConfigCallback
 from qed_lightning.callbacks.preemption import PreemptionCheckpoint
 from qed_lightning.callbacks.progress import QEDProgressBar
+from qed_lightning.callbacks.rollout_table import RolloutTable
 
-__all__ = ["AtomicModelCheckpoint", "PreemptionCheckpoint", "QEDProgressBar", "save_checkpoint_atomic"]
+__all__ = ["AtomicModelCheckpoint", "LogConfigCallback", "PreemptionCheckpoint", "QEDProgressBar", "RolloutTable",
+           "save_checkpoint_atomic"]

@@ -1,17 +1,69 @@
-"""A rich progress bar whose epoch label is right for step-bounded runs.
+"""The progress bar of every config: optimizer steps, and inside an RL step, the phase it is in.
 
-Lightning's `RichProgressBar` labels the bar "Epoch {e}/{max_epochs - 1}". A run bounded by `max_steps` alone (every
-RL config) has `max_epochs = -1`, so the label read "Epoch 1/-2". This bar keeps Lightning's label when an epoch
-bound exists and drops the bound otherwise.
+A paper-scale RL step (1,024 rollouts of up to 49k tokens, then 1,024 judge calls, then the micro-batches) runs for an
+hour; counting optimizer steps alone shows nothing moving. `QEDProgressBar` (Lightning's `RichProgressBar`, same
+arguments) listens to the module's phases (`qed_lightning.modules.phases.StepPhases`, the one mechanism that times a
+step's phases) and shows the current one under the step bar:
+
+    generate  37/64 rollouts · 1,234 tok/s
+    grade     12/64 grades · 1 failed
+    train     3/8 micro-batches
+    sync      weights to the engine
+
+In a terminal it is a second live bar; where the output is not a terminal (a log file, CI, SLURM), it writes one line
+per phase when the phase ends (`[step 3] generate: 64/64 rollouts in 12.3 s, 1,234 tok/s`), never a line per update.
+Generation advances as rollouts finish (vLLM reports finished requests), so rollouts of equal length finish together.
+Besides the three phase events, the bar accepts `phase_stats(name, stats)`: `{"tokens": n}` (generated tokens so far)
+and `{"failed": n}` (judge failures so far), which the RL module forwards from the engine and the judge.
+
+It also fixes Lightning's label for step-bounded runs: a run bounded by `max_steps` alone has `max_epochs = -1`, so
+Lightning's "Epoch {e}/{max_epochs - 1}" read "Epoch 1/-2"; the bound is dropped then.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
+import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
+from typing_extensions import override
+
+__all__ = ["QEDProgressBar", "phase_line"]
+
+log = logging.getLogger(__name__)
+
+#: what a phase's units are called, and its label
+UNITS = {"generate": "rollouts", "grade": "grades", "train": "micro-batches", "sync": "weight pushes"}
+
+
+def phase_line(name: str, completed: int, total: int | None, seconds: float | None, stats: dict[str, float]) -> str:
+    """The text of a phase: what is done of how much, and its rates and failures.
+
+    >>> phase_line("generate", 37, 64, 2.0, {"tokens": 2468})
+    'generate 37/64 rollouts · 1,234 tok/s'
+    >>> phase_line("grade", 64, 64, 3.0, {"failed": 1})
+    'grade 64/64 grades · 1 failed'
+    >>> phase_line("train", 0, None, None, {})
+    'train'
+    """
+    units = UNITS.get(name, "")
+    done = f" {completed}/{total} {units}" if total else (f" {completed} {units}" if completed else "")
+    parts = [f"{name}{done}"]
+    if stats.get("tokens") and seconds:
+        parts.append(f"{stats['tokens'] / seconds:,.0f} tok/s")
+    if stats.get("failed"):
+        parts.append(f"{stats['failed']:.0f} failed")
+    return " · ".join(parts)
 
 
 class QEDProgressBar(RichProgressBar):
-    """`RichProgressBar` (same arguments) without the negative epoch bound of step-bounded runs."""
+    """`RichProgressBar` (same arguments) that also shows the RL step's phase; see the module docstring."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase_task = None
+        self._phase: dict = {}
 
     def _get_train_description(self, current_epoch: int) -> str:
         description = super()._get_train_description(current_epoch)
@@ -19,3 +71,60 @@ class QEDProgressBar(RichProgressBar):
         if max_epochs is not None and max_epochs < 0:
             description = description.replace(f"/{max_epochs - 1}", "", 1)
         return description
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        from qed_lightning.modules.rubric_rl import RubricRLModule
+
+        phases = pl_module.phases if isinstance(pl_module, RubricRLModule) else None  # SFT has no phases
+        if trainer.is_global_zero and phases is not None and self not in phases.listeners:
+            phases.listeners.append(self)
+
+    @property
+    def interactive(self) -> bool:
+        return self.progress is not None and self._console is not None and self._console.is_terminal
+
+    # -- the phase listener ------------------------------------------------------------------------------------
+
+    def phase_started(self, name: str, total: int | None) -> None:
+        step = self._trainer.global_step if self._trainer is not None else 0  # the step's number before it steps
+        self._phase = {"name": name, "completed": 0, "total": total, "start": time.perf_counter(), "stats": {}, "step": step}
+        if self.interactive:
+            self._phase_task = self.progress.add_task(self._text(), total=total or float("inf"))
+
+    def phase_advanced(self, name: str, completed: int, total: int | None) -> None:
+        if self._phase.get("name") == name:
+            self._phase.update(completed=completed, total=total)
+            self._refresh_phase()
+
+    def phase_stats(self, name: str, stats: dict[str, float]) -> None:
+        if self._phase.get("name") == name:
+            self._phase["stats"].update(stats)
+            self._refresh_phase()
+
+    def phase_ended(self, name: str, seconds: float) -> None:
+        if self._phase.get("name") != name:
+            return
+        if self._phase_task is not None and self.progress is not None:
+            self.progress.remove_task(self._phase_task)
+            self._phase_task = None
+        if not self.interactive:  # a log file: one line per phase, when it ends
+            p = self._phase
+            what = f"{p['completed']}/{p['total']} {UNITS.get(name, '')} in " if p["total"] else ""
+            extras = phase_line(name, 0, None, seconds, p["stats"]).partition(" · ")[2]
+            log.info("[step %d] %s: %s%.1f s%s", p["step"], name, what, seconds, f", {extras}" if extras else "")
+        self._phase = {}
+
+    def _text(self) -> str:
+        """The live bar's description: the phase and its units (the bar's own column shows k/N), then its rates."""
+        p = self._phase
+        extras = phase_line(p["name"], 0, None, time.perf_counter() - p["start"], p["stats"]).partition(" · ")[2]
+        return " · ".join(x for x in (f"{p['name']} {UNITS.get(p['name'], '')}".strip(), extras) if x)
+
+    def _refresh_phase(self) -> None:
+        if self._phase_task is not None and self.progress is not None:
+            total = self._phase["total"]
+            self.progress.update(self._phase_task, completed=self._phase["completed"], total=total or float("inf"),
+                                 description=self._text())
+            self.refresh()

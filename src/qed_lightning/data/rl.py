@@ -45,6 +45,7 @@ class ProofProblem:
         cycle: stage 3: the reasoning-cache state's cycle k (state s_k); None for a plain policy prompt.
         replayed: stage 3: the state comes from the replay buffer of an earlier step.
         repeat: stage 3 validation: which of the `val_samples` runs of the problem this is.
+        summary: stage 3: the reasoning-cache state's summary (empty for s_0 and for a plain policy prompt).
     """
 
     index: int
@@ -58,6 +59,7 @@ class ProofProblem:
     cycle: int | None = None
     replayed: bool = False
     repeat: int = 0
+    summary: str = ""
 
 
 def render_policy_prompt(tokenizer, problem: str, template: str = POLICY_PROMPT) -> list[int]:

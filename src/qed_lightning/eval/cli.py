@@ -13,7 +13,6 @@ The schema is `Evaluator.__init__` (jsonargparse): components (benchmark, judge,
 from __future__ import annotations
 
 import inspect
-import logging
 import os
 import sys
 from typing import Any
@@ -22,6 +21,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from qed_lightning.data.loading import debug_requested, exit_on_data_error
 from qed_lightning.eval.runner import Evaluator
+from qed_lightning.logs import pop_verbose, setup_logging
 
 __all__ = ["build_parser", "main", "make_evaluator", "run"]
 
@@ -81,11 +81,10 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
 
 
 def main(args: list[str] | None = None) -> None:
-    """The `qed-eval` console script."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per judge request otherwise
-    args = list(sys.argv[1:] if args is None else args)
+    """The `qed-eval` console script; `-v`/`--verbose` (or `QED_LOG_LEVEL`) shows every library's log lines, `--debug`
+    (or QED_DEBUG=1) the traceback of a data error."""
+    args, verbose = pop_verbose(list(sys.argv[1:] if args is None else args))
+    setup_logging(verbose)
     debug = debug_requested(args)
     with exit_on_data_error("qed-eval", debug):
         run(args)

@@ -78,7 +78,7 @@ def state_prompt(problem: ProofProblem, state: RCState, replayed: bool = False,
     """
     graded = POLICY_PROMPT.replace("{problem}", problem.problem) if judge_problem == "policy_prompt" else problem.problem
     return replace(problem, problem=graded, prompt_ids=list(state.prompt_ids), cycle=state.cycle, replayed=replayed,
-                   spare=False)
+                   spare=False, summary=state.summary)
 
 
 def cycle_rewards(cycles: list[int], rewards: torch.Tensor, valid: torch.Tensor, group_size: int, prefix: str) -> dict[str, float]:

@@ -39,6 +39,8 @@ from qed_lightning.modules.group_sampling import Groups, check_spares, fill_step
 from qed_lightning.modules.optim_step import ManualStep
 from qed_lightning.modules.phases import Phase, StepPhases
 from qed_lightning.modules.rl_metrics import gather_objects, reduce_over_ranks, rollout_table, table_metrics
+from qed_lightning.modules.rl_records import keep_rollouts, report_progress
+from qed_lightning.report.records import RolloutLog
 from qed_lightning.rewards import GradeRequest, RubricJudge
 from qed_lightning.rl import entropy_from_logits, group_advantages_masked, policy_loss, token_logprobs
 from qed_lightning.rl.microbatch import (
@@ -110,6 +112,9 @@ class RubricRLModule(QEDModule):
         overlong_buffer / overlong_penalty: DAPO's soft overlong penalty: the reward falls linearly by up to
             `overlong_penalty` over the last `overlong_buffer` tokens of `max_new_tokens` (0 = off).
         mask_truncated: leave completions that hit `max_new_tokens` out of the loss (they stay in the baseline).
+        rollout_log: which rollouts each step keeps in `<run>/rollouts/step_NNNNNN.jsonl` (prompt, completion, graded
+            proof, score, advantage, judge reply...; `report/records.py`, read by `qed-report`): "all", "sample:N"
+            (N per step, a seeded draw) or "off". At paper scale "all" is ~150 MB a step of 49k-token rollouts.
     """
 
     def __init__(
@@ -140,6 +145,7 @@ class RubricRLModule(QEDModule):
         overlong_buffer: int = 0,
         overlong_penalty: float = 1.0,
         mask_truncated: bool = False,
+        rollout_log: str = "all",
         **kwargs,
     ) -> None:
         super().__init__(model_name_or_path, **kwargs)  # QEDModule's arguments (jsonargparse reads them through kwargs)
@@ -160,6 +166,10 @@ class RubricRLModule(QEDModule):
                             "checkpointing disables; use 'auto', 'padded' or 'packed', or model.gradient_checkpointing=false")
         if top_p < 1.0 or top_k > 0:
             log.warning("top_p/top_k truncation changes the sampler's log-probs; the importance ratio assumes plain temperature sampling")
+        try:
+            self.rollout_records = RolloutLog(rollout_log, seed)
+        except ValueError as err:
+            problems.append(str(err))
         if problems:
             raise ValueError("; ".join(problems))
         self.engine = engine
@@ -168,6 +178,7 @@ class RubricRLModule(QEDModule):
         self.automatic_optimization = False
         self.optim_step = ManualStep(self, grad_clip, max_nonfinite_steps)  # clipping, step, non-finite counter
         self.phases = StepPhases()  # the step's named, timed phases (reset per step; listeners may watch them)
+        self.last_rollouts: list[dict] = []  # the last step's kept rollout records (RolloutTable logs samples of them)
 
     _hparams_ignore = ("optimizer", "lr_scheduler", "engine", "judge")
 
@@ -345,9 +356,9 @@ class RubricRLModule(QEDModule):
         """1. sample and 2. grade `problems` (G rollouts each, in the "generate" and "grade" phases); the rewards
         carry the overlong penalty when it is on. Dynamic sampling calls this again for spare problems."""
         hp = self.hparams
-        with self.phases.phase("generate"):
+        with self.phases.phase("generate", total=len(problems) * hp.group_size) as ph, self._reporting(ph):
             rollouts = self.generate_rollouts(problems, hp.group_size)
-        with self.phases.phase("grade"):
+        with self.phases.phase("grade", total=len(rollouts)) as ph, self._reporting(ph):
             rewards, valid, grades = self.compute_rewards(problems, rollouts)
         groups = Groups(problems, rollouts, rewards, valid, grades)
         return shape_rewards(groups, hp.max_new_tokens, hp.overlong_buffer, hp.overlong_penalty)
@@ -368,9 +379,26 @@ class RubricRLModule(QEDModule):
             advantages = group_advantages_masked(rewards, valid, hp.group_size, scale=hp.advantage_scale)  # 3. advantage
             self.engine.sleep()
             metrics = self.optimize(rollouts, advantages, groups.loss_mask(hp.mask_truncated), progress)  # 4. loss + 5. step
-        metrics.update(self.step_metrics(rollouts, rewards, valid, grades, version))  # 6. metrics
+        self.record_rollouts(groups.problems, rollouts, grades, rewards, valid, advantages, version)  # 6. records
+        metrics.update(self.step_metrics(rollouts, rewards, valid, grades, version))  # 7. metrics
         metrics.update(refilled)
         return metrics, rewards, valid
+
+    def record_rollouts(self, batch: list[ProofProblem], rollouts: list[Completion], grades: list, rewards: torch.Tensor,
+                        valid: torch.Tensor, advantages: torch.Tensor, version: int) -> None:
+        """Keep what the step generated (`rollout_log`, see `rl_records.keep_rollouts`) in `<run>/rollouts/`;
+        `last_rollouts` holds the kept records for `RolloutTable`."""
+        self.last_rollouts = keep_rollouts(self, self.rollout_records, batch, rollouts, grades, rewards, valid,
+                                           advantages, version)
+
+    def _reporting(self, phase: Phase):
+        return report_progress(self.phases, phase, self.engine, self.judge)
+
+    def on_train_start(self) -> None:
+        """A resumed run redoes the steps after its checkpoint: the rollout files the killed run wrote for them go
+        (they are written again as the steps are redone), so no step is kept twice or from the abandoned run."""
+        if self.trainer.is_global_zero:
+            RolloutLog.forget_from(self.trainer.default_root_dir, self.global_step)
 
     def step_metrics(self, rollouts: list[Completion], rewards: torch.Tensor, valid: torch.Tensor, grades: list,
                      version: int) -> dict[str, float]:

@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -72,6 +72,8 @@ class BaseJudge:
 
     request_fields: ClassVar[tuple[str, ...]] = ("problem",)
     prompt_fields: ClassVar[frozenset[str]] = frozenset({"proof"})
+    #: called with each grade as it finishes (the RL module sets it around its `grade` call; None = nobody listens)
+    progress: Callable[[Grade], None] | None = None
 
     def __init__(
         self,
@@ -137,10 +139,16 @@ class BaseJudge:
     async def agrade(self, requests: list[GradeRequest]) -> list[Grade]:
         """`grade` for async callers."""
         self._check_requests(requests)
-        grades = list(await asyncio.gather(*(self._grade_one(r) for r in requests)))
+        grades = list(await asyncio.gather(*(self._grade_reported(r) for r in requests)))
         grades = await self._ride_out_outage(requests, grades)
         self._record(grades)
         return grades
+
+    async def _grade_reported(self, request: GradeRequest) -> Grade:
+        grade = await self._grade_one(request)
+        if self.progress is not None:  # a progress display follows the batch (called on the judge's own thread)
+            self.progress(grade)
+        return grade
 
     # ---- circuit breaker ------------------------------------------------------------------------------------
     async def _ride_out_outage(self, requests: list[GradeRequest], grades: list[Grade]) -> list[Grade]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -84,6 +84,10 @@ class RolloutEngine(ABC):
 
     policy_version: int = 0
     max_model_len: int | None = None
+    #: while `generate` runs, called with (completions just finished, their tokens) so a progress display can follow
+    #: a long generation; the RL module sets it around its call (None = nobody listens; an engine that cannot tell
+    #: never calls it)
+    progress: Callable[[int, int], None] | None = None
 
     @property
     def memory_handoff(self) -> bool:

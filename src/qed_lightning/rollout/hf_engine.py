@@ -109,7 +109,10 @@ class HFEngine(RolloutEngine):
                     torch.manual_seed(sampling.prompt_seed(call[0]))
                 flat = [prompts[i] for i in call for _ in range(n)]
                 for start in range(0, len(flat), self.batch_size):
-                    done.extend(self._generate_batch(flat[start:start + self.batch_size], sampling))
+                    batch = self._generate_batch(flat[start:start + self.batch_size], sampling)
+                    done.extend(batch)
+                    if self.progress is not None:
+                        self.progress(len(batch), sum(len(c.completion_ids) for c in batch))
         finally:
             self.model.train(was_training)
         return [done[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import lightning as L
 import torch
@@ -117,7 +118,11 @@ class WeightSyncCallback(Callback):
             return {}
         metrics = free_training_memory(pl_module, trainer.optimizers) if self.engine.memory_handoff else {}
         started = time.perf_counter()
-        times = self.engine.push_weights(iter_full_parameters(pl_module.model), step)
+        # the RL modules' StepPhases (modules/phases.py, not imported: rollout/ sits below modules/): the progress bar
+        # shows "sync"
+        phases = getattr(pl_module, "phases", None)
+        with phases.phase("sync") if phases is not None else nullcontext():
+            times = self.engine.push_weights(iter_full_parameters(pl_module.model), step)
         self.syncs += 1
         metrics.update({"rollout/sync_time_s": time.perf_counter() - started, "rollout/wake_s": times.get("wake_s", 0.0),
                         "rollout/policy_version": float(step)})

@@ -31,10 +31,12 @@ Our rollouts are always seeded (reproducible resumes), so on CPU a prefill is sc
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -69,6 +71,36 @@ SECOND_ENGINE_REFUSED = (
     "summarizer as a server, model.summarizer: {class_path: qed_lightning.rollout.VLLMServerEngine, init_args: "
     "{urls: [...], sync: none}} (configs/rc.yaml), or unset model.summarizer and model.summarizer_model so the "
     "policy summarizes itself")
+
+
+class _ProgressTqdm:
+    """What `LLM.generate(use_tqdm=callable)` takes for its progress bar (vllm/entrypoints/common/offline.py), turned
+    into calls of `progress(finished, tokens)`. vLLM updates the bar once per finished request with its n samples and
+    first sets the postfix to "output: {generated tokens / elapsed} toks/s"; an `elapsed` pinned at 1 second makes
+    that number the running token count. (vLLM also passes prompt lists through it while adding requests: iterating
+    is passed through.) If a vLLM version words the postfix differently, only the token count is lost."""
+
+    _OUTPUT = re.compile(r"output: ([0-9.]+) toks/s")
+
+    def __init__(self, progress: Callable[[int, int], None], iterable: Iterable | None = None, **_: Any) -> None:
+        self.progress, self.iterable, self.n, self.postfix, self._tokens = progress, iterable, 0, "", 0
+        self.format_dict = {"elapsed": 1.0}
+
+    def __iter__(self):
+        return iter(self.iterable or ())
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        match = self._OUTPUT.search(str(self.postfix))
+        tokens = round(float(match.group(1))) if match else self._tokens
+        self.progress(n, tokens - self._tokens)
+        self._tokens = tokens
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class VLLMEngine(RolloutEngine):
@@ -229,7 +261,8 @@ class VLLMEngine(RolloutEngine):
         from vllm.inputs import TokensPrompt
 
         params = [self._sampling_params(sampling, n, seed) for _, seed in requests]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in requests], params, use_tqdm=False)
+        report = functools.partial(_ProgressTqdm, self.progress) if self.progress is not None else False
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in requests], params, use_tqdm=report)
         return [[self._completion(out.prompt_token_ids, o) for o in out.outputs] for out in outputs]
 
     def _generate_in_group(self, requests, sampling: SamplingConfig, n: int) -> list[list[Completion]]:
