@@ -1,9 +1,41 @@
-"""Reading a run's metrics back, shared by the integration tests that drive `qed-fit`."""
+"""Running `qed-fit` in a subprocess and reading a run's metrics back, shared by the integration tests."""
 
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1"}
+
+
+def run_logged(cmd: list[str], log: Path, timeout: float) -> int:
+    """Run `cmd` in its own process group (so a timeout also ends the ranks it launched), output into `log`."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+
+
+def fit_subprocess(root: Path, *args: str, timeout: float = 900) -> list[dict[str, float]]:
+    """`qed-fit ARGS --trainer.default_root_dir ROOT` in a subprocess (it may launch more ranks); its metrics rows."""
+    cmd = [sys.executable, "-m", "qed_lightning.cli", *args, "--trainer.default_root_dir", str(root)]
+    log = root.with_suffix(".log")
+    assert run_logged(cmd, log, timeout) == 0, log.read_text()[-4000:]
+    return read_metrics(root)
 
 
 def read_metrics(root: Path) -> list[dict[str, float]]:
