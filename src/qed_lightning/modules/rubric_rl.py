@@ -302,16 +302,15 @@ class RubricRLModule(QEDModule):
         if progress is not None:
             progress.total = len(plan)
         for i, mb in enumerate(plan):
+            step.before_pass(last=i == passes - 1)
             loss, metrics = self.compute_loss(rollouts, advantages, mb, totals)
-            step.before_backward(last=i == passes - 1)
             self.manual_backward(loss * self.trainer.world_size)  # DDP/FSDP average over ranks; see ManualStep.totals
             sums.add(loss, metrics, totals["tokens"])
             if progress is not None:
                 progress.advance()
         for i in range(len(plan), passes):
-            loss = step.idle_loss()
-            step.before_backward(last=i == passes - 1)
-            self.manual_backward(loss)
+            step.before_pass(last=i == passes - 1)
+            self.manual_backward(step.idle_loss())
         sums.loss = step.sum_over_ranks(sums.loss)  # each rank holds its part of the step's loss
         grad_norm = step.clip_and_step(opt, sums.loss)
         return {**sums.metrics(totals["tokens"]), "train/grad_norm": grad_norm,
