@@ -143,7 +143,6 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
 
     @property
     def offloads_optimizer(self) -> bool:
-        self._init_config_if_needed()
         offload = (self.config or {}).get("zero_optimization", {}).get("offload_optimizer") or {}
         return offload.get("device", "none") not in ("none", None)
 

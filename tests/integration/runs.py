@@ -6,21 +6,21 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def subprocess_env() -> dict[str, str]:
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment, offline, one OpenMP thread per process (the ranks share 2 cores), plus `extra`."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1"}
+            "OMP_NUM_THREADS": "1", **extra}
 
 
-def run_logged(cmd: list[str], log: Path, timeout: float) -> int:
-    """Run `cmd` in its own process group (so a timeout also ends the ranks it launched), output into `log`."""
+def run_process(cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> int:
+    """Run `cmd` (output to `log`) in its own process group, so a timeout also ends the ranks it launched."""
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO,
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env or subprocess_env(), cwd=REPO,
                                 start_new_session=True)
         try:
             return proc.wait(timeout=timeout)
@@ -28,14 +28,6 @@ def run_logged(cmd: list[str], log: Path, timeout: float) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
-
-
-def fit_subprocess(root: Path, *args: str, timeout: float = 900) -> list[dict[str, float]]:
-    """`qed-fit ARGS --trainer.default_root_dir ROOT` in a subprocess (it may launch more ranks); its metrics rows."""
-    cmd = [sys.executable, "-m", "qed_lightning.cli", *args, "--trainer.default_root_dir", str(root)]
-    log = root.with_suffix(".log")
-    assert run_logged(cmd, log, timeout) == 0, log.read_text()[-4000:]
-    return read_metrics(root)
 
 
 def read_metrics(root: Path) -> list[dict[str, float]]:
@@ -48,3 +40,13 @@ def read_metrics(root: Path) -> list[dict[str, float]]:
 def series(rows: list[dict[str, float]], key: str) -> list[float]:
     """One metric over the run, in logging order."""
     return [r[key] for r in rows if key in r]
+
+
+def fit_subprocess(root: Path, *args: str, timeout: float = 900) -> list[dict[str, float]]:
+    """`qed-fit ARGS --trainer.default_root_dir ROOT` in a subprocess (it may launch more ranks); its metrics rows."""
+    import sys
+
+    cmd = [sys.executable, "-m", "qed_lightning.cli", *args, "--trainer.default_root_dir", str(root)]
+    log = root.with_suffix(".log")
+    assert run_process(cmd, log, timeout) == 0, log.read_text()[-4000:]
+    return read_metrics(root)

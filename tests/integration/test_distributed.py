@@ -16,6 +16,9 @@ RL: samples are seeded per (step, problem) and the HF engine generates each prom
 
 from __future__ import annotations
 
+import csv
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +27,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runs import fit_subprocess, run_logged, subprocess_env
-
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,8 +34,31 @@ STEPS = 3
 TOL = 1e-5
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1"}
+
+
+def _run(cmd: list[str], log: Path, timeout: float) -> int:
+    """Run `cmd` in its own process group, so a timeout also ends the ranks it launched."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+
+
 def _fit(root: Path, *args: str) -> list[dict[str, float]]:
-    return fit_subprocess(root, *args, "--trainer.max_steps", str(STEPS))
+    cmd = [sys.executable, "-m", "qed_lightning.cli", *args, "--trainer.default_root_dir", str(root),
+           "--trainer.max_steps", str(STEPS)]
+    log = root.with_suffix(".log")
+    assert _run(cmd, log, timeout=900) == 0, log.read_text()[-4000:]
+    (run_dir,) = sorted((root / "csv").glob("version_*"))
+    with open(run_dir / "metrics.csv") as fh:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
 
 
 def _losses(rows: list[dict[str, float]]) -> list[float]:
@@ -77,7 +101,7 @@ def test_fsdp2_sharded_checkpoint_exports_to_the_trained_weights(sft_runs, tmp_p
     ckpt = root / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard per rank
     out = tmp_path / "exported"
-    proc = subprocess.run([str(Path(sys.executable).parent / "qed-export"), str(ckpt), str(out)], env=subprocess_env(),
+    proc = subprocess.run([str(Path(sys.executable).parent / "qed-export"), str(ckpt), str(out)], env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the HF export gathered the in-memory FSDP2 model at the end of training (get_model_state_dict, full)
@@ -170,7 +194,7 @@ def test_fsdp2_weight_sync_gathers_one_parameter_at_a_time(tiny_model_dir, tmp_p
     script = tmp_path / "sync.py"
     script.write_text(SYNC_SCRIPT)
     log = tmp_path / "sync.log"
-    code = run_logged([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+    code = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                  str(tiny_model_dir), str(tmp_path / "out")], log, timeout=300)
     output = log.read_text()
     assert code == 0, output[-4000:]

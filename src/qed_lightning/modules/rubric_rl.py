@@ -98,7 +98,9 @@ class RubricRLModule(QEDModule):
         clip_low/clip_high: ratio clip range [1 - clip_low, 1 + clip_high]. entropy_coef: entropy bonus.
         kl_coef: k3 KL weight against the frozen initial policy (0 = no reference model is loaded).
         aggregation: "seq_sum_over_batch" (paper), "token_mean", "seq_mean_token_mean", "dr_grpo".
-        advantage_scale: "none" (paper) or "std". grad_clip: max gradient norm (0 = off).
+        advantage_scale: "none" (paper) or "std". grad_clip: max norm of the exact step gradient (of -(1/B) sum L;
+            0 = off). The reference clips DeepSpeed's gradient, divided by its accumulation count and averaged over
+            ranks: its 0.3 is 19.2 here for stage 2 and 76.8 for stage 3 (derivation in configs/rl.yaml).
         sync_interval: optimizer steps between weight pushes to the engine.
         max_nonfinite_steps: consecutive steps with a non-finite loss/gradient (skipped) before the run aborts.
         val_samples: rollouts per problem in the validation pass. seed: sampling seed base.
