@@ -1,137 +1,163 @@
-"""GPU check of the scale-out presets: SFT and RL steps of a ~0.3B random Qwen3 in bf16 under DeepSpeed ZeRO-3 and
-FSDP2 on one GPU, through the real `qed-fit` entry point; prints tokens/s, peak memory and losses per run.
+"""The offline GPU check: six measurements of the training code on one GPU, written as one JSON (see
+`qed_lightning.gpu_check` for what each measures and how).
 
-    bash scripts/gpu_check.sh            # sets up .venv-gpu if needed, then runs this (< 8 min on one H100)
-    python scripts/gpu_check.py --out runs/gpu_check --only fsdp2
+    bash scripts/gpu_check.sh                       # on the GPU machine (installs the wheels in .whl/ first)
+    python scripts/gpu_check.py --dry-run --out X   # the same code with tiny shapes on CPU (tested in the suite)
 
-The model: Qwen3 with hidden 1024, 24 layers, 16 heads, 8 KV heads, head_dim 64, intermediate 3072, and the tiny
-offline tokenizer (a few hundred tokens, so the embeddings are negligible): 302M parameters, built in code, nothing
-downloaded. RL uses the HF engine (it shares the policy: vLLM is not installed here) and the scripted judge.
-Exit status: 0 when every run trained (finite, logged losses), 1 otherwise, 2 without a CUDA device.
+The JSON is rewritten after every section, so a run cut short keeps what it measured. Exit status: 0 when every
+section ran and every check in `checks` holds, 1 otherwise, 2 without a CUDA device (and no --dry-run).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STRATEGIES = ("deepspeed_zero3", "fsdp2")
-SHAPE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8, head_dim=64,
-             intermediate_size=3072)
+SECTIONS = ("gemm", "sft", "memory", "strategies", "logprob_gap")
+STRATEGIES = ("none", "fsdp2", "zero2", "zero3", "pure_bf16")
 
 
-def require_cuda() -> None:
-    try:
-        import torch
-    except ImportError:
-        sys.exit("gpu_check: torch is not installed; run scripts/gpu_check.sh, which sets up the environment")
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device (torch.cuda.is_available() is False). This check needs one NVIDIA GPU; "
-              "the CPU tests cover DDP and FSDP2 (tests/integration/test_distributed.py).", file=sys.stderr)
-        sys.exit(2)
-
-
-def build_model(out: Path) -> tuple[Path, int]:
-    """The ~0.3B random Qwen3 with the tiny tokenizer, written to `out` (deterministic: seed 0)."""
+def environment(device: str) -> dict:
+    import lightning
     import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    import transformers
 
-    from qed_lightning.tiny import _EMBEDDED_CORPUS, _corpus_from_files, _repo_samples, build_tokenizer
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+           "lightning": lightning.__version__, "device": device}
+    if device == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
+                   memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30)
+    try:
+        import deepspeed
 
-    tokenizer = build_tokenizer(_corpus_from_files(_repo_samples()) + [_EMBEDDED_CORPUS], 512)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=16384, tie_word_embeddings=True,
-                         bos_token_id=None, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, dtype="bfloat16", **SHAPE)
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config).to(torch.bfloat16)
-    model.generation_config = GenerationConfig(eos_token_id=[eos], pad_token_id=tokenizer.pad_token_id, do_sample=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out, sum(p.numel() for p in model.parameters())
-
-
-def qed_fit_args(stage: str, strategy: str, model: Path, root: Path, steps: int) -> list[str]:
-    common = ["--config", str(REPO / f"configs/demo/{stage}.yaml"), "--config", str(REPO / f"configs/strategy/{strategy}.yaml"),
-              "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.precision", "bf16-true",
-              "--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(root), "--trainer.callbacks", "[]",
-              "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
-              "--trainer.callbacks+=lightning.pytorch.callbacks.DeviceStatsMonitor",
-              "--model.init_args.model_name_or_path", str(model), "--model.init_args.dtype", "bfloat16",
-              "--model.init_args.gradient_checkpointing", "true", "--model.init_args.export_hf", "false"]
-    if stage == "sft":
-        return common + ["--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl"), "--data.init_args.max_length", "4096",
-                         "--data.init_args.batch_size", "4"]
-    return common + ["--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"), "--data.init_args.val_size", "0",
-                     "--data.init_args.prompts_per_step", "8", "--model.init_args.group_size", "8",
-                     "--model.init_args.max_new_tokens", "256", "--model.init_args.optimizer.init_args.lr", "1e-5",
-                     "--model.init_args.engine", '{"class_path": "qed_lightning.rollout.HFEngine", "init_args": {"batch_size": 64}}',
-                     "--model.init_args.judge.init_args.cache_path", str(root / "grades.sqlite")]
+        env["deepspeed"] = deepspeed.__version__
+    except ImportError as error:
+        env["deepspeed"] = f"not importable: {error}"
+    return env
 
 
-def summarize(root: Path) -> dict[str, float]:
-    (run_dir,) = sorted((root / "csv").glob("version_*"))
-    with open(run_dir / "metrics.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    series = lambda key: [float(r[key]) for r in rows if r.get(key)]  # noqa: E731
-    peak_cols = [k for k in rows[0] if k.endswith("allocated_bytes.all.peak")] if rows else []
-    peak = max((float(r[c]) for r in rows for c in peak_cols if r.get(c)), default=float("nan"))
-    losses, tps = series("train/loss"), series("train/tokens_per_sec")
-    steady = tps[1:] or tps  # the first step includes warm-up
-    norms = series("train/grad_norm")  # RL: under ZeRO it must come from DeepSpeed (p.grad is None there)
-    return {"steps": len(losses), "grad_norm_max": max(norms, default=float("nan")),
-            "loss_first": losses[0] if losses else float("nan"),
-            "loss_last": losses[-1] if losses else float("nan"),
-            "tokens_per_sec": sum(steady) / len(steady) if steady else float("nan"), "peak_mem_gib": peak / 2**30}
+def save_model(shape: dict, out: Path, device: str) -> Path:
+    """The random-weight model the strategy runs load (with a small tokenizer: its ids are never decoded)."""
+    from qed_lightning.gpu_check.measure import qwen3
+    from qed_lightning.tiny import _EMBEDDED_CORPUS, build_tokenizer
+
+    qwen3(shape, device).save_pretrained(out)
+    build_tokenizer([_EMBEDDED_CORPUS], 300).save_pretrained(out)
+    return out
+
+
+def strategies(scale, out: Path, timeout: float, results: dict, save) -> None:
+    """Measurements 4-5 into `results`: one subprocess per strategy (`qed_lightning.gpu_check.rl_step`), `save()`
+    after each, then the strategies' updates compared with the no-strategy one."""
+    import torch
+
+    model = save_model(scale.rl_shape, out / "rl_model", scale.device)
+    env = {**os.environ, "DS_ACCELERATOR": scale.device, "TOKENIZERS_PARALLELISM": "false"}
+    for name in STRATEGIES:
+        part = out / f"rl_{name}.json"
+        cmd = [sys.executable, "-m", "qed_lightning.gpu_check.rl_step", "--strategy", name, "--model", str(model),
+               "--device", scale.device, "--out", str(part), "--prompt-tokens", str(scale.prompt_tokens),
+               "--lengths", *map(str, scale.rl_completions), "--chunk", str(scale.chunk)]
+        with open(out / f"rl_{name}.log", "w") as log:
+            try:
+                code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+        results[name] = json.loads(part.read_text()) if code == 0 else {
+            "error": code, "log_tail": (out / f"rl_{name}.log").read_text(errors="replace")[-2000:]}
+        save()
+    reference = out / "rl_none.sketch.pt"
+    for name, result in results.items():
+        sketch = out / f"rl_{name}.sketch.pt"
+        if "rl" in result and sketch.exists() and reference.exists():
+            a, b = torch.load(sketch), torch.load(reference)
+            result["rl"]["update_rel_diff_vs_none"] = float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def checks(results: dict) -> dict:
+    """Pass/fail of what the numbers must show. bf16 compute makes 1 vs 4 micro-batches (other shapes, other
+    rounding) differ slightly; a lost micro-batch (ZeRO-2 without the boundary fix) differs by tens of percent."""
+    out = {}
+    sft = {(r["row_tokens"], r["loss_chunk_tokens"]): r for r in results.get("sft", [])}
+    for (row, chunk), r in sft.items():
+        full = sft.get((row, 0))
+        if chunk and full and r.get("peak_gib") is not None and full.get("peak_gib") is not None:
+            out[f"sft_{row}_chunked_peak_below_full"] = r["peak_gib"] < full["peak_gib"]
+    for name, r in results.get("strategies", {}).items():
+        if "error" in r:
+            out[f"{name}_ran"] = False
+            continue
+        changed = r["precision"]["changed_fraction"]
+        out[f"{name}_precision"] = changed < 0.5 if name == "pure_bf16" else changed >= 0.99
+        if "rl" in r:
+            rl = r["rl"]
+            out[f"{name}_rl_1_vs_4"] = (rl["micro_batches"][0] == 1 and rl["micro_batches"][1] > 1
+                                        and rl["update_rel_diff_1_vs_4"] < 0.05
+                                        and abs(rl["grad_norm"][1] / rl["grad_norm"][0] - 1) < 0.05)
+            out[f"{name}_rl_vs_none"] = rl.get("update_rel_diff_vs_none", 1.0) < 0.05
+    return out
+
+
+def run_section(name: str, scale, out: Path, results: dict, timeout: float, save) -> None:
+    from qed_lightning.gpu_check import measure
+
+    if name == "gemm":
+        results["gemm"] = measure.gemm(scale)
+    elif name == "sft":
+        results["sft"] = measure.sft(scale, results.get("gemm", {}).get("tflops") or measure.gemm(scale)["tflops"])
+    elif name == "memory":
+        results["memory"] = measure.memory(scale)
+    elif name == "strategies":
+        results["strategies"] = {}
+        strategies(scale, out, timeout, results["strategies"], save)
+    elif name == "logprob_gap":
+        results["logprob_gap"] = measure.logprob_gap(scale)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/gpu_check")
-    parser.add_argument("--only", choices=STRATEGIES, default=None)
-    parser.add_argument("--sft-steps", type=int, default=12)
-    parser.add_argument("--rl-steps", type=int, default=4)
+    parser.add_argument("--out", default="runs/gpu_check/results.json", help="the JSON of results")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU: checks the code, measures nothing")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--strategy-timeout", type=float, default=150.0, help="seconds per strategy subprocess")
     args = parser.parse_args(argv)
-    require_cuda()
     import torch
 
-    out = Path(args.out).resolve()
-    model, n_params = build_model(out / "model")
-    print(f"gpu_check: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, model {n_params / 1e6:.0f}M parameters", flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    results, ok = [], True
-    for strategy in [args.only] if args.only else STRATEGIES:
-        for stage, steps in (("sft", args.sft_steps), ("rl", args.rl_steps)):
-            root = out / f"{strategy}-{stage}"
-            started = time.perf_counter()
-            log = out / f"{strategy}-{stage}.log"
-            with open(log, "w") as fh:
-                proc = subprocess.run([sys.executable, "-m", "qed_lightning.cli", *qed_fit_args(stage, strategy, model, root, steps)],
-                                      stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=900)
-            row = {"strategy": strategy, "stage": stage, "rc": proc.returncode, "wall_s": round(time.perf_counter() - started, 1)}
-            if proc.returncode == 0:
-                row.update(summarize(root))
-            else:
-                row["log_tail"] = log.read_text(errors="replace")[-1500:]
-            trained = proc.returncode == 0 and row.get("steps") == steps and row["loss_last"] == row["loss_last"]
-            if stage == "rl":  # a zero norm means the clip read empty p.grad (ZeRO) instead of DeepSpeed's norm
-                trained = trained and row.get("grad_norm_max", 0.0) > 0
-            ok &= trained
-            results.append(row)
-            print(json.dumps(row), flush=True)
-    print(f"{'strategy':<16} {'stage':<4} {'tok/s':>9} {'peak GiB':>9} {'loss first':>11} {'loss last':>10} {'wall s':>7}")
-    for r in results:
-        print(f"{r['strategy']:<16} {r['stage']:<4} {r.get('tokens_per_sec', float('nan')):>9.0f} {r.get('peak_mem_gib', float('nan')):>9.2f} "
-              f"{r.get('loss_first', float('nan')):>11.4f} {r.get('loss_last', float('nan')):>10.4f} {r['wall_s']:>7}")
+    from qed_lightning.gpu_check.measure import CPU, GPU
+
+    scale = CPU if args.dry_run else GPU
+    if scale.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (use --dry-run for the CPU version of the check)", file=sys.stderr)
+        return 2
+    path = Path(args.out).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results: dict = {"environment": environment(scale.device), "dry_run": args.dry_run, "seconds": {}, "errors": {}}
+
+    def save() -> None:
+        results["checks"] = checks(results)
+        path.write_text(json.dumps(results, indent=1))
+
+    for name in args.sections:
+        started = time.perf_counter()
+        try:
+            run_section(name, scale, path.parent, results, args.strategy_timeout, save)
+        except Exception:  # one section failing must not lose the others' numbers
+            results["errors"][name] = traceback.format_exc()[-3000:]
+        results["seconds"][name] = round(time.perf_counter() - started, 1)
+        save()
+        print(f"gpu_check: {name} done in {results['seconds'][name]} s", flush=True)
+    ok = not results["errors"] and all(results["checks"].values())
+    print(f"gpu_check: {'ok' if ok else 'FAILED'}; results in {path}", flush=True)
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "src"))
     sys.exit(main())

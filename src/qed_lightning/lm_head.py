@@ -51,34 +51,32 @@ def _chunk_stats(head: torch.nn.Module, states: Tensor, targets: Tensor, tempera
     return logp, entropy_from_logits(logits, temperature)[0]
 
 
-def chunked_token_stats(hidden: Tensor, targets: Tensor, mask: Tensor, head: torch.nn.Module, temperature: float, *,
+def chunked_token_stats(states: Tensor, targets: Tensor, mask: Tensor, head: torch.nn.Module, temperature: float, *,
                         entropy: bool, chunk_tokens: int) -> tuple[Tensor, Tensor | None]:
-    """`token_logprobs` (and `entropy_from_logits`) of `head(hidden)`, without the `[n, T, V]` logits.
+    """`token_logprobs` (and `entropy_from_logits`) of `head(states)`, without the `[N, V]` logits of every token.
 
-    hidden `[n, T, H]` (the state that predicts each target), targets and mask `[n, T]`. Only positions with
-    `mask > 0` are computed, `chunk_tokens` at a time under activation checkpointing; the others are 0. Returns
-    `[n, T]` log-probs and `[n, T]` entropies (None unless `entropy`), both differentiable, float32 or wider.
+    states `[N, H]` (the states that predict the N real completion tokens, as `rl.microbatch.completion_logits`
+    gathers them), targets `[N]`, mask `[n, T]` (N ones, row-major). The head runs `chunk_tokens` states at a time
+    under activation checkpointing. Returns `[n, T]` log-probs and `[n, T]` entropies (None unless `entropy`), 0 where
+    masked, both differentiable, float32 or wider.
     """
+    from qed_lightning.rl.microbatch import scatter_tokens
+
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    n, width, size = hidden.shape
-    where = mask.reshape(-1).nonzero().squeeze(1)  # [N] flat positions that carry a loss
-    states = hidden.reshape(-1, size).index_select(0, where)  # [N, H]
-    wanted = targets.reshape(-1).index_select(0, where)  # [N]
     logps, entropies = [], []
-    for start in range(0, wanted.numel(), chunk_tokens):
+    for start in range(0, targets.numel(), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
-        out = checkpoint(_chunk_stats, head, states[piece], wanted[piece], float(temperature), entropy, use_reentrant=False)
+        out = checkpoint(_chunk_stats, head, states[piece], targets[piece], float(temperature), entropy, use_reentrant=False)
         logps.append(out[0] if entropy else out)
         if entropy:
             entropies.append(out[1])
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    dtype = torch.promote_types(states.dtype, torch.float32)
 
-    def scatter(parts: list[Tensor]) -> Tensor:
-        values = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=dtype)
-        return hidden.new_zeros(n * width, dtype=values.dtype).index_put((where,), values).reshape(n, width)
+    def grid(parts: list[Tensor]) -> Tensor:
+        return scatter_tokens(torch.cat(parts) if parts else states.new_zeros(0, dtype=dtype), mask)
 
-    return scatter(logps), (scatter(entropies) if entropy else None)
+    return grid(logps), (grid(entropies) if entropy else None)
 
 
 def chunked_lm_loss(hidden: Tensor, labels: Tensor, head: torch.nn.Module, chunk_tokens: int) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,5 @@
-"""Scale-out glue on top of Lightning's strategies: FSDP2 over every process, and sharding a HF causal LM with it.
+"""Scale-out glue on top of Lightning's strategies: FSDP2 over every process, DeepSpeed that also runs on CPU, and the
+strategies our manual-optimisation modules refuse.
 
 FSDP2 is Lightning's `ModelParallelStrategy` with `torch.distributed.fsdp.fully_shard` applied in the module's
 `configure_model`. Lightning's defaults for that strategy are made for 2-D parallelism (data parallel across
@@ -8,10 +9,22 @@ dimension, each reads its own part of the data. Everything else (launch, mesh, d
 
 `process_ranks` tells a process its rank whichever launcher started it (torchrun, srun, Lightning's own), for the
 parts that live outside Lightning's strategy: per-rank vLLM engines and per-rank grade-cache files.
+
+`DeepSpeedStrategy` is Lightning's, plus: it runs on a CPU accelerator (DeepSpeed's own CPU accelerator,
+`DS_ACCELERATOR=cpu`, over gloo: how the ZeRO presets are tested here; Lightning refuses anything but CUDA), and with
+an offloaded optimizer it turns torch's Adam/AdamW into DeepSpeed's CPU Adam with the same hyperparameters
+(`deepspeed.initialize` refuses a torch optimizer on offloaded parameters, `zero_force_ds_cpu_optimizer`).
+
+Lightning's FSDP1 `FSDPStrategy` is refused (`refuse_unsupported_strategy`): with manual optimisation the backward
+inside `training_step` runs inside the FSDP root's forward and fails (Lightning issues #19626, #19685), FSDP1 wraps
+the LightningModule, so weight sync and the HF export would read flat shards, and its precision plugin refuses
+`gradient_clip_val`.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,8 +33,13 @@ from typing import Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
+from lightning.fabric.utilities.seed import reset_seed
 from typing_extensions import override
+
+log = logging.getLogger(__name__)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -69,8 +87,10 @@ def is_fully_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def apply_fsdp2(model: torch.nn.Module, mesh) -> torch.nn.Module:
+def apply_fsdp2(model: torch.nn.Module, mesh, mp_policy=None) -> torch.nn.Module:
     """Shard `model` with FSDP2 over the 1-D `mesh`: each decoder layer, then the root (embeddings, norm, head).
+    `mp_policy` (`qed_lightning.precision.fsdp2_policy`): a `MixedPrecisionPolicy`, e.g. bf16 compute on the fp32
+    sharded parameters; None = compute in the parameters' dtype.
 
     Idempotent. Activation checkpointing is HF's own (`gradient_checkpointing_enable`, non-reentrant): it wraps each
     layer's `__call__`, so the FSDP hooks run inside the recomputed region and parameters are gathered again for the
@@ -82,9 +102,10 @@ def apply_fsdp2(model: torch.nn.Module, mesh) -> torch.nn.Module:
 
     if is_fully_sharded(model):
         return model
+    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
     model._is_fsdp_managed_module = True
     return model
 
@@ -124,3 +145,79 @@ def process_ranks(env: Mapping[str, str] | None = None, dist_rank: int | None = 
         world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
     local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
     return ProcessRanks(rank, world, local)
+
+
+class DeepSpeedStrategy(LightningDeepSpeedStrategy):
+    """Lightning's `DeepSpeedStrategy` (same arguments), also on a CPU accelerator, and with DeepSpeed's CPU Adam where
+    the optimizer is offloaded; see the module docstring. On CPU, `DS_ACCELERATOR=cpu` is set for DeepSpeed and the
+    processes talk over gloo; DeepSpeed builds a small shared-memory op (and CPU Adam, when offloading) on first use.
+    """
+
+    @override
+    def setup_environment(self) -> None:
+        if isinstance(self.accelerator, CPUAccelerator):
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            DDPStrategy.setup_environment(self)  # Lightning's own check refuses any accelerator but CUDA
+            return
+        super().setup_environment()
+
+    @override
+    def setup_distributed(self) -> None:
+        if not isinstance(self.accelerator, CPUAccelerator):
+            return super().setup_distributed()
+        # Lightning's checks that device indices match local ranks, which CPU devices (index None) cannot
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @override
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        if not isinstance(self.accelerator, CPUAccelerator):
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        import deepspeed
+
+        # Lightning passes the CUDA device index, None on CPU; DeepSpeed wants the local rank there
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+            lr_scheduler=lr_scheduler, dist_init_required=False)
+        return engine, ds_optimizer
+
+    @property
+    def offloads_optimizer(self) -> bool:
+        offload = (self.config or {}).get("zero_optimization", {}).get("offload_optimizer") or {}
+        return offload.get("device", "none") not in ("none", None)
+
+    def optimizer_for_offload(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """With the optimizer offloaded to CPU: torch Adam/AdamW -> DeepSpeed's CPU Adam on the same parameter groups
+        and hyperparameters (AdamW's decoupled weight decay kept); another optimizer runs as it is on the offloaded
+        fp32 partitions (slow: allowed with a warning). Without offload, `optimizer` unchanged."""
+        if not self.offloads_optimizer:
+            return optimizer
+        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+            log.warning("DeepSpeed optimizer offload with %s: it steps on the CPU copies as it is (DeepSpeed's CPU Adam "
+                        "is much faster; use torch.optim.AdamW to get it)", type(optimizer).__name__)
+            self.config["zero_force_ds_cpu_optimizer"] = False
+            return optimizer
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        defaults = optimizer.defaults
+        if defaults.get("amsgrad"):
+            raise ValueError("DeepSpeed's CPU Adam has no amsgrad; set amsgrad: false in model.optimizer")
+        groups = [{k: v for k, v in g.items() if k in ("params", "lr", "betas", "eps", "weight_decay")}
+                  for g in optimizer.param_groups]
+        return DeepSpeedCPUAdam(groups, lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"],
+                                weight_decay=defaults["weight_decay"], adamw_mode=type(optimizer) is torch.optim.AdamW)
+
+
+def refuse_unsupported_strategy(strategy) -> None:
+    """Refuse Lightning's FSDP1 `FSDPStrategy` (see the module docstring), naming what to use instead."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError(
+            "trainer.strategy: Lightning's FSDPStrategy (FSDP1) is not supported: our RL modules optimise manually and "
+            "FSDP1 fails at their first backward (Lightning issues #19626, #19685), it wraps the LightningModule so "
+            "weight sync and the HF export would read flat shards, and it refuses gradient clipping. Use "
+            "configs/strategy/fsdp2.yaml (FSDP2: qed_lightning.parallel.FSDP2Strategy), or DeepSpeed: "
+            "configs/strategy/deepspeed_zero2.yaml, deepspeed_zero3.yaml, deepspeed_zero3_offload.yaml.")

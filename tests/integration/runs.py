@@ -40,3 +40,13 @@ def read_metrics(root: Path) -> list[dict[str, float]]:
 def series(rows: list[dict[str, float]], key: str) -> list[float]:
     """One metric over the run, in logging order."""
     return [r[key] for r in rows if key in r]
+
+
+def fit_subprocess(root: Path, *args: str, timeout: float = 900) -> list[dict[str, float]]:
+    """`qed-fit ARGS --trainer.default_root_dir ROOT` in a subprocess (it may launch more ranks); its metrics rows."""
+    import sys
+
+    cmd = [sys.executable, "-m", "qed_lightning.cli", *args, "--trainer.default_root_dir", str(root)]
+    log = root.with_suffix(".log")
+    assert run_process(cmd, log, timeout) == 0, log.read_text()[-4000:]
+    return read_metrics(root)

@@ -11,6 +11,7 @@ from qed_lightning.rl.microbatch import (
     pad_sequences,
     plan_microbatches,
     plan_shared_prefix,
+    scatter_tokens,
     share_prefix,
     shared_prefix_logits,
 )
@@ -32,8 +33,8 @@ def test_packed_and_padded_layouts_match_one_at_a_time(tiny_model_dir):
     for layout in (pack_sequences, pad_sequences):
         mb = layout(prompts, completions, members)
         logits, targets = completion_logits(model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits, mb.input_ids, mb)
-        assert [t[: len(completions[k])].tolist() for t, k in zip(targets, members)] == [completions[k] for k in members]
-        logp = token_logprobs(logits, targets) * mb.mask
+        assert targets.tolist() == [t for k in members for t in completions[k]]  # [N], real tokens only
+        logp = scatter_tokens(token_logprobs(logits[None], targets[None])[0], mb.mask)
         for row, k in enumerate(members):
             n = len(completions[k])
             torch.testing.assert_close(logp[row, :n], expected[row], atol=1e-10, rtol=0)
@@ -105,7 +106,8 @@ def test_chunked_token_stats_match_full_logits_in_value_and_gradient(tiny_model_
 
     def full():
         logits, targets = completion_logits(model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits, mb.input_ids, mb)
-        return token_logprobs(logits, targets, 0.8) * mb.mask, entropy_from_logits(logits, 0.8) * mb.mask
+        return (scatter_tokens(token_logprobs(logits[None], targets[None], 0.8)[0], mb.mask),
+                scatter_tokens(entropy_from_logits(logits[None], 0.8)[0], mb.mask))
 
     def chunked(chunk):
         def fn():
@@ -116,8 +118,9 @@ def test_chunked_token_stats_match_full_logits_in_value_and_gradient(tiny_model_
 
     def shared():
         sp = share_prefix(prompts, completions, [0, 1, 2])
-        states = shared_prefix_logits(model, sp, hidden=True)
-        return chunked_token_stats(states, sp.input_ids, sp.mask, model.get_output_embeddings(), 0.8, entropy=True, chunk_tokens=2)
+        states = shared_prefix_logits(model, sp, hidden=True)  # [n, T, H]
+        real = sp.mask.bool()
+        return chunked_token_stats(states[real], sp.input_ids[real], sp.mask, model.get_output_embeddings(), 0.8, entropy=True, chunk_tokens=2)
 
     want_lp, want_ent, want_grads = run(full)
     for stats in (chunked(1), chunked(4), chunked(100), shared):
@@ -127,3 +130,58 @@ def test_chunked_token_stats_match_full_logits_in_value_and_gradient(tiny_model_
         assert lp[1, 1:].abs().sum() == 0 and ent[1, 1:].abs().sum() == 0  # masked positions stay 0
         for name, g in want_grads.items():
             torch.testing.assert_close(grads[name], g, atol=1e-6 * float(g.abs().max()) + 1e-12, rtol=1e-5, msg=name)
+
+
+class _Shapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor an op produces while active, and which of them own new memory (not a view
+    of `base`)."""
+
+    def __init__(self, base: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base.untyped_storage().data_ptr()
+        self.shapes: list[tuple[int, ...]] = []
+        self.allocated: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+                if t.untyped_storage().data_ptr() != self.base:
+                    self.allocated.append(tuple(t.shape))
+        return out
+
+
+def _previous_completion_logits(rows, input_ids, packed):
+    """The gather as it was: a padded `[n, T_max, D]` grid of every sequence's positions (the reference here)."""
+    index = packed.gather_index  # [n, T]
+    flat = rows[:, :-1].reshape(-1, rows.size(-1))
+    return flat[index.reshape(-1)].reshape(*index.shape, -1), input_ids[:, 1:].reshape(-1)[index]
+
+
+@pytest.mark.parametrize("layout", [pack_sequences, pad_sequences])
+def test_completion_gather_equals_the_padded_gather_on_real_tokens_without_allocating_it(layout):
+    # ragged: one long completion and three short ones (hand-sized so that no other tensor is [n, T_max, H])
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    completions = [[11] * 17, [12, 13], [14], [15, 16, 17]]
+    members = [0, 1, 2, 3]
+    mb = layout(prompts, completions, members)
+    hidden = 24
+    rows = torch.randn(*mb.input_ids.shape, hidden, dtype=torch.float64)  # [B, L, H] stand-in hidden states
+    with _Shapes(rows) as seen:
+        values, targets = completion_logits(rows, mb.input_ids, mb)
+    real = mb.mask.bool()
+    old_values, old_targets = _previous_completion_logits(rows, mb.input_ids, mb)
+    assert values.shape == (sum(map(len, completions)), hidden)
+    assert torch.equal(values, old_values[real]) and torch.equal(targets, old_targets[real])
+    assert targets.tolist() == [t for k in members for t in completions[k]]
+    n, t_max = len(members), max(map(len, completions))
+    assert (n, t_max, hidden) not in seen.shapes and (n * t_max, hidden) not in seen.shapes
+    # the only new memory the size of hidden states: the N real rows
+    assert max(torch.Size(s).numel() for s in seen.allocated) == int(real.sum()) * hidden
+
+
+def test_scatter_tokens_by_hand():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    got = scatter_tokens(torch.tensor([0.5, -1.0, 2.0], requires_grad=True), mask)
+    assert got.tolist() == [[0.5, -1.0, 0.0], [2.0, 0.0, 0.0]]

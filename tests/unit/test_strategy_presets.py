@@ -15,10 +15,9 @@ PRESETS = sorted((REPO / "configs" / "strategy").glob("*.yaml"))
 EXPECTED = {
     "ddp": "lightning.pytorch.strategies.DDPStrategy",
     "fsdp2": "qed_lightning.parallel.FSDP2Strategy",
-    "fsdp1": "lightning.pytorch.strategies.FSDPStrategy",
-    "deepspeed_zero2": "lightning.pytorch.strategies.DeepSpeedStrategy",
-    "deepspeed_zero3": "lightning.pytorch.strategies.DeepSpeedStrategy",
-    "deepspeed_zero3_offload": "lightning.pytorch.strategies.DeepSpeedStrategy",
+    "deepspeed_zero2": "qed_lightning.parallel.DeepSpeedStrategy",
+    "deepspeed_zero3": "qed_lightning.parallel.DeepSpeedStrategy",
+    "deepspeed_zero3_offload": "qed_lightning.parallel.DeepSpeedStrategy",
 }
 
 
@@ -50,11 +49,9 @@ def test_preset_composes_with_the_rl_config(preset, capsys):
     assert composed["model"] == base["model"] and composed["data"] == base["data"]
 
 
-def test_zero3_and_fsdp_presets_shard_what_they_say(capsys):
+def test_zero3_and_fsdp2_presets_shard_what_they_say(capsys):
     zero3 = _printed(capsys, REPO / "configs/rl.yaml", REPO / "configs/strategy/deepspeed_zero3_offload.yaml")["trainer"]["strategy"]["init_args"]
     assert (zero3["stage"], zero3["offload_optimizer"], zero3["offload_parameters"]) == (3, True, True)
-    fsdp1 = _printed(capsys, REPO / "configs/sft.yaml", REPO / "configs/strategy/fsdp1.yaml")["trainer"]["strategy"]["init_args"]
-    assert fsdp1["auto_wrap_policy"] == ["transformers.models.qwen3.modeling_qwen3.Qwen3DecoderLayer"]
     fsdp2 = _printed(capsys, REPO / "configs/sft.yaml", REPO / "configs/strategy/fsdp2.yaml")["trainer"]["strategy"]["init_args"]
     assert fsdp2["data_parallel_size"] == "auto" and fsdp2["tensor_parallel_size"] == 1
 

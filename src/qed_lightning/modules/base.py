@@ -4,6 +4,11 @@ Weights load in `configure_model` (idempotent, so FSDP/DeepSpeed strategies can 
 never in `__init__`: building a module is cheap, so a config with a typo fails before any weight is read.
 The optimizer and the LR schedule are injected as callables (`OptimizerCallable`, `LRSchedulerCallable`), so the
 YAML chooses them by `class_path`.
+
+Precision (`qed_lightning.precision`): weights train in float32 with bf16 compute (`trainer.precision: bf16-mixed`,
+FSDP2's mixed-precision policy, DeepSpeed's fp32 master copy); bf16 weights without a master copy lose the small
+updates of a low learning rate and are refused at `setup` unless `pure_bf16` (then a warning gives the numbers).
+Strategies: FSDP1 is refused at `setup` (`parallel.refuse_unsupported_strategy`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,9 @@ class QEDModule(L.LightningModule):
         gradient_checkpointing: recompute activations in the backward pass (saves memory on long sequences).
         export_hf: write the final weights with `save_pretrained` when training ends.
         export_dir: where to export (None = `<run dir>/hf`, next to the run's metrics and config).
+        pure_bf16: allow training bf16 weights without an fp32 master copy (`dtype: bfloat16`, or `bf16-true`
+            outside DeepSpeed); refused otherwise, since updates below half a bf16 step are lost (see
+            `qed_lightning.precision`). With it, a warning states how many weights an update of ~lr cannot move.
     """
 
     #: init arguments that are components (not plain values) and so stay out of `hparams`
@@ -53,6 +61,7 @@ class QEDModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         export_hf: bool = True,
         export_dir: str | None = None,
+        pure_bf16: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=list(self._hparams_ignore))
@@ -66,13 +75,42 @@ class QEDModule(L.LightningModule):
 
     # -- model ---------------------------------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        """Errors at the door, before any weight loads: the strategy (FSDP1 is refused) and the weights' precision."""
+        from qed_lightning.parallel import refuse_unsupported_strategy
+        from qed_lightning.precision import weights_are_half
+
+        strategy = self.trainer.strategy
+        refuse_unsupported_strategy(strategy)
+        if self._deepspeed() or self.hparams.pure_bf16 or stage != "fit":
+            return  # DeepSpeed keeps an fp32 master copy in its optimizer whatever the module's dtype
+        if weights_are_half(self.hparams.dtype, self.trainer.precision):
+            raise ValueError(
+                f"model.dtype={self.hparams.dtype} with trainer.precision={self.trainer.precision} trains 16-bit weights "
+                "without an fp32 master copy: an update below half a bf16 step (2^-8 of the weight) is lost, so at "
+                "lr 1e-6 ~98% of the weights never move. Use trainer.precision=bf16-mixed with model.dtype=float32 "
+                "(bf16 compute on fp32 weights; FSDP2 and DeepSpeed keep fp32 masters too), or set "
+                "model.pure_bf16=true to train bf16 weights anyway.")
+
+    def on_fit_start(self) -> None:
+        if self.hparams.pure_bf16 and any(p.dtype in (torch.bfloat16, torch.float16) for p in self.parameters()):
+            from qed_lightning.precision import lost_update_warning
+
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0
+            rank_zero_warn(lost_update_warning([p for p in self.parameters() if p.requires_grad], lr))
+
+    def _deepspeed(self) -> bool:
+        return type(self.trainer.strategy).__name__ == "DeepSpeedStrategy"
+
     def configure_model(self) -> None:
         if self.model is None:
             self._load_model()
         if self.device_mesh is not None:  # Lightning's ModelParallelStrategy (FSDP2): shard layer by layer
             from qed_lightning.parallel import apply_fsdp2
+            from qed_lightning.precision import fsdp2_policy
 
-            apply_fsdp2(self.model, self.device_mesh["data_parallel"])
+            # bf16-mixed: fp32 sharded parameters, gathered in bf16 for compute, gradients reduced in fp32
+            apply_fsdp2(self.model, self.device_mesh["data_parallel"], fsdp2_policy(self.trainer.precision))
 
     def _load_model(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,34 +134,51 @@ class QEDModule(L.LightningModule):
         self.model.train(self.training)
         rank_zero_info(f"loaded {hp.model_name_or_path} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters)")
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
         """Logits `[B, L, V]` of a packed batch (attention mask None: transformers builds it from position ids).
 
-        sdpa/eager turn restarting position ids into a block-diagonal mask for any batch size, but transformers'
-        flash-attention path only detects packed sequences in a single row, so with flash attention a `[B, L]`
-        batch runs as one `[1, B * L]` row (its padding is a segment of its own, see `data.packing`).
+        sdpa/eager turn restarting position ids into a block-diagonal mask for any batch size; a varlen (flash)
+        backend runs the batch as one `[1, B * L]` row (its padding is a segment of its own, see `data.packing`) and
+        gets the sequence boundaries once (`qed_lightning.attention`): `lengths`, the sequences' lengths in order,
+        when the caller knows them, else read from the position ids.
         """
-        return self._packed_call(input_ids, position_ids, lambda **kw: self.model(**kw, use_cache=False).logits)
+        return self._packed_call(input_ids, position_ids, lambda **kw: self.model(**kw, use_cache=False).logits, lengths)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
         """The decoder's final (normed) hidden states `[B, L, H]` of a packed batch, for losses that apply the LM head
-        themselves (`qed_lightning.lm_head`); same flash-attention flattening as `forward`."""
+        themselves (`qed_lightning.lm_head`); same varlen handling as `forward`."""
         from qed_lightning.lm_head import final_hidden_states
 
         return self._packed_call(input_ids, position_ids,
-                                 lambda **kw: final_hidden_states(self.model, **kw, use_cache=False)[0])
+                                 lambda **kw: final_hidden_states(self.model, **kw, use_cache=False)[0], lengths)
 
-    def _packed_call(self, input_ids: torch.Tensor, position_ids: torch.Tensor, run) -> torch.Tensor:
-        """`run(input_ids=..., position_ids=...)` -> `[rows, L, D]`, as one row under flash attention (see `forward`)."""
+    @property
+    def varlen_attention(self) -> bool:
+        """Whether the model's attention backend runs packed rows as varlen attention (flash-style, by capability)."""
+        from qed_lightning.attention import packs_without_mask
+
+        return self.model is not None and packs_without_mask(self.model.config)
+
+    def _packed_call(self, input_ids: torch.Tensor, position_ids: torch.Tensor, run, lengths: list[int] | None = None) -> torch.Tensor:
+        """`run(input_ids=..., position_ids=..., [varlen boundaries])` -> `[rows, L, D]` (see `forward`)."""
         batch, length = input_ids.shape
-        if batch > 1 and str(getattr(self.model.config, "_attn_implementation", "")).startswith("flash"):
-            input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
-        return run(input_ids=input_ids, position_ids=position_ids).reshape(batch, length, -1)
+        if not self.varlen_attention:
+            return run(input_ids=input_ids, position_ids=position_ids).reshape(batch, length, -1)
+        from qed_lightning.attention import segment_lengths, varlen_kwargs
+
+        bounds = varlen_kwargs(lengths if lengths is not None else segment_lengths(position_ids), input_ids.device)
+        out = run(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1), **bounds)
+        return out.reshape(batch, length, -1)
 
     # -- optimisation --------------------------------------------------------------------------------------------
 
     def configure_optimizers(self):
+        from qed_lightning.parallel import DeepSpeedStrategy
+
         optimizer = self.optimizer_factory(self.parameters())
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DeepSpeedStrategy):  # offloaded optimizer: DeepSpeed's CPU Adam, before the schedule
+            optimizer = strategy.optimizer_for_offload(optimizer)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

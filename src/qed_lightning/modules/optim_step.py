@@ -5,6 +5,11 @@ one `ManualStep` object per module (it owns the count of consecutive non-finite 
 - step-wide counts over all ranks (`totals`), so each rank's loss is normalised as one process would be;
 - the same number of forward/backward passes on every rank (`missing_microbatches`, `idle_loss`): each pass is a
   collective under DDP/FSDP;
+- under DeepSpeed, each pass announced as the engine's own forward would (`before_pass`) and the accumulation
+  boundary on the last pass only: otherwise ZeRO-2 keeps only the last micro-batch's gradient (measured with
+  DeepSpeed 0.19.8 on CPU: an update of norm 0.18 with 2 micro-batches and 0.15 with 4, against 0.43 with 1), and
+  ZeRO-3, whose micro-step advances in `DeepSpeedEngine.forward` (which our passes bypass), overwrites each pass's
+  gradient with the next (a gradient norm of 3.36 with 4 micro-batches against 6.99 with 1);
 - gradient clipping and the step (`clip_and_step`), with non-finite steps skipped (counted, and
   `max_nonfinite_steps` in a row abort the run). Under DeepSpeed, ZeRO keeps gradients out of `p.grad`, so
   DeepSpeed clips (`hand_grad_clip_to_deepspeed`, from `setup`) and its global norm is the step's; a non-finite
@@ -79,6 +84,22 @@ class ManualStep:
         strategy = self.module.trainer.strategy if self.module._trainer is not None else None
         if type(strategy).__name__ == "DeepSpeedStrategy" and self.grad_clip > 0:
             strategy.config["gradient_clipping"] = self.grad_clip
+
+    def before_pass(self, last: bool) -> None:
+        """Call before each forward/backward pass of a step (`last` for the step's final one). Under DeepSpeed, do what
+        `DeepSpeedEngine.forward` does first and tell ZeRO where the accumulation ends: our passes call the model
+        itself, not the engine (Lightning's manual optimisation does), so without this ZeRO-3 never advances its
+        micro-step (each pass overwrites the previous one's gradient partitions), and with
+        `gradient_accumulation_steps: 1` (the module accumulates itself) ZeRO-2 sees a boundary at every pass and keeps
+        only the last one's gradient. Other strategies need nothing."""
+        engine = self.deepspeed_engine()
+        if engine is None:
+            return
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        if isinstance(engine.optimizer, ZeROOptimizer):
+            engine.optimizer.clear_backward_seen_flag()
+        engine.set_gradient_accumulation_boundary(last)
 
     def deepspeed_engine(self):
         strategy = self.module.trainer.strategy if self.module._trainer is not None else None

@@ -32,6 +32,7 @@ from typing import Literal
 
 import torch
 
+from qed_lightning.attention import packs_without_mask, varlen_kwargs
 from qed_lightning.data.rl import ProofProblem
 from qed_lightning.lm_head import chunked_token_stats, final_hidden_states
 from qed_lightning.modules.base import QEDModule
@@ -50,6 +51,7 @@ from qed_lightning.rl.microbatch import (
     pad_values,
     plan_microbatches,
     plan_shared_prefix,
+    scatter_tokens,
     share_prefix,
     shared_prefix_logits,
 )
@@ -103,7 +105,9 @@ class RubricRLModule(QEDModule):
         clip_low/clip_high: ratio clip range [1 - clip_low, 1 + clip_high]. entropy_coef: entropy bonus.
         kl_coef: k3 KL weight against the frozen initial policy (0 = no reference model is loaded).
         aggregation: "seq_sum_over_batch" (paper), "token_mean", "seq_mean_token_mean", "dr_grpo".
-        advantage_scale: "none" (paper) or "std". grad_clip: max gradient norm (0 = off).
+        advantage_scale: "none" (paper) or "std". grad_clip: max norm of the exact step gradient (of -(1/B) sum L;
+            0 = off). The reference clips DeepSpeed's gradient, divided by its accumulation count and averaged over
+            ranks: its 0.3 is 19.2 here for stage 2 and 76.8 for stage 3 (derivation in configs/rl.yaml).
         sync_interval: optimizer steps between weight pushes to the engine.
         max_nonfinite_steps: consecutive steps with a non-finite loss/gradient (skipped) before the run aborts.
         val_samples: rollouts per problem in the validation pass. seed: sampling seed base.
@@ -186,6 +190,7 @@ class RubricRLModule(QEDModule):
         """Errors at the door: every prompt plus the completion budget must fit the engine's context. Under DeepSpeed,
         hand `grad_clip` to DeepSpeed (this hook runs before the engine is built): ZeRO keeps gradients in its own
         partitioned buffers, so `p.grad` is None and only DeepSpeed can clip them (`optim_step`)."""
+        super().setup(stage)  # strategy and precision checks
         self.optim_step.hand_grad_clip_to_deepspeed()
         limit = self.engine.max_model_len
         datamodule = self.trainer.datamodule if self.trainer is not None else None
@@ -208,8 +213,7 @@ class RubricRLModule(QEDModule):
         chosen = self.hparams.micro_batch_layout
         if chosen != "auto":
             return chosen
-        impl = str(getattr(getattr(self.model, "config", None), "_attn_implementation", ""))
-        if impl.startswith("flash"):
+        if self.varlen_attention:  # flash-style attention, detected by capability (qed_lightning.attention)
             return "packed"
         return "padded" if self.hparams.gradient_checkpointing else "shared_prefix"
 
@@ -255,22 +259,25 @@ class RubricRLModule(QEDModule):
     # -- 4. loss -------------------------------------------------------------------------------------------------
 
     def completion_outputs(self, rollouts: list[Completion], members: list[int], model=None, hidden: bool = False):
-        """Logits `[n, T, V]` predicting the completion tokens of `members` (indices into `rollouts`), those tokens
-        `[n, T]` and their mask `[n, T]`, laid out as `self.layout` says; `model` defaults to the policy. With
-        `hidden`, the final hidden states `[n, T, H]` that predict them instead of the logits."""
+        """Logits `[N, V]` at the positions predicting the N real completion tokens of `members` (indices into
+        `rollouts`), those tokens `[N]`, and the `[n, T]` mask they belong to (row-major), laid out as `self.layout`
+        says; `model` defaults to the policy. With `hidden`, the final hidden states `[N, H]` instead of the logits.
+        No `[n, T_max, ...]` gather (rl/microbatch.py)."""
         prompts, completions = [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts]
         if self.layout == "shared_prefix":
             batch = share_prefix(prompts, completions, members)
-            out = shared_prefix_logits(model if model is not None else self.model, batch, hidden=hidden)
-            return out, batch.input_ids.to(self.device), batch.mask.to(self.device)
+            out = shared_prefix_logits(model if model is not None else self.model, batch, hidden=hidden)  # [n, T, D]
+            real = batch.mask.bool()
+            return out[real.to(out.device)], batch.input_ids[real].to(self.device), batch.mask.to(self.device)
         packed = (pack_sequences if self.layout == "packed" else pad_sequences)(prompts, completions, members)
         input_ids, position_ids = packed.input_ids.to(self.device), packed.position_ids.to(self.device)
         if model is None:
-            rows = self.hidden_states(input_ids, position_ids) if hidden else self(input_ids, position_ids)
-        elif hidden:
-            rows = final_hidden_states(model, input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
+            call = self.hidden_states if hidden else self
+            rows = call(input_ids, position_ids, packed.lengths)
         else:
-            rows = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+            bounds = varlen_kwargs(packed.lengths, self.device) if packed.lengths and packs_without_mask(model.config) else {}
+            kwargs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False, **bounds)
+            rows = final_hidden_states(model, **kwargs)[0] if hidden else model(**kwargs).logits
         out, targets = completion_logits(rows, input_ids, packed)  # gathers along the last dim, logits or states
         return out, targets, packed.mask.to(self.device)
 
@@ -279,14 +286,15 @@ class RubricRLModule(QEDModule):
         (or None), and the mask `[n, T]`; chunked over the LM head unless `logits_chunk_tokens` is 0."""
         hp = self.hparams
         model = model if model is not None else self.model
+        other = None if model is self.model else model
         if hp.logits_chunk_tokens:
-            states, targets, mask = self.completion_outputs(rollouts, members, None if model is self.model else model, hidden=True)
+            states, targets, mask = self.completion_outputs(rollouts, members, other, hidden=True)
             logp, ent = chunked_token_stats(states, targets, mask, model.get_output_embeddings(), hp.temperature,
                                             entropy=entropy, chunk_tokens=hp.logits_chunk_tokens)
             return logp, ent, mask
-        logits, targets, mask = self.completion_outputs(rollouts, members, None if model is self.model else model)
-        logp = token_logprobs(logits, targets, hp.temperature) * mask
-        ent = entropy_from_logits(logits, hp.temperature) * mask if entropy else None
+        logits, targets, mask = self.completion_outputs(rollouts, members, other)  # [N, V], [N]
+        logp = scatter_tokens(token_logprobs(logits[None], targets[None], hp.temperature)[0], mask)
+        ent = scatter_tokens(entropy_from_logits(logits[None], hp.temperature)[0], mask) if entropy else None
         return logp, ent, mask
 
     def compute_loss(self, rollouts: list[Completion], advantages: torch.Tensor, members: list[int], totals: dict[str, int]):
@@ -323,15 +331,18 @@ class RubricRLModule(QEDModule):
         opt.zero_grad()
         sums = MicroBatchSums()
         plan = self.plan_microbatches(rollouts, members)
+        passes = len(plan) + step.missing_microbatches(len(plan))  # the same on every rank
         if progress is not None:
             progress.total = len(plan)
-        for mb in plan:
+        for i, mb in enumerate(plan):
+            step.before_pass(last=i == passes - 1)
             loss, metrics = self.compute_loss(rollouts, advantages, mb, totals)
             self.manual_backward(loss * self.trainer.world_size)  # DDP/FSDP average over ranks; see ManualStep.totals
             sums.add(loss, metrics, totals["tokens"])
             if progress is not None:
                 progress.advance()
-        for _ in range(step.missing_microbatches(len(plan))):
+        for i in range(len(plan), passes):
+            step.before_pass(last=i == passes - 1)
             self.manual_backward(step.idle_loss())
         sums.loss = step.sum_over_ranks(sums.loss)  # each rank holds its part of the step's loss
         grad_norm = step.clip_and_step(opt, sums.loss)

@@ -20,8 +20,11 @@ Three layouts (`RubricRLModule(micro_batch_layout=...)`; "auto" picks by attenti
   no faster on CPU, so a micro-batch holds one prompt. Gradient checkpointing drops the cache (transformers forces
   `use_cache=False` in checkpointed layers), so "auto" then falls back to "padded".
 For "packed" and "padded", `gather_index` points, in the flattened `[B * (L - 1)]` next-token positions, at the
-position predicting each completion token, so the trainer can take log-probs of completion tokens only, as a
-`[n, T]` grid (one line per sequence), the layout `policy_loss` takes; "shared_prefix" produces that grid directly.
+position predicting each completion token. `completion_logits` gathers only the real completion positions, as a
+flat `[N, D]` (N = real completion tokens, in the row-major order of the `[n, T]` mask), never the padded
+`[n, T_max, D]`: a ragged micro-batch (one 40k-token completion and 25 short ones) would pad every short one to 40k
+(~5 GB of hidden states at 4B scale, twice with backward). Per-token results go back onto the `[n, T]` grid (one
+line per sequence, the layout `policy_loss` takes) with `scatter_tokens`.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class PackedSequences:
     gather_index: torch.Tensor  # [n, T] positions in the shifted row [L - 1] of each completion token
     mask: torch.Tensor  # [n, T] 1.0 on real completion tokens
     members: list[int]  # which sequences (indices into the step's list) this micro-batch holds
+    lengths: list[int] | None = None  # "packed": each sequence's tokens, in row order (varlen attention boundaries)
 
 
 def plan_microbatches(lengths: Sequence[int], token_budget: int, layout: str = "packed") -> list[list[int]]:
@@ -177,7 +181,8 @@ def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Seque
         ids.extend(completion)
         pos.extend(range(len(prompt) + len(completion)))
     gather, mask = _grid(index_rows)
-    return PackedSequences(torch.tensor([ids]), torch.tensor([pos]), gather, mask, list(members))
+    lengths = [len(prompts[k]) + len(completions[k]) for k in members]
+    return PackedSequences(torch.tensor([ids]), torch.tensor([pos]), gather, mask, list(members), lengths)
 
 
 def unpack(row_values: torch.Tensor, packed: PackedSequences) -> torch.Tensor:
@@ -185,15 +190,31 @@ def unpack(row_values: torch.Tensor, packed: PackedSequences) -> torch.Tensor:
     return row_values.reshape(-1)[packed.gather_index.to(row_values.device)] * packed.mask.to(row_values.device)
 
 
-def completion_logits(logits: torch.Tensor, input_ids: torch.Tensor, packed: PackedSequences) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits `[n, T, V]` at the positions that predict completion tokens, and those tokens `[n, T]`.
-
-    Log-probs and entropies are then computed for completion tokens only, not for every prompt position.
+def completion_logits(rows: torch.Tensor, input_ids: torch.Tensor, packed: PackedSequences) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' values (logits or hidden states) `[N, D]` at the positions that predict the N real completion tokens,
+    and those tokens `[N]`, in the row-major order of `packed.mask` (`scatter_tokens` puts per-token results back on
+    the `[n, T]` grid). Only real positions are gathered: no `[n, T_max, D]` tensor (see the module docstring).
     """
-    index = packed.gather_index.to(logits.device)  # [n, T]
-    flat = logits[:, :-1].reshape(-1, logits.size(-1))  # [B * (L - 1), V]
-    targets = input_ids[:, 1:].reshape(-1)[index]  # [n, T]
-    return flat[index.reshape(-1)].reshape(*index.shape, -1), targets
+    width = input_ids.size(1)
+    shifted = packed.gather_index[packed.mask.bool()]  # [N] positions in the shifted [B * (L - 1)] grid
+    if width < 2:
+        shifted = shifted[:0]
+    flat = (shifted // max(width - 1, 1)) * width + shifted % max(width - 1, 1)  # [N] the same positions in [B * L]
+    flat = flat.to(rows.device)
+    values = rows.reshape(-1, rows.size(-1)).index_select(0, flat)  # [N, D]
+    return values, input_ids.reshape(-1).index_select(0, flat.to(input_ids.device) + 1)
+
+
+def scatter_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values `[N]` (row-major order of the real positions of `mask`) -> `[n, T]`, 0 where masked;
+    differentiable in `values`.
+
+    >>> scatter_tokens(torch.tensor([1., 2., 3.]), torch.tensor([[1., 1.], [1., 0.]])).tolist()
+    [[1.0, 2.0], [3.0, 0.0]]
+    """
+    where = mask.reshape(-1).nonzero().squeeze(1).to(values.device)
+    out = values.new_zeros(mask.numel())
+    return out.index_put((where,), values).reshape(mask.shape)
 
 
 def pad_values(values: Sequence[Sequence[float]], members: list[int], width: int) -> torch.Tensor:
