@@ -1,4 +1,5 @@
-"""`ProofBenchEvalCallback` on a fake module: when it evaluates, what it logs, and that the engine gets fresh weights."""
+"""`ProofBenchEvalCallback` on a fake module: when it evaluates, what it logs, and that the engine gets fresh weights
+(from the weight-sync callback that owns it, never from the evaluation callback itself)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from eval_fakes import FakeEngine, FakeJudgeClient, FakeTokenizer
 
 from qed_lightning.eval import IMOProofBench, ProofBenchEvalCallback
 from qed_lightning.rewards import ProofBenchJudge
+from qed_lightning.rollout import WeightSyncCallback
 
 
 class FakeModule:
@@ -22,6 +24,9 @@ class FakeModule:
 
     def log(self, name: str, value: float, **kwargs) -> None:
         self.logged[name] = value
+
+    def log_dict(self, values: dict[str, float], **kwargs) -> None:
+        self.logged.update(values)
 
 
 def _reply(text: str):
@@ -38,7 +43,8 @@ def test_callback_evaluates_every_n_steps_and_logs_val_metrics(samples_dir):
     callback = ProofBenchEvalCallback(IMOProofBench(str(samples_dir / "imo_proofbench.jsonl"), limit=2),
                                       judge=ProofBenchJudge(client), every_n_steps=2, n=2, max_new_tokens=64)
     module = FakeModule(engine, tok)
-    trainer = SimpleNamespace(global_step=0, global_rank=0, world_size=1)
+    owner = WeightSyncCallback(engine)  # the module's weight-sync callback, which runs after ours in the same hook
+    trainer = SimpleNamespace(global_step=0, global_rank=0, world_size=1, callbacks=[callback, owner], optimizers=[])
     callback.setup(trainer, module, "fit")
     for step in (0, 1, 3):  # no evaluation at step 0 or off the interval
         trainer.global_step = step
@@ -49,7 +55,10 @@ def test_callback_evaluates_every_n_steps_and_logs_val_metrics(samples_dir):
     callback.on_train_batch_end(trainer, module, None, None, 0)
     callback.on_train_batch_end(trainer, module, None, None, 1)  # same optimizer step: not twice
     assert len(engine.calls) == 1 and len(engine.calls[0]) == 4  # 2 problems x n=2 in one batched call
-    assert engine.loaded == 1 and engine.policy_version == 2  # the step's weights were pushed first
+    assert engine.loaded == 1 and engine.policy_version == 2  # the step's weights were pushed first, by their owner
+    assert owner.syncs == 1 and module.logged["rollout/policy_version"] == 2
+    owner.on_train_batch_end(trainer, module, None, None, 1)
+    assert engine.loaded == 1  # the owner does not push the same step twice
     logged = module.logged
     # scores [7, 7, 0, 0] -> 14/28 = 50%; runs: (7+0)/2 each -> std 0; best of 2: (7 + 0)/2 -> 50%
     assert logged["val/proofbench_score_pct"] == pytest.approx(50.0)

@@ -3,8 +3,9 @@
 Every `every_n_steps` optimizer steps it samples the benchmark's problems with the module's own rollout engine
 (`pl_module.engine`, policy prompt, direct generation), grades them with its judge (default: the module's), and
 logs `val/<name>_score_pct`, `_std_pct`, `_best_of_n_pct`, `_failure_rate`, `_truncation_rate`, `_no_proof_rate`
-and `_tokens_mean` through `pl_module.log`. Before sampling it makes sure the engine holds the current weights
-(pushing them itself if the weight-sync callback has not yet run this step; that callback then skips the step).
+and `_tokens_mean` through `pl_module.log`. It never pushes weights itself: Lightning runs it before the module's
+`WeightSyncCallback` in the same hook, so it asks that owner for this step's push first (the owner's hand-off and
+logging included; the owner then skips the step).
 Under DDP each rank samples its share of the problems and `ProofScore` gathers the results across ranks.
 """
 
@@ -25,7 +26,7 @@ from qed_lightning.eval.metrics import ProofScore
 from qed_lightning.eval.scaffolds import DirectScaffold
 from qed_lightning.rewards.judge import BaseJudge
 from qed_lightning.rollout.base import SamplingConfig
-from qed_lightning.rollout.sync import iter_full_parameters
+from qed_lightning.rollout.sync import WeightSyncCallback
 
 __all__ = ["ProofBenchEvalCallback"]
 
@@ -68,15 +69,14 @@ class ProofBenchEvalCallback(Callback):
         if step == 0 or step % self.every_n_steps or step == self._last_step:
             return
         self._last_step = step
+        WeightSyncCallback.owner(trainer, pl_module.engine).push(trainer, pl_module)  # this step's weights, by their owner
         for key, value in self.evaluate(pl_module, step, trainer.global_rank, trainer.world_size).items():
             pl_module.log(f"val/{self.name}_{key}", value, on_step=True, on_epoch=False, batch_size=1)
 
     def evaluate(self, pl_module: L.LightningModule, step: int, rank: int = 0, world_size: int = 1) -> dict[str, float]:
-        """Sample, grade and score this rank's share of the problems; the metric gathers every rank's samples."""
+        """Sample, grade and score this rank's share of the problems (with the engine's current weights); the metric
+        gathers every rank's samples."""
         engine, judge = pl_module.engine, self.judge or pl_module.judge
-        if engine.policy_version != step:  # the weight-sync callback runs after us; give the engine this step's weights
-            engine.load_weights(iter_full_parameters(pl_module.model))
-            engine.set_policy_version(step)
         indices = [i for i in range(len(self.problems)) for _ in range(self.n)][rank::world_size]  # [P * n / ranks]
         runs = [k for _ in self.problems for k in range(self.n)][rank::world_size]
         problems = [self.problems[i] for i in indices]

@@ -136,14 +136,9 @@ class Evaluator:
             return
         from transformers import AutoTokenizer
 
-        from qed_lightning.rollout.hf_engine import HFEngine
-
         self.tokenizer = AutoTokenizer.from_pretrained(self.model)
-        if isinstance(self.engine, HFEngine):
-            self.engine.model_path, self.engine.shared = self.model, False
-            self.engine.attach(None, self.tokenizer)
-        elif hasattr(self.engine, "start"):
-            self.engine.start(self.model)
+        self.engine.start(self.model)  # the engine lifecycle (RolloutEngine); no policy to share here
+        self.engine.attach(None, self.tokenizer)
 
     def _generate(self, by_id: dict[str, EvalProblem], keys: list[SampleKey], seed: int) -> list[dict[str, Any]]:
         self._start_engine()

@@ -1,14 +1,14 @@
 """One optimizer step of a manual-optimisation module, whatever the strategy (one process, DDP, FSDP2, DeepSpeed).
 
-`RubricRLModule` accumulates a step's gradient over micro-batches itself. What that needs beyond the loss:
-- step-wide counts over all ranks (`_step_totals`), so each rank's loss is normalised as one process would be;
-- the same number of forward/backward passes on every rank (`_missing_microbatches`, `_idle_loss`): each pass is a
+`RubricRLModule` accumulates a step's gradient over micro-batches itself. What that needs beyond the loss is held by
+one `ManualStep` object per module (it owns the count of consecutive non-finite steps):
+- step-wide counts over all ranks (`totals`), so each rank's loss is normalised as one process would be;
+- the same number of forward/backward passes on every rank (`missing_microbatches`, `idle_loss`): each pass is a
   collective under DDP/FSDP;
-- gradient clipping and the step (`_clip_and_step`), with non-finite steps skipped (counted, and
+- gradient clipping and the step (`clip_and_step`), with non-finite steps skipped (counted, and
   `max_nonfinite_steps` in a row abort the run). Under DeepSpeed, ZeRO keeps gradients out of `p.grad`, so
   DeepSpeed clips (`hand_grad_clip_to_deepspeed`, from `setup`) and its global norm is the step's; a non-finite
   step there cannot be skipped from outside its buffers, only counted.
-The host module provides `hparams.grad_clip`, `hparams.max_nonfinite_steps` and `_nonfinite` (an int).
 """
 
 from __future__ import annotations
@@ -16,62 +16,81 @@ from __future__ import annotations
 import logging
 import math
 
+import lightning as L
 import torch
 
 log = logging.getLogger(__name__)
 
 
-class ManualStepMixin:
-    """Mixed into a `LightningModule` with manual optimisation; see the module docstring."""
+class ManualStep:
+    """The optimizer step of `module` (a `LightningModule` with manual optimisation); see the module docstring.
 
-    def _step_totals(self, sequences: int, tokens: int, max_len: int) -> dict[str, int]:
+    Args:
+        module: the host; read for its trainer, device, parameters, optimizers and schedulers at each call.
+        grad_clip: max gradient norm (0 = no clipping, the norm is still computed and logged).
+        max_nonfinite_steps: consecutive non-finite steps (each skipped) before the run aborts.
+    """
+
+    def __init__(self, module: L.LightningModule, grad_clip: float, max_nonfinite_steps: int) -> None:
+        self.module = module
+        self.grad_clip = grad_clip
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite = 0  #: consecutive non-finite steps so far (0 after a finite one)
+
+    @property
+    def _world(self) -> int:
+        return self.module.trainer.world_size
+
+    def totals(self, sequences: int, tokens: int, max_len: int) -> dict[str, int]:
         """The optimizer step's sequence/token counts and longest completion, over all ranks.
 
         Each rank normalises its token sum by the *global* counts, and its loss is multiplied by the world size
         before backward, because data-parallel strategies average gradients: the result is exactly the paper's
         `-(1/B) sum L` over the whole step, however the sequences are spread over ranks and micro-batches.
         """
-        local = torch.tensor([sequences, tokens, max_len], dtype=torch.float64, device=self.device)
-        if self.trainer.world_size > 1:
-            gathered = self.all_gather(local)  # [W, 3]
+        local = torch.tensor([sequences, tokens, max_len], dtype=torch.float64, device=self.module.device)
+        if self._world > 1:
+            gathered = self.module.all_gather(local)  # [W, 3]
             local = torch.cat([gathered[:, :2].sum(0), gathered[:, 2].max().reshape(1)])
         return {"sequences": max(int(local[0]), 1), "tokens": max(int(local[1]), 1), "max_len": max(int(local[2]), 1)}
 
-    def _missing_microbatches(self, n: int) -> int:
+    def missing_microbatches(self, n: int) -> int:
         """Passes this rank adds so that all ranks run as many forward/backward passes: each pass is a collective
         under DDP and FSDP, and a rank with fewer packed micro-batches would leave the others waiting forever."""
-        if self.trainer.world_size == 1:
+        if self._world == 1:
             return 0
-        most = self.trainer.strategy.reduce(torch.tensor(float(n), device=self.device), reduce_op="max")
+        most = self.module.trainer.strategy.reduce(torch.tensor(float(n), device=self.module.device), reduce_op="max")
         return int(most) - n
 
-    def _idle_loss(self) -> torch.Tensor:
+    def idle_loss(self) -> torch.Tensor:
         """A zero loss through the whole model (one token): a pass's collectives, no gradient contribution."""
-        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        return self(ids, ids).sum() * 0.0
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.module.device)
+        return self.module(ids, ids).sum() * 0.0
 
-    def _sum_over_ranks(self, value: float) -> float:
-        if self.trainer.world_size == 1:
+    def sum_over_ranks(self, value: float) -> float:
+        if self._world == 1:
             return value
-        return float(self.trainer.strategy.reduce(torch.tensor(value, dtype=torch.float64, device=self.device), reduce_op="sum"))
+        total = torch.tensor(value, dtype=torch.float64, device=self.module.device)
+        return float(self.module.trainer.strategy.reduce(total, reduce_op="sum"))
 
     def hand_grad_clip_to_deepspeed(self) -> None:
         """Under DeepSpeed, write `grad_clip` into its config's `gradient_clipping`; call from `setup`, which runs
         before Lightning builds the engine (and Lightning keeps a value that is already there)."""
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if type(strategy).__name__ == "DeepSpeedStrategy" and self.hparams.grad_clip > 0:
-            strategy.config["gradient_clipping"] = self.hparams.grad_clip
+        strategy = self.module.trainer.strategy if self.module._trainer is not None else None
+        if type(strategy).__name__ == "DeepSpeedStrategy" and self.grad_clip > 0:
+            strategy.config["gradient_clipping"] = self.grad_clip
 
-    def _deepspeed_engine(self):
-        strategy = self.trainer.strategy if self._trainer is not None else None
+    def deepspeed_engine(self):
+        strategy = self.module.trainer.strategy if self.module._trainer is not None else None
         return strategy.deepspeed_engine if type(strategy).__name__ == "DeepSpeedStrategy" else None
 
-    def _clip_and_step(self, opt, loss: float) -> float:
-        engine = self._deepspeed_engine()
+    def clip_and_step(self, opt, loss: float) -> float:
+        """Clip the accumulated gradient, step (unless the loss or the norm is non-finite); returns the norm."""
+        engine = self.deepspeed_engine()
         if engine is not None:
             return self._deepspeed_step(opt, engine, loss)
-        params = [p for p in self.parameters() if p.grad is not None]
-        max_norm = self.hparams.grad_clip if self.hparams.grad_clip > 0 else float("inf")
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
         if not self._finite(loss, grad_norm, "step skipped, weights unchanged"):
             opt.zero_grad()
@@ -90,19 +109,19 @@ class ManualStepMixin:
 
     def _step(self, opt) -> None:
         opt.step()
-        scheduler = self.lr_schedulers()
+        scheduler = self.module.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
 
     def _finite(self, loss: float, grad_norm: float, what: str) -> bool:
         """Count consecutive non-finite steps (reset by a finite one); `max_nonfinite_steps` in a row abort."""
         if math.isfinite(loss) and math.isfinite(grad_norm):
-            self._nonfinite = 0
+            self.nonfinite = 0
             return True
-        self._nonfinite += 1
+        self.nonfinite += 1
         log.warning("non-finite loss (%s) or gradient norm (%s) at step %d, %s (%d in a row)",
-                    loss, grad_norm, self.global_step, what, self._nonfinite)
-        if self._nonfinite >= self.hparams.max_nonfinite_steps:
-            raise FloatingPointError(f"{self._nonfinite} consecutive non-finite steps; lower the learning rate or "
+                    loss, grad_norm, self.module.global_step, what, self.nonfinite)
+        if self.nonfinite >= self.max_nonfinite_steps:
+            raise FloatingPointError(f"{self.nonfinite} consecutive non-finite steps; lower the learning rate or "
                                      "raise model.max_nonfinite_steps")
         return False

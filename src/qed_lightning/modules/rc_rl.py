@@ -33,19 +33,16 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from dataclasses import replace
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from typing_extensions import override
 
 from qed_lightning.data.rl import ProofProblem
 from qed_lightning.modules.rubric_rl import RubricRLModule
 from qed_lightning.rc.loop import RCState, RCTrajectory, ReasoningCache, shift_seeds
 from qed_lightning.rewards import RubricJudge
 from qed_lightning.rollout.base import RolloutEngine, SamplingConfig
+from qed_lightning.rollout.sync import FrozenEngineCallback
 
 log = logging.getLogger(__name__)
 
@@ -101,31 +98,6 @@ def summary_metrics(trajectories: list[RCTrajectory], timings: dict[str, float])
         "rc/reason_s": timings["reason_s"],
         "rc/trajectory_tokens_mean": sum(t.tokens for t in trajectories) / max(len(trajectories), 1),
     }
-
-
-class FrozenEngineCallback(Callback):
-    """Own a frozen engine (the separate summarizer): start it with its own model, close it at the end. Unlike
-    `WeightSyncCallback`, it never pushes policy weights."""
-
-    def __init__(self, engine: RolloutEngine, model: str) -> None:
-        self.engine = engine
-        self.model = model
-
-    @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        start = getattr(self.engine, "start", None)
-        if start is not None:
-            start(self.model)
-        attach = getattr(self.engine, "attach", None)
-        if attach is not None:  # HFEngine(model=...): loads its own copy; decodes with the summarizer's tokenizer
-            from transformers import AutoTokenizer
-
-            attach(pl_module.model, AutoTokenizer.from_pretrained(self.model))
-
-    @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.engine.close()
 
 
 class ReasoningCacheRLModule(RubricRLModule):
@@ -208,10 +180,7 @@ class ReasoningCacheRLModule(RubricRLModule):
     def build_trajectories(self, problems: list[ProofProblem], summarize_last: bool = True) -> list[RCTrajectory]:
         """Run the RC loop on `problems` with the current policy (seeded apart from the step's rollouts)."""
         sampling = shift_seeds(self.sampling(problems), _RC_SEED_OFFSET)
-        trajectories = self.rc.run([p.problem for p in problems], self.engine, self.tokenizer, sampling, summarize_last)
-        if self.summarizer is not None:
-            self.summarizer.sleep()
-        return trajectories
+        return self.rc.run([p.problem for p in problems], self.engine, self.tokenizer, sampling, summarize_last)
 
     # -- 1. states -----------------------------------------------------------------------------------------------
 
@@ -254,14 +223,13 @@ class ReasoningCacheRLModule(RubricRLModule):
 
     def training_step(self, batch: list[ProofProblem], batch_idx: int) -> None:
         hp = self.hparams
-        t0 = time.perf_counter()
-        trajectories = self.build_trajectories(batch)  # 0. cache
-        t1 = time.perf_counter()
+        with self.phases.phase("rc_loop"):
+            trajectories = self.build_trajectories(batch)  # 0. cache
         states = self.select_states(batch, trajectories)  # 1. states
         metrics, rewards, valid = self.rl_step(states)  # 2. sample, grade, advantage, loss, step
         metrics.update(cycle_rewards([s.meta["cycle"] for s in states], rewards, valid, hp.group_size, "rc/"))
         metrics.update(summary_metrics(trajectories, self.rc.timings))
-        metrics.update({"time/rc_loop_s": t1 - t0, "rc/states": float(len(states)),
+        metrics.update({"rc/states": float(len(states)),  # time/rc_loop_s comes with rl_step's phase times
                         "rc/replayed_frac": sum(s.meta["replayed"] for s in states) / len(states)})
         if hp.grade_trajectory_turns:
             metrics.update(self.grade_turns(batch, trajectories, "rc/turn_"))

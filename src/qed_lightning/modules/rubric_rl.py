@@ -17,12 +17,14 @@ Colocated, each step here is on-policy unless `sync_interval > 1`; the ratio rho
 Override points: `compute_rewards(problems, rollouts)` and `compute_loss(...)`; `rl_step(prompts)` (sample, grade,
 advantage, loss, step on a list of prompts) is what `ReasoningCacheRLModule` reuses on its RC states. Components:
 `engine` (`VLLMEngine`, `HFEngine`, ...) and `judge` (`RubricJudge` with any client) are injected by `class_path`.
+Timing: each named step runs in a phase of `self.phases` (`modules/phases.py`: "generate", "grade", "train"; the
+"train" phase advances once per micro-batch), whose times are the `time/*_s` metrics and whose listeners may follow it.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -30,7 +32,8 @@ import torch
 from qed_lightning.data.rl import ProofProblem
 from qed_lightning.lm_head import chunked_token_stats, final_hidden_states
 from qed_lightning.modules.base import QEDModule
-from qed_lightning.modules.optim_step import ManualStepMixin
+from qed_lightning.modules.optim_step import ManualStep
+from qed_lightning.modules.phases import Phase, StepPhases
 from qed_lightning.modules.rl_metrics import gather_objects, reduce_over_ranks, rollout_table, table_metrics
 from qed_lightning.rewards import GradeRequest, RubricJudge
 from qed_lightning.rl import entropy_from_logits, group_advantages_masked, policy_loss, token_logprobs
@@ -50,7 +53,33 @@ from qed_lightning.rollout.sync import WeightSyncCallback
 log = logging.getLogger(__name__)
 
 
-class RubricRLModule(ManualStepMixin, QEDModule):
+@dataclass
+class MicroBatchSums:
+    """The step's metrics, accumulated over its micro-batches: the loss (a sum: each micro-batch's loss is already
+    normalised by the step's counts), |trainer - sampler| log-prob sum and max, and the token-weighted clip fraction
+    and entropy."""
+
+    loss: float = 0.0
+    logprob_diff_sum: float = 0.0
+    logprob_diff_max: float = 0.0
+    clip_frac: float = 0.0
+    entropy: float = 0.0
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], step_tokens: int) -> None:
+        weight = float(metrics["num_tokens"]) / step_tokens  # this micro-batch's share of the step's tokens
+        self.loss += float(loss.detach())
+        self.logprob_diff_sum += float(metrics["logprob_diff_sum"])
+        self.logprob_diff_max = max(self.logprob_diff_max, float(metrics["logprob_diff_max"]))
+        self.clip_frac += float(metrics["clip_frac"]) * weight
+        self.entropy += float(metrics.get("entropy", torch.tensor(0.0))) * weight
+
+    def metrics(self, step_tokens: int) -> dict[str, float]:
+        return {"train/loss": self.loss, "train/clip_frac": self.clip_frac, "train/entropy": self.entropy,
+                "rollout/logprob_diff_mean": self.logprob_diff_sum / step_tokens,
+                "rollout/logprob_diff_max": self.logprob_diff_max}
+
+
+class RubricRLModule(QEDModule):
     """Rubric-reward GRPO (stage 2). See the module docstring for the algorithm.
 
     Args (and `QEDModule`'s, passed through `**kwargs`):
@@ -120,7 +149,8 @@ class RubricRLModule(ManualStepMixin, QEDModule):
         self.judge = judge
         self.ref_model = None
         self.automatic_optimization = False
-        self._nonfinite = 0
+        self.optim_step = ManualStep(self, grad_clip, max_nonfinite_steps)  # clipping, step, non-finite counter
+        self.phases = StepPhases()  # the step's named, timed phases (reset per step; listeners may watch them)
 
     _hparams_ignore = ("optimizer", "lr_scheduler", "engine", "judge")
 
@@ -128,8 +158,8 @@ class RubricRLModule(ManualStepMixin, QEDModule):
         """Errors at the door: every prompt plus the completion budget must fit the engine's context. Under DeepSpeed,
         hand `grad_clip` to DeepSpeed (this hook runs before the engine is built): ZeRO keeps gradients in its own
         partitioned buffers, so `p.grad` is None and only DeepSpeed can clip them (`optim_step`)."""
-        self.hand_grad_clip_to_deepspeed()
-        limit = getattr(self.engine, "max_model_len", None)
+        self.optim_step.hand_grad_clip_to_deepspeed()
+        limit = self.engine.max_model_len
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         problems = [*getattr(datamodule, "train_problems", []), *getattr(datamodule, "val_problems", [])]
         if limit is None or not problems:
@@ -250,33 +280,32 @@ class RubricRLModule(ManualStepMixin, QEDModule):
 
     # -- 5. step -------------------------------------------------------------------------------------------------
 
-    def optimize(self, rollouts: list[Completion], advantages: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
-        """Accumulate the step's gradient over packed micro-batches, clip, and take one optimizer step."""
+    def optimize(self, rollouts: list[Completion], advantages: torch.Tensor, valid: torch.Tensor,
+                 progress: Phase | None = None) -> dict[str, float]:
+        """Accumulate the step's gradient over packed micro-batches, clip, and take one optimizer step. `progress`
+        (the "train" phase) learns the number of micro-batches and advances once per micro-batch."""
         members = [i for i in range(len(rollouts)) if bool(valid[i]) and rollouts[i].completion_ids]
         lengths = [len(rollouts[i].completion_ids) for i in members]
-        totals = self._step_totals(len(members), sum(lengths), max(lengths, default=1))
+        step = self.optim_step
+        totals = step.totals(len(members), sum(lengths), max(lengths, default=1))
         opt = self.optimizers()
         opt.zero_grad()
-        sums: dict[str, float] = {"loss": 0.0, "logprob_diff_sum": 0.0, "logprob_diff_max": 0.0, "clip_frac": 0.0, "entropy": 0.0}
+        sums = MicroBatchSums()
         plan = self.plan_microbatches(rollouts, members)
+        if progress is not None:
+            progress.total = len(plan)
         for mb in plan:
             loss, metrics = self.compute_loss(rollouts, advantages, mb, totals)
-            self.manual_backward(loss * self.trainer.world_size)  # DDP/FSDP average over ranks; see _step_totals
-            sums["loss"] += float(loss.detach())
-            sums["logprob_diff_sum"] += float(metrics["logprob_diff_sum"])
-            sums["logprob_diff_max"] = max(sums["logprob_diff_max"], float(metrics["logprob_diff_max"]))
-            weight = float(metrics["num_tokens"]) / totals["tokens"]
-            sums["clip_frac"] += float(metrics["clip_frac"]) * weight
-            sums["entropy"] += float(metrics.get("entropy", torch.tensor(0.0))) * weight
-        for _ in range(self._missing_microbatches(len(plan))):
-            self.manual_backward(self._idle_loss())
-        sums["loss"] = self._sum_over_ranks(sums["loss"])  # each rank holds its part of the step's loss
-        grad_norm = self._clip_and_step(opt, sums["loss"])
-        return {"train/loss": sums["loss"], "train/grad_norm": grad_norm, "train/nonfinite_skipped": float(self._nonfinite > 0),
-                "train/clip_frac": sums["clip_frac"],
-                "train/entropy": sums["entropy"], "train/micro_batches": float(len(plan)),
-                "rollout/logprob_diff_mean": sums["logprob_diff_sum"] / totals["tokens"],
-                "rollout/logprob_diff_max": sums["logprob_diff_max"]}
+            self.manual_backward(loss * self.trainer.world_size)  # DDP/FSDP average over ranks; see ManualStep.totals
+            sums.add(loss, metrics, totals["tokens"])
+            if progress is not None:
+                progress.advance()
+        for _ in range(step.missing_microbatches(len(plan))):
+            self.manual_backward(step.idle_loss())
+        sums.loss = step.sum_over_ranks(sums.loss)  # each rank holds its part of the step's loss
+        grad_norm = step.clip_and_step(opt, sums.loss)
+        return {**sums.metrics(totals["tokens"]), "train/grad_norm": grad_norm,
+                "train/nonfinite_skipped": float(step.nonfinite > 0), "train/micro_batches": float(len(plan))}
 
     def plan_microbatches(self, rollouts: list[Completion], members: list[int]) -> list[list[int]]:
         """Split `members` (indices into `rollouts`) into micro-batches of about `micro_batch_tokens` tokens."""
@@ -294,26 +323,36 @@ class RubricRLModule(ManualStepMixin, QEDModule):
 
     def rl_step(self, batch: list[ProofProblem]) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
         """Sample, grade, advantage, loss and step on `batch` (each item one GRPO prompt: its `prompt_ids`, graded
-        against its `problem` and `rubric`); returns the metrics, the rewards `[P * G]` and their validity `[P * G]`."""
+        against its `problem` and `rubric`); returns the metrics, the rewards `[P * G]` and their validity `[P * G]`.
+        Each named step runs in a phase of `self.phases` ("generate", "grade", "train"), which times it."""
         hp = self.hparams
-        step = self.global_step  # the weights' version now; the optimizer step below increments it
-        t0 = time.perf_counter()
-        rollouts = self.generate_rollouts(batch, hp.group_size)  # 1. sample
-        t1 = time.perf_counter()
-        rewards, valid, grades = self.compute_rewards(batch, rollouts)  # 2. grade
-        t2 = time.perf_counter()
-        advantages = group_advantages_masked(rewards, valid, hp.group_size, scale=hp.advantage_scale)  # 3. advantage
-        self.engine.sleep()
-        metrics = self.optimize(rollouts, advantages, valid)  # 4. loss + 5. step
-        t3 = time.perf_counter()
-        # rollout/* and judge/score_* of the whole step: every rank's rollouts (see rl_metrics)
-        table = torch.cat(gather_objects(rollout_table(rollouts, rewards, valid, grades)))
-        metrics.update(table_metrics(table, hp.group_size, step))
-        metrics.update(self.judge.pop_metrics())
-        tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
-        metrics.update({"time/generate_s": t1 - t0, "time/grade_s": t2 - t1, "time/train_s": t3 - t2,
-                        "train/tokens_per_sec": tokens / max(t3 - t0, 1e-9)})
+        version = self.global_step  # the weights' version now; the optimizer step below increments it
+        with self.phases.phase("generate"):
+            rollouts = self.generate_rollouts(batch, hp.group_size)  # 1. sample
+        with self.phases.phase("grade"):
+            rewards, valid, grades = self.compute_rewards(batch, rollouts)  # 2. grade
+        with self.phases.phase("train") as progress:
+            advantages = group_advantages_masked(rewards, valid, hp.group_size, scale=hp.advantage_scale)  # 3. advantage
+            self.engine.sleep()
+            metrics = self.optimize(rollouts, advantages, valid, progress)  # 4. loss + 5. step
+        metrics.update(self.step_metrics(rollouts, rewards, valid, grades, version))  # 6. metrics
         return metrics, rewards, valid
+
+    def step_metrics(self, rollouts: list[Completion], rewards: torch.Tensor, valid: torch.Tensor, grades: list,
+                     version: int) -> dict[str, float]:
+        """rollout/* and judge/score_* of the whole step (every rank's rollouts, see rl_metrics), the judge's
+        counters, the phase times and the step's throughput."""
+        table = torch.cat(gather_objects(rollout_table(rollouts, rewards, valid, grades)))
+        metrics = table_metrics(table, self.hparams.group_size, version)
+        metrics.update(self.judge.pop_metrics())
+        metrics.update(self.phases.metrics())
+        tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+        seconds = sum(self.phases.seconds.get(name, 0.0) for name in ("generate", "grade", "train"))
+        metrics["train/tokens_per_sec"] = tokens / max(seconds, 1e-9)
+        return metrics
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.phases.reset()
 
     def log_step(self, metrics: dict[str, float], batch_size: int) -> None:
         """Log a step's metrics; under data parallelism, combined over ranks first (`rl_metrics.reduce_op`)."""

@@ -73,18 +73,18 @@ class AsyncRollouts(RolloutEngine):
     def set_policy_version(self, version: int) -> None:
         self.engine.set_policy_version(version)
 
+    @property
+    def max_model_len(self) -> int | None:  # type: ignore[override]
+        return self.engine.max_model_len
+
     def start(self, model: str | None = None) -> None:
-        start = getattr(self.engine, "start", None)
-        if start is not None:
-            start(model)
+        self.engine.start(model)
 
     def attach(self, policy, tokenizer) -> None:
-        if self.overlap and getattr(self.engine, "shared", False):
+        if self.overlap and self.engine.shares_policy:
             raise ValueError("AsyncRollouts(overlap=True) cannot generate with the policy being trained (HFEngine "
                              "without `model`): use VLLMServerEngine, HFEngine(model=...), or set overlap: false")
-        attach = getattr(self.engine, "attach", None)
-        if attach is not None:
-            attach(policy, tokenizer)
+        self.engine.attach(policy, tokenizer)
 
     def schedule_next(self, prompts: list[list[int]], sampling: SamplingConfig, n: int) -> None:
         """The next training step's request, started in the background right after the current one is served."""
@@ -121,10 +121,17 @@ class AsyncRollouts(RolloutEngine):
             groups[i] = group
         return groups
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+    def _finish_pending(self) -> None:
         if self._pending is not None:  # let the in-flight batch finish on the weights it started with
             self._pending[1].result()
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        self._finish_pending()
         self.engine.load_weights(named_tensors)
+
+    def push_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> dict[str, float]:
+        self._finish_pending()
+        return self.engine.push_weights(named_tensors, version)
 
     def pop_metrics(self) -> dict[str, float]:
         metrics = dict(self._metrics)
@@ -134,8 +141,8 @@ class AsyncRollouts(RolloutEngine):
     def sleep(self) -> None:
         """No-op: the background generation keeps the engine busy while the trainer steps."""
 
-    def wake_up(self) -> None:
-        self.engine.wake_up()
+    def wake_up(self, tags: tuple[str, ...] | None = None) -> None:
+        self.engine.wake_up(tags)
 
     def close(self) -> None:
         if self._pending is not None:

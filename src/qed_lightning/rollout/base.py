@@ -9,11 +9,13 @@ trainer can measure (and bound) how off-policy a sample is.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 
@@ -63,13 +65,47 @@ class Completion:
 
 
 class RolloutEngine(ABC):
-    """Generates completions and accepts new policy weights.
+    """Generates completions and accepts new policy weights; one lifecycle for every engine.
 
-    Subclasses implement `generate` and `load_weights`; `sleep`/`wake_up` are optional memory hooks (vLLM on GPU
-    releases its KV cache and weights while the optimizer runs).
+    The callbacks that own an engine (`rollout.sync`) drive it through these methods only:
+
+    1. `start(model)` once training (or validation) starts: heavy set-up (load vLLM, connect to servers);
+    2. `attach(policy, tokenizer)`: the trainer's policy module and tokenizer, for engines that read them;
+    3. `generate(...)` each step; `sleep()` while the trainer steps (the module calls it after sampling);
+    4. `push_weights(named_tensors, version)` after an optimizer step: wake the weights, load the new ones, wake
+       the KV cache, record the version;
+    5. `close()` at the end.
+
+    Subclasses implement `generate` and `load_weights`; everything else has a no-op default. `max_model_len` is
+    the longest prompt + completion the engine serves (None = no limit known), checked against the data before
+    training. `memory_handoff` says whether the engine shares the trainer's accelerator and hands memory back
+    and forth with it (see `rollout.handoff`); `shares_policy` that it generates with the trained module itself.
     """
 
     policy_version: int = 0
+    max_model_len: int | None = None
+
+    @property
+    def memory_handoff(self) -> bool:
+        """True when the trainer should free its gradients and allocator cache before this engine wakes."""
+        return False
+
+    @property
+    def shares_policy(self) -> bool:
+        """True when the engine generates with the policy module being trained (nothing to push)."""
+        return False
+
+    @property
+    def sleep_discards_weights(self) -> bool:
+        """True when `sleep` drops the weights, which then must be pushed after every optimizer step."""
+        return False
+
+    def start(self, model: str | None = None) -> None:  # noqa: B027 - optional hook
+        """Heavy set-up, once, when training or validation starts; `model` is the policy's `model_name_or_path`
+        (or a frozen engine's own model). Idempotent."""
+
+    def attach(self, policy: torch.nn.Module, tokenizer) -> None:  # noqa: B027 - optional hook
+        """Receive the trainer's policy module and tokenizer (after `start`)."""
 
     @abstractmethod
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, n: int = 1) -> list[list[Completion]]:
@@ -79,14 +115,27 @@ class RolloutEngine(ABC):
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """Replace the engine's weights with the given (HF parameter name, tensor) pairs."""
 
+    def push_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> dict[str, float]:
+        """Wake the weights, load `named_tensors`, wake the KV cache, and mark the weights `version`. Returns the
+        seconds spent waking (`wake_s`) and loading (`load_s`). Every rank calls it (a sharded trainer gathers each
+        parameter collectively while the pairs are read)."""
+        started = time.perf_counter()
+        self.wake_up(("weights",))
+        woke = time.perf_counter()
+        self.load_weights(named_tensors)
+        loaded = time.perf_counter()
+        self.wake_up(("kv_cache",))
+        self.set_policy_version(version)
+        return {"wake_s": (woke - started) + (time.perf_counter() - loaded), "load_s": loaded - woke}
+
     def set_policy_version(self, version: int) -> None:
         self.policy_version = version
 
     def sleep(self) -> None:  # noqa: B027 - optional hook
-        """Release memory while the trainer steps (no-op by default)."""
+        """Release accelerator memory while the trainer steps (no-op by default)."""
 
-    def wake_up(self) -> None:  # noqa: B027 - optional hook
-        """Undo `sleep` before the next generation (no-op by default)."""
+    def wake_up(self, tags: tuple[str, ...] | None = None) -> None:  # noqa: B027 - optional hook
+        """Undo `sleep` for the given memory kinds ("weights", "kv_cache"; None = all) before they are used."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the engine's resources."""

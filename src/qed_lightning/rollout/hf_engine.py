@@ -31,18 +31,31 @@ class HFEngine(RolloutEngine):
         self.dtype = dtype
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
-        self.shared = model is None
         self.policy_version = 0
+        self._start_model: str | None = None
 
-    def attach(self, policy: torch.nn.Module, tokenizer) -> None:
+    @property
+    def shares_policy(self) -> bool:
+        """No `model` of its own: the engine generates with the attached policy (a copy of `start`'s model
+        when there is no policy, as in `qed-eval`)."""
+        return self.model_path is None
+
+    def start(self, model: str | None = None) -> None:
+        """Without a policy to share (`qed-eval`), `attach(None, ...)` loads `model` as the separate copy."""
+        self._start_model = model
+
+    def attach(self, policy: torch.nn.Module | None, tokenizer) -> None:
         """Use the trainer's policy (shared mode) or load the separate copy, and the tokenizer for decoding."""
         self.tokenizer = tokenizer
-        if self.shared:
+        if self.shares_policy and policy is not None:
             self.model = policy
         elif self.model is None:
             from transformers import AutoModelForCausalLM
 
-            self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.dtype))
+            path = self.model_path or self._start_model
+            if path is None:
+                raise ValueError("HFEngine has no model to load: set engine `model`, or attach a policy to share")
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype))
 
     def _eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
@@ -102,7 +115,7 @@ class HFEngine(RolloutEngine):
         return [done[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        if self.shared:
+        if self.shares_policy:
             return  # the engine *is* the policy
         state = dict(named_tensors)
         missing, unexpected = self.model.load_state_dict(state, strict=False)

@@ -1,9 +1,16 @@
-"""The callback that owns a rollout engine: starts it with the policy, pushes weights after optimizer steps.
+"""The callbacks that own rollout engines, driving them through the `RolloutEngine` lifecycle only.
 
-Every `interval` optimizer steps it streams the policy's parameters (HF names, full tensors) into the engine and
-bumps the engine's policy version to the trainer's global step, so each rollout records which weights produced it.
-Under a sharded strategy the parameters are gathered one at a time (`iter_full_parameters`), never as a second full
-copy of the model on one rank.
+`WeightSyncCallback` owns the policy's engine: `start` and `attach` when training (or validation) starts; after
+every optimizer step the memory hand-off for a colocated engine (`rollout.handoff`: gradients and allocator cache
+freed); every `interval` steps `push_weights` of the policy's parameters (HF names, full tensors), which bumps the
+engine's policy version to the trainer's global step, so each rollout records which weights produced it. Under a
+sharded strategy the parameters are gathered one at a time (`iter_full_parameters`), never as a second full copy of
+the model on one rank; every rank walks them (each gather is a collective), and each rank's engine (or rank 0, for
+a server pool) takes them. Other callbacks that need the current weights (the evaluation callback) ask the owner
+(`WeightSyncCallback.owner(trainer, engine).push(...)`) rather than pushing themselves.
+
+`FrozenEngineCallback` owns an engine that never receives policy weights (a separate summarizer): `start` with its
+own model, `attach`, `close`.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from qed_lightning.rollout.base import RolloutEngine
+from qed_lightning.rollout.handoff import free_training_memory
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +57,31 @@ def iter_full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Te
 
 
 class WeightSyncCallback(Callback):
-    """Own `engine`: start it when training starts, sync weights every `interval` optimizer steps, close it at the end."""
+    """Own the policy's `engine`: start it, hand memory over and push weights every `interval` steps, close it."""
 
     def __init__(self, engine: RolloutEngine, interval: int = 1) -> None:
         if interval < 1:
             raise ValueError(f"weight sync interval must be >= 1, got {interval}")
+        if interval > 1 and engine.sleep_discards_weights:
+            raise ValueError(f"model.sync_interval={interval}, but the engine sleeps at level 2, which discards its "
+                             "weights while the trainer steps, so they must be pushed after every step: set "
+                             "model.sync_interval=1 or the engine's sleep_level: 1 (keeps a host copy)")
         self.engine = engine
         self.interval = interval
         self.syncs = 0
 
+    @staticmethod
+    def owner(trainer: L.Trainer, engine: RolloutEngine) -> WeightSyncCallback:
+        """The trainer's callback that owns `engine`."""
+        for callback in trainer.callbacks:
+            if isinstance(callback, WeightSyncCallback) and callback.engine is engine:
+                return callback
+        raise RuntimeError("no WeightSyncCallback owns this engine: the module must return one from "
+                           "configure_callbacks (RubricRLModule does)")
+
     def _start(self, pl_module: L.LightningModule) -> None:
-        start = getattr(self.engine, "start", None)
-        if start is not None:
-            start(pl_module.hparams.model_name_or_path)
-        attach = getattr(self.engine, "attach", None)
-        if attach is not None:
-            attach(pl_module.model, pl_module.tokenizer)
+        self.engine.start(pl_module.hparams.model_name_or_path)
+        self.engine.attach(pl_module.model, pl_module.tokenizer)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -75,26 +92,56 @@ class WeightSyncCallback(Callback):
         """On a resumed run, push the restored weights: the engine started from `model_name_or_path`.
         (Not in `on_fit_start`: the step counter, and for sharded strategies the weights, are restored after it.)"""
         if trainer.global_step > 0 and self.engine.policy_version != trainer.global_step:
-            self.sync(pl_module, trainer.global_step)
+            self.engine.push_weights(iter_full_parameters(pl_module.model), trainer.global_step)
+            self.syncs += 1
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(pl_module)
 
-    def sync(self, pl_module: L.LightningModule, version: int) -> float:
+    def push(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Give the engine this step's weights (the hand-off first, for a colocated engine) and log it; nothing when
+        it already has them. Returns the logged metrics."""
+        step = trainer.global_step
+        if self.engine.policy_version == step:
+            return {}
+        metrics = free_training_memory(pl_module, trainer.optimizers) if self.engine.memory_handoff else {}
         started = time.perf_counter()
-        self.engine.load_weights(iter_full_parameters(pl_module.model))
-        self.engine.set_policy_version(version)
+        times = self.engine.push_weights(iter_full_parameters(pl_module.model), step)
         self.syncs += 1
-        return time.perf_counter() - started
+        metrics.update({"rollout/sync_time_s": time.perf_counter() - started, "rollout/wake_s": times.get("wake_s", 0.0),
+                        "rollout/policy_version": float(step)})
+        pl_module.log_dict(metrics, batch_size=1)
+        return metrics
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.interval != 0 or self.engine.policy_version == step:
-            return
-        elapsed = self.sync(pl_module, step)
-        pl_module.log_dict({"rollout/sync_time_s": elapsed, "rollout/policy_version": float(step)}, batch_size=1)
+        if step > 0 and step % self.interval == 0:
+            self.push(trainer, pl_module)
+        elif self.engine.memory_handoff and self.engine.policy_version != step:  # no push: the engine wakes whole
+            pl_module.log_dict(free_training_memory(pl_module, trainer.optimizers), batch_size=1)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.engine.close()
+
+
+class FrozenEngineCallback(Callback):
+    """Own a frozen engine (a separate summarizer): start it with its own `model`, attach it (an `HFEngine` copy
+    decodes with that model's tokenizer), close it at the end. It never pushes policy weights."""
+
+    def __init__(self, engine: RolloutEngine, model: str) -> None:
+        self.engine = engine
+        self.model = model
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.engine.start(self.model)
+        self.engine.attach(pl_module.model, AutoTokenizer.from_pretrained(self.model))
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

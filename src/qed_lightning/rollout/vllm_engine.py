@@ -181,7 +181,11 @@ class VLLMEngine(RolloutEngine):
             self.llm.sleep(level=1)
             self._asleep = True
 
-    def wake_up(self) -> None:
+    @property
+    def memory_handoff(self) -> bool:
+        return bool(self.kwargs["enable_sleep_mode"])
+
+    def wake_up(self, tags: tuple[str, ...] | None = None) -> None:
         if self._asleep:
             self.llm.wake_up()
             self._asleep = False
