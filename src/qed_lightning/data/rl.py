@@ -106,6 +106,14 @@ class ProblemBatches:
             return None
         return self._order(self.epoch)[self.consumed * self.batch_size : (self.consumed + 1) * self.batch_size]
 
+    def problem_at(self, n: int) -> ProofProblem:
+        """The n-th problem of this rank's run-long order (each epoch's full batches, epochs one after another):
+        problem n of batch k = n // batch_size is what the k-th training step gets. The streaming layout
+        (`rollout.streaming`) reads it ahead with its own cursor, saved in its checkpoint state."""
+        per_epoch = min(len(self) * self.batch_size, len(self.problems[self.rank :: self.world_size]))
+        epoch, pos = divmod(n, per_epoch)  # (a dataset smaller than one batch: epochs of all its problems)
+        return self._order(epoch)[pos]
+
     def state_dict(self) -> dict[str, int]:
         if self._started and self.consumed >= len(self):
             return {"epoch": self.epoch + 1, "consumed": 0, "seed": self.seed}

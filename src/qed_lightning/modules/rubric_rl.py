@@ -12,10 +12,16 @@ One optimizer step = sample, grade, advantage, loss, step:
    (`WeightSyncCallback`, returned by `configure_callbacks`).
 
 Where we differ from the paper: the paper generates asynchronously on separate GPUs, up to ~1 step off-policy.
-Colocated, each step here is on-policy unless `sync_interval > 1`; the ratio rho corrects either way.
+Colocated (the default layout), each step here is on-policy unless `sync_interval > 1`; the ratio rho corrects
+either way. The one-node asynchronous layout (`configs/layout/one_node_async.yaml`, `rollout.streaming_engine`) is
+the paper's: steps 1-2 run in a background stream and the step takes its first complete groups
+(`sample_and_grade`). Optional truncated importance sampling (`is_correction`, off in the paper) bounds the weight
+of tokens the sampler and the trainer disagree on (see `rl/losses.py`).
 
 Override points: `compute_rewards(problems, rollouts)` and `compute_loss(...)`; `rl_step(prompts)` (sample, grade,
-advantage, loss, step on a list of prompts) is what `ReasoningCacheRLModule` reuses on its RC states. Components:
+advantage, loss, step on a list of prompts) is what `ReasoningCacheRLModule` reuses on its RC states;
+`sample_and_grade(batch)` (steps 1-2: generate and grade the batch, or take the stream's groups) and
+`stream_prompts(problem, release)` (the GRPO prompts a streamed problem becomes). Components:
 `engine` (`VLLMEngine`, `HFEngine`, ...) and `judge` (`RubricJudge` with any client) are injected by `class_path`.
 Timing: each named step runs in a phase of `self.phases` (`modules/phases.py`: "generate", "grade", "train"; the
 "train" phase advances once per micro-batch), whose times are the `time/*_s` metrics and whose listeners may follow it.
@@ -37,6 +43,7 @@ from qed_lightning.modules.phases import Phase, StepPhases
 from qed_lightning.modules.rl_metrics import gather_objects, reduce_over_ranks, rollout_table, table_metrics
 from qed_lightning.rewards import GradeRequest, RubricJudge
 from qed_lightning.rl import entropy_from_logits, group_advantages_masked, policy_loss, token_logprobs
+from qed_lightning.rl.losses import ISCorrection
 from qed_lightning.rl.microbatch import (
     completion_logits,
     pack_sequences,
@@ -64,6 +71,7 @@ class MicroBatchSums:
     logprob_diff_max: float = 0.0
     clip_frac: float = 0.0
     entropy: float = 0.0
+    is_frac: float = 0.0
 
     def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], step_tokens: int) -> None:
         weight = float(metrics["num_tokens"]) / step_tokens  # this micro-batch's share of the step's tokens
@@ -72,9 +80,11 @@ class MicroBatchSums:
         self.logprob_diff_max = max(self.logprob_diff_max, float(metrics["logprob_diff_max"]))
         self.clip_frac += float(metrics["clip_frac"]) * weight
         self.entropy += float(metrics.get("entropy", torch.tensor(0.0))) * weight
+        self.is_frac += float(metrics.get("is_frac", torch.tensor(0.0))) * weight
 
     def metrics(self, step_tokens: int) -> dict[str, float]:
         return {"train/loss": self.loss, "train/clip_frac": self.clip_frac, "train/entropy": self.entropy,
+                "train/is_frac": self.is_frac,
                 "rollout/logprob_diff_mean": self.logprob_diff_sum / step_tokens,
                 "rollout/logprob_diff_max": self.logprob_diff_max}
 
@@ -97,6 +107,9 @@ class RubricRLModule(QEDModule):
         kl_coef: k3 KL weight against the frozen initial policy (0 = no reference model is loaded).
         aggregation: "seq_sum_over_batch" (paper), "token_mean", "seq_mean_token_mean", "dr_grpo".
         advantage_scale: "none" (paper) or "std". grad_clip: max gradient norm (0 = off).
+        is_correction: importance-sampling correction of the sampler/trainer gap: "none" (paper), "tis" (truncated:
+            a token's weight is min(rho, is_cap)) or "mask" (tokens with rho outside [1/is_cap, is_cap] leave the
+            objective); `train/is_frac` is the share of tokens it touched. is_cap: the cap (> 1).
         sync_interval: optimizer steps between weight pushes to the engine.
         max_nonfinite_steps: consecutive steps with a non-finite loss/gradient (skipped) before the run aborts.
         val_samples: rollouts per problem in the validation pass. seed: sampling seed base.
@@ -122,6 +135,8 @@ class RubricRLModule(QEDModule):
         aggregation: Literal["seq_sum_over_batch", "token_mean", "seq_mean_token_mean", "dr_grpo"] = "seq_sum_over_batch",
         advantage_scale: Literal["none", "std"] = "none",
         grad_clip: float = 0.3,
+        is_correction: ISCorrection = "none",
+        is_cap: float = 2.0,
         sync_interval: int = 1,
         max_nonfinite_steps: int = 3,
         val_samples: int = 1,
@@ -136,6 +151,8 @@ class RubricRLModule(QEDModule):
             problems.append(f"model.temperature must be > 0 for RL sampling, got {temperature}")
         if max_new_tokens < 1 or micro_batch_tokens < 1:
             problems.append("model.max_new_tokens and model.micro_batch_tokens must be >= 1")
+        if is_cap <= 1.0:
+            problems.append(f"model.is_cap must be > 1 (a cap on the ratio rho), got {is_cap}")
         if logits_chunk_tokens < 0:
             problems.append(f"model.logits_chunk_tokens must be >= 0 (0 = no chunking), got {logits_chunk_tokens}")
         if micro_batch_layout == "shared_prefix" and self.hparams.gradient_checkpointing:
@@ -272,6 +289,7 @@ class RubricRLModule(QEDModule):
             logp, old, advantages[members].to(device), mask, num_sequences=totals["sequences"], clip_low=hp.clip_low,
             clip_high=hp.clip_high, aggregation=hp.aggregation, entropy=entropy, entropy_coef=hp.entropy_coef,
             ref_logprobs=ref, kl_coef=hp.kl_coef, num_tokens=totals["tokens"], max_len=totals["max_len"],
+            is_correction=hp.is_correction, is_cap=hp.is_cap,
         )
         diff = (logp.detach() - old).abs() * mask
         metrics["logprob_diff_sum"] = diff.sum()
@@ -324,19 +342,40 @@ class RubricRLModule(QEDModule):
     def rl_step(self, batch: list[ProofProblem]) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
         """Sample, grade, advantage, loss and step on `batch` (each item one GRPO prompt: its `prompt_ids`, graded
         against its `problem` and `rubric`); returns the metrics, the rewards `[P * G]` and their validity `[P * G]`.
-        Each named step runs in a phase of `self.phases` ("generate", "grade", "train"), which times it."""
+        Each named step runs in a phase of `self.phases` ("generate", "grade", "train"; "wait" in the streaming
+        layout), which times it."""
         hp = self.hparams
         version = self.global_step  # the weights' version now; the optimizer step below increments it
-        with self.phases.phase("generate"):
-            rollouts = self.generate_rollouts(batch, hp.group_size)  # 1. sample
-        with self.phases.phase("grade"):
-            rewards, valid, grades = self.compute_rewards(batch, rollouts)  # 2. grade
+        rollouts, rewards, valid, grades, stream_metrics = self.sample_and_grade(batch)  # 1. sample + 2. grade
         with self.phases.phase("train") as progress:
             advantages = group_advantages_masked(rewards, valid, hp.group_size, scale=hp.advantage_scale)  # 3. advantage
             self.engine.sleep()
             metrics = self.optimize(rollouts, advantages, valid, progress)  # 4. loss + 5. step
         metrics.update(self.step_metrics(rollouts, rewards, valid, grades, version))  # 6. metrics
+        metrics.update(stream_metrics)
         return metrics, rewards, valid
+
+    def sample_and_grade(self, batch: list[ProofProblem]) -> tuple[list[Completion], torch.Tensor, torch.Tensor, list, dict]:
+        """Steps 1-2: the rollouts `[P * G]`, rewards, validity, grades and extra metrics of this step. Sequential
+        layouts generate `batch` ("generate" phase) and grade it ("grade"). With a group stream (the asynchronous
+        layout, `rollout.streaming`), both already ran in the background: the step takes the stream's first complete
+        groups ("wait" phase: the time the trainer waited for them), and `batch` only paces the steps; the groups
+        taken are `self.engine.group_stream().last`. (A group filter, e.g. dynamic sampling, goes to `take(accept=)`.)"""
+        stream = self.engine.group_stream()
+        if stream is not None:
+            with self.phases.phase("wait"):
+                taken = stream.take(self.global_step)
+            return taken.rollouts, taken.rewards, taken.valid, taken.grades, taken.metrics
+        with self.phases.phase("generate"):
+            rollouts = self.generate_rollouts(batch, self.hparams.group_size)
+        with self.phases.phase("grade"):
+            rewards, valid, grades = self.compute_rewards(batch, rollouts)
+        return rollouts, rewards, valid, grades, {}
+
+    def stream_prompts(self, problem: ProofProblem, release: int) -> list[ProofProblem]:
+        """The GRPO prompts a streamed problem becomes (stage 2: the problem itself); `release` is the step whose
+        data it came with (its seeds). Runs in the stream's threads."""
+        return [problem]
 
     def step_metrics(self, rollouts: list[Completion], rewards: torch.Tensor, valid: torch.Tensor, grades: list,
                      version: int) -> dict[str, float]:
@@ -347,7 +386,7 @@ class RubricRLModule(QEDModule):
         metrics.update(self.judge.pop_metrics())
         metrics.update(self.phases.metrics())
         tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
-        seconds = sum(self.phases.seconds.get(name, 0.0) for name in ("generate", "grade", "train"))
+        seconds = sum(self.phases.seconds.get(name, 0.0) for name in ("generate", "grade", "wait", "train"))
         metrics["train/tokens_per_sec"] = tokens / max(seconds, 1e-9)
         return metrics
 
