@@ -10,7 +10,8 @@ devices, the policy lag of the trained samples and the groups dropped as stale. 
 `qed_lightning.layout_sim` (processor-sharing decode with a per-sequence speed cap and a KV-cache bound, streamed
 grading, trainer waits for its push).
 
-Default speeds (`--throughputs` replaces them; `scripts/bench_rl.py --throughputs-out` writes a file for a CPU run)
+Default speeds (`--throughputs` replaces them; `scripts/bench_rl.py --throughputs-out` writes a file for a CPU run,
+with that run's completion lengths and mean prompt length, used unless `--lengths` / `--prompt-len` are given)
 are assumptions for Qwen3-4B in bf16 on H100s, not measurements: decode 4,000 tokens/s per GPU at full batch and
 150 tokens/s for one sequence, 32 sequences per GPU (the KV cache of ~20k-token proofs: 144 KiB a token), training
 5,000 tokens/s per GPU (4B parameters with recomputation and attention at ~25k tokens: ~70 GFLOP a token at ~40%
@@ -75,16 +76,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--median", type=float, default=12000), p.add_argument("--sigma", type=float, default=0.9)
     p.add_argument("--max-new-tokens", type=int, default=49152)
     p.add_argument("--prompts-per-step", type=int, default=64), p.add_argument("--group-size", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=300)
+    p.add_argument("--prompt-len", type=float, help="prompt tokens (default: the throughputs file's, else 300)")
     p.add_argument("--steps", type=int, default=12), p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
-    speeds = PAPER_SPEEDS
+    speeds, measured = PAPER_SPEEDS, {}
     if args.throughputs:
+        measured = json.loads(args.throughputs.read_text())
         known = {f.name for f in fields(Throughputs)}
-        speeds = Throughputs(**{k: v for k, v in json.loads(args.throughputs.read_text()).items() if k in known})
-    lengths = lengths_from(args.lengths) if args.lengths else lognormal_lengths(args.median, args.sigma, args.max_new_tokens)
-    work = Workload(args.prompts_per_step, args.group_size, lengths, args.prompt_len, args.steps, args.seed)
+        speeds = Throughputs(**{k: v for k, v in measured.items() if k in known})
+    if args.lengths:
+        lengths = lengths_from(args.lengths)
+    elif measured.get("lengths"):
+        lengths = tuple(int(n) for n in measured["lengths"])
+    else:
+        lengths = lognormal_lengths(args.median, args.sigma, args.max_new_tokens)
+    prompt_len = args.prompt_len if args.prompt_len is not None else measured.get("prompt_len", 300)
+    work = Workload(args.prompts_per_step, args.group_size, lengths, prompt_len, args.steps, args.seed)
     rows = []
     for spec in args.layouts:
         for lag in ([0] if spec.startswith("colocated:") else args.max_lag):

@@ -77,7 +77,7 @@ class Workload:
     prompts_per_step: int
     group_size: int
     lengths: tuple[int, ...]
-    prompt_len: int = 0
+    prompt_len: float = 0
     steps: int = 8
     seed: int = 0
 

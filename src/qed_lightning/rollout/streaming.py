@@ -115,14 +115,11 @@ class GroupStream:
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Resubmit what a restored state left pending, then keep releasing as the weights allow."""
-        with self._cond:
-            for n, (problem, release) in sorted(self.unexpanded.items()):
-                self._expanders.submit(self._guard, self._expand_one, n, problem, release)
-            for group in sorted(self.pending.values(), key=lambda g: g.seq):
-                self._submit(group)
-        self._feeder = threading.Thread(target=self._guard, args=(self._feed,), name="stream-feeder", daemon=True)
+    def start(self, min_version: int = 0) -> None:
+        """Once the engine holds weights of `min_version` (a resumed run's restored step, pushed just before),
+        resubmit what a restored state left pending, then keep releasing as the weights allow."""
+        self._feeder = threading.Thread(target=self._guard, args=(self._feed, min_version), name="stream-feeder",
+                                        daemon=True)
         self._feeder.start()
 
     def close(self) -> None:
@@ -146,7 +143,14 @@ class GroupStream:
 
     # -- producing -----------------------------------------------------------------------------------------------
 
-    def _feed(self) -> None:
+    def _feed(self, min_version: int) -> None:
+        with self._cond:
+            while self.engine.policy_version < min_version and not self._closed:
+                self._cond.wait(self.poll_s)
+            for n, (problem, release) in sorted(self.unexpanded.items()):
+                self._expanders.submit(self._guard, self._expand_one, n, problem, release)
+            for group in sorted(self.pending.values(), key=lambda g: g.seq):
+                self._submit(group)
         while True:
             with self._cond:
                 if self._closed:

@@ -75,13 +75,14 @@ class StreamingRollouts(RolloutEngine):
     def wake_up(self, tags: tuple[str, ...] | None = None) -> None:
         self.engine.wake_up(tags)
 
-    def open_stream(self, stream: GroupStream, state: dict | None = None) -> None:
-        """Start `stream` (restored from a checkpoint's `state` if given) as this engine's group stream."""
+    def open_stream(self, stream: GroupStream, state: dict | None = None, min_version: int = 0) -> None:
+        """Start `stream` (restored from a checkpoint's `state` if given) as this engine's group stream, generating
+        once the engine holds weights of `min_version`."""
         self.close_stream()
         if state:
             stream.load_state_dict(state)
         self.stream = stream
-        stream.start()
+        stream.start(min_version)
 
     def close_stream(self) -> None:
         if self.stream is not None:
@@ -122,7 +123,7 @@ class StreamCallback(Callback):
         stream = GroupStream(self.engine.engine, loader.batch_size, pl_module.hparams.group_size, self.engine.max_lag,
                              source=loader.problem_at, expand=pl_module.stream_prompts, sampling=pl_module.sampling,
                              grade=pl_module.compute_rewards)
-        self.engine.open_stream(stream, self._restored)
+        self.engine.open_stream(stream, self._restored, min_version=trainer.global_step)
         self._restored = None
 
     @override
