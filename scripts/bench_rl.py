@@ -16,8 +16,10 @@ Sides (each in its own subprocess; the order reverses every other round):
   simulator's inputs measured on this run (tests/integration/test_layout_sim_check.py checks the prediction);
 - ours-hf: `HFEngine` (transformers `generate` on the shared policy module);
 - trl: `GRPOTrainer` (transformers `generate`, TRL's default without vLLM), `--threads` threads. TRL 1.16's
-  experimental `AsyncGRPOTrainer` is not a side: it syncs weights to its vLLM server over NCCL only (or LoRA
-  adapters), which a CPU cannot run.
+  experimental `AsyncGRPOTrainer` is not a side: it cannot run on a CPU. Tried against a CPU vLLM server: its
+  weight sync is NCCL-only (a checkpoint transfer can be injected through `weight_transfer`), its `__init__` calls
+  `torch.cuda.get_device_name` unconditionally (`get_peak_flops_per_device`; patchable), and its rollout worker
+  needs a chat template it recognises to parse responses (`add_response_schema` refuses the tiny model's).
 Same on all sides: the model folder (float32, CPU), the chat-templated policy prompt of each problem of
 data/samples/fineproofs_rl.jsonl (TRL's tokenization gives the same ids), G, prompts per step, max new tokens,
 temperature 0.8, top_p 1, AdamW (lr, weight decay 0.01, constant LR), grad-norm clip 0.3, entropy bonus 1e-4, no KL,

@@ -1,5 +1,5 @@
-"""Streaming groups across a real SIGKILL: an asynchronous-layout run (max_lag 1, so groups carry over between
-steps) is killed after a checkpoint and resumed with `--ckpt_path last`; no group is lost or trained twice, and the
+"""Streaming groups across a real SIGKILL: an asynchronous-layout run (max_lag 2: the stream runs two releases ahead
+of the trainer, so every checkpoint holds carried groups) is killed after a checkpoint and resumed with `--ckpt_path last`; no group is lost or trained twice, and the
 killed run's vLLM server does not outlive it."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _command(tiny_model_dir: Path, root: Path, *extra: str) -> list[str]:
         "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(STEPS),
         "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1",
         "--model.init_args.model_name_or_path", str(tiny_model_dir), "--model.init_args.export_dir", str(root / "hf"),
-        "--model.init_args.max_new_tokens", "24",
+        "--model.init_args.max_new_tokens", "24", "--model.init_args.engine.init_args.max_lag", "2",
         "--model.init_args.judge.init_args.cache_path", str(root / "grades.sqlite"),
         "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"), "--data.init_args.val_size", "0",
         *extra,

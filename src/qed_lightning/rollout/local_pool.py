@@ -4,7 +4,8 @@ Paper (PipelineRL): 24 H100s run vLLM servers that generate all the time, 8 trai
 flight. `LocalVLLMPool` is that layout inside one node: it starts one OpenAI-compatible vLLM server per entry of
 `gpus` (CUDA devices, e.g. `["4", "5", "6", "7"]` next to a 4-GPU trainer) or of `cpus` (CPU cores, e.g. `["1"]` on a
 2-core machine whose trainer keeps core 0), on localhost, and drives them as a `VLLMServerEngine` pool. The servers
-are its children: they are stopped by `close`, and die with the trainer (`PR_SET_PDEATHSIG`) if it is killed.
+are its children, each under a `server_guard` process: they are stopped by `close`, and die with the trainer if it
+is killed (the guard has `PR_SET_PDEATHSIG` and takes the server's whole process group down).
 
 What it adds to `VLLMServerEngine`:
 - generation through vLLM's token-in/token-out route `/inference/v1/generate` (`--enable-scale-out`), whose
@@ -78,7 +79,8 @@ def _free_port() -> int:
 
 
 def _die_with_parent(cpus: set[int] | None):
-    """`preexec_fn` of a server: SIGTERM when the trainer dies (even by SIGKILL), and its cores, if given."""
+    """`preexec_fn` of a server's guard: SIGTERM when the trainer dies (even by SIGKILL), and its cores, if given
+    (the server inherits them)."""
     def setup() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         if cpus:
@@ -189,9 +191,11 @@ class LocalVLLMPool(VLLMServerEngine):
             cores = parse_cpus(devices)
             env.update(VLLM_CPU_OMP_THREADS_BIND=devices, VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gib),
                        OMP_NUM_THREADS=str(len(cores)))
+        guard = [sys.executable, "-m", "qed_lightning.rollout.server_guard", "--"]
         with open(log_path, "w") as fh:
-            proc = subprocess.Popen(self._server_command(model, port, devices), stdout=fh, stderr=subprocess.STDOUT,
-                                    env=env, start_new_session=True, preexec_fn=_die_with_parent(cores))
+            proc = subprocess.Popen(guard + self._server_command(model, port, devices), stdout=fh,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    preexec_fn=_die_with_parent(cores))
         self._procs.append(proc)
         log.info("started vLLM server %d (pid %d) on %s %s, log %s", i, proc.pid, "GPUs" if self.gpus else "cores",
                  devices, log_path)
@@ -238,12 +242,12 @@ class LocalVLLMPool(VLLMServerEngine):
         super().close()
         for proc in self._procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)  # the server and its engine-core child
+                proc.terminate()  # the guard stops the server's process group (SIGTERM, then SIGKILL)
         for proc in self._procs:
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
                 proc.wait(timeout=10)
         self._procs = []
         if self._trainer_affinity is not None:
@@ -325,7 +329,4 @@ class LocalVLLMPool(VLLMServerEngine):
         if self._push is not None:
             self._push.result()
             self._push = None
-
-    def server_pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
 
