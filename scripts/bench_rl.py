@@ -122,7 +122,7 @@ def finish(side: str, args: argparse.Namespace, ticks: list[tuple[float, float]]
               "gen_tokens_per_s": sum(gen_tokens[w:w + n]) / seconds,
               "mean_completion_len": sum(gen_tokens[w:w + n]) / rollouts,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "load_1m": os.getloadavg()[0],
-              "threads": torch.get_num_threads()}
+              "threads": "1+1" if side == "ours-async" else str(torch.get_num_threads())}
     for name, values in phases.items():
         result[f"{name}_s_per_step"] = sum(values[w:w + n]) / n
     return result
