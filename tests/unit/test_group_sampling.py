@@ -8,7 +8,7 @@ import torch
 
 from qed_lightning.data.rl import ProofProblem
 from qed_lightning.modules import RubricRLModule
-from qed_lightning.modules.group_sampling import Groups, fill_step, shape_rewards, split_spares
+from qed_lightning.modules.group_sampling import Groups, fill_step, has_signal, shape_rewards, split_spares
 from qed_lightning.rewards import Grade, RubricJudge
 from qed_lightning.rewards.clients import JudgeClient
 from qed_lightning.rl import flat_groups, soft_overlong_penalty
@@ -49,6 +49,13 @@ def test_shape_rewards_adds_the_penalty_and_loss_mask_drops_truncated():
 def test_flat_groups_marks_equal_rewards():
     rewards = torch.tensor([r for i in range(6) for r in REWARDS[i]])
     assert flat_groups(rewards, G).tolist() == [True, False, True, False, True, False]
+
+
+def test_has_signal_is_one_groups_verdict_over_its_valid_rollouts():
+    assert not has_signal(torch.tensor([0.5, 0.5, 0.5]), torch.tensor([True, True, True]), 3)
+    assert has_signal(torch.tensor([0.5, 0.0, 0.5]), torch.tensor([True, True, True]), 3)
+    # the differing rollout is a dropped judge failure: the valid ones are flat
+    assert not has_signal(torch.tensor([0.5, 0.0, 0.5]), torch.tensor([True, False, True]), 3)
 
 
 def test_fill_step_refills_from_spares_until_the_step_has_signal():

@@ -78,6 +78,16 @@ class ProblemBatches:
             return None
         return self._batch(self._order(self.epoch), self.consumed)[: self.batch_size]
 
+    def problem_at(self, n: int) -> ProofProblem:
+        """The n-th problem of this rank's run-long order: the problems of each epoch's full batches (prompts and
+        spares alike), epochs one after another. The streaming layout (`rollout.streaming`) reads the data through it
+        with its own cursor, saved in its checkpoint state; there a group rejected by dynamic sampling is replaced
+        by the next problem of this order, so no problem is marked spare."""
+        mine = self.problems[self.rank :: self.world_size]
+        per_epoch = min(len(self) * self.width, len(mine))  # a dataset smaller than one batch: epochs of all of it
+        epoch, pos = divmod(n, per_epoch)
+        return self._order(epoch)[pos]
+
     def state_dict(self) -> dict[str, int]:
         if self._started and self.consumed >= len(self):
             return {"epoch": self.epoch + 1, "consumed": 0, "seed": self.seed}

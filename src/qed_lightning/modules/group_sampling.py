@@ -31,7 +31,7 @@ from qed_lightning.data.rl import ProofProblem
 from qed_lightning.rl import flat_groups, soft_overlong_penalty
 from qed_lightning.rollout.base import Completion
 
-__all__ = ["Groups", "check_spares", "fill_step", "shape_rewards", "split_spares"]
+__all__ = ["Groups", "check_spares", "fill_step", "has_signal", "shape_rewards", "split_spares"]
 
 
 @dataclass
@@ -82,6 +82,12 @@ def shape_rewards(groups: Groups, max_new_tokens: int, buffer: int, penalty: flo
     lengths = torch.tensor([len(r.completion_ids) for r in groups.rollouts])  # [P * G]
     shaped = groups.rewards + soft_overlong_penalty(lengths, max_new_tokens, buffer, penalty).to(groups.rewards.dtype)
     return Groups(groups.problems, groups.rollouts, shaped, groups.valid, groups.grades)
+
+
+def has_signal(rewards: torch.Tensor, valid: torch.Tensor, group_size: int) -> bool:
+    """Whether one group's rewards `[G]` differ among its valid rollouts (the streaming layout's dynamic-sampling
+    filter: a flat group is replaced by the next problem of the order, `rollout.streaming`)."""
+    return not bool(flat_groups(rewards, group_size, valid=valid)[0])
 
 
 def _with_signal(groups: Groups, group_size: int) -> list[int]:

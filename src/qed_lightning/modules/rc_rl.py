@@ -22,7 +22,15 @@ Paper's choice and ours where they differ:
   only with `grade_trajectory_turns=True`, for the `rc/turn_reward_*` metrics; they never enter the loss.
 - Replay of states from earlier steps (`replay_size`, `replay_ratio`) is our addition, off by default; the buffer
   is saved in the module's checkpoint.
-- Colocated and on-policy per step, as stage 2 here (the paper generates asynchronously).
+- Colocated and on-policy per step by default, as stage 2 here (the paper generates asynchronously). With the
+  one-node asynchronous layout (`configs/layout/one_node_async.yaml`) the RC loop runs in the generator's stream:
+  each streamed problem's K cycles (`stream_prompts`) run in a background thread, and its m selected states go on
+  as GRPO groups like stage-2 prompts, so the step takes complete state groups. What stays sequential: the K cycles
+  of one problem (cycle k+1's prompt needs cycle k's summary); problems run side by side. Not supported there:
+  replay (`replay_ratio > 0`: the buffer is trainer state read at sampling time, which the stream does ahead of the
+  step) and an in-process summarizer engine (`VLLMEngine` cannot be called from the stream's threads; serve it
+  with `VLLMServerEngine(sync: none)`); both are refused at start. In that layout the `rc/summary_*` metrics are
+  not logged (the trajectories stay in the stream); `rc/reward_cycle_k` and `rc/improvement_k` are.
 - Validation runs the test-time scaffold (`summarize_last=False`) and logs the reward of every cycle's attempt.
 - What the stage-3 judge reads as the problem: the bare statement (`judge_problem="statement"`, as in stage 2), or
   the statement inside the paper's policy prompt (`"policy_prompt"`, what the reference's judge saw); which
@@ -47,6 +55,7 @@ from qed_lightning.modules.rubric_rl import RubricRLModule
 from qed_lightning.rc.loop import RCState, RCTrajectory, ReasoningCache
 from qed_lightning.rewards import RubricJudge
 from qed_lightning.rollout.base import RolloutEngine, SamplingConfig
+from qed_lightning.rollout.streaming_engine import StreamingRollouts
 from qed_lightning.rollout.sync import FrozenEngineCallback
 from qed_lightning.rollout.vllm_engine import SECOND_ENGINE_REFUSED, in_process
 from qed_lightning.seeds import derive_sampling, derive_seed
@@ -188,22 +197,29 @@ class ReasoningCacheRLModule(RubricRLModule):
 
     # -- 0. cache ------------------------------------------------------------------------------------------------
 
-    def build_trajectories(self, problems: list[ProofProblem], summarize_last: bool = True) -> list[RCTrajectory]:
-        """Run the RC loop on `problems` with the current policy (seeded apart from the step's rollouts)."""
-        sampling = derive_sampling(self.sampling(problems), "rc_loop")  # apart from the step's rollouts
+    def build_trajectories(self, problems: list[ProofProblem], summarize_last: bool = True,
+                           step: int | None = None) -> list[RCTrajectory]:
+        """Run the RC loop on `problems` with the current policy (seeded apart from the step's rollouts; `step`
+        defaults to the current one)."""
+        sampling = derive_sampling(self.sampling(problems, step), "rc_loop")  # apart from the step's rollouts
         return self.rc.run([p.problem for p in problems], self.engine, self.tokenizer, sampling, summarize_last)
 
     # -- 1. states -----------------------------------------------------------------------------------------------
 
-    def select_states(self, problems: list[ProofProblem], trajectories: list[RCTrajectory]) -> list[ProofProblem]:
-        """The step's GRPO prompts: m states per trajectory (seeded by seed, step and problem, so whichever rank or
-        batch position a problem lands on), a `replay_ratio` share of them swapped for states of earlier steps; then
-        this step's states join the replay buffer (one buffer per rank; the checkpoint holds rank 0's)."""
+    def fresh_states(self, problems: list[ProofProblem], trajectories: list[RCTrajectory], step: int) -> list[ProofProblem]:
+        """m states per trajectory, seeded by seed, step and problem (so whichever rank or batch position a problem
+        lands on)."""
         hp = self.hparams
-        fresh = [state_prompt(p, t.states[i], judge_problem=hp.judge_problem)
-                 for p, t in zip(problems, trajectories, strict=True)
-                 for i in sample_state_indices(len(t.states), hp.states_per_trajectory,
-                                               random.Random(derive_seed(hp.seed, "states", self.global_step, p.index)))]
+        return [state_prompt(p, t.states[i], judge_problem=hp.judge_problem)
+                for p, t in zip(problems, trajectories, strict=True)
+                for i in sample_state_indices(len(t.states), hp.states_per_trajectory,
+                                              random.Random(derive_seed(hp.seed, "states", step, p.index)))]
+
+    def select_states(self, problems: list[ProofProblem], trajectories: list[RCTrajectory]) -> list[ProofProblem]:
+        """The step's GRPO prompts: `fresh_states`, a `replay_ratio` share of them swapped for states of earlier
+        steps; then this step's states join the replay buffer (one buffer per rank; the checkpoint holds rank 0's)."""
+        hp = self.hparams
+        fresh = self.fresh_states(problems, trajectories, self.global_step)
         rng = random.Random(derive_seed(hp.seed, "replay", self.global_step, self.global_rank))
         n_replay = min(round(hp.replay_ratio * len(fresh)), len(self.replay))
         keep = sorted(rng.sample(range(len(fresh)), len(fresh) - n_replay))
@@ -230,10 +246,38 @@ class ReasoningCacheRLModule(RubricRLModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.replay = list(checkpoint.get("rc_replay", []))
 
+    def stream_prompts(self, problem: ProofProblem, release: int) -> list[ProofProblem]:
+        """The asynchronous layout's expansion of a problem: its RC loop (K cycles, in the stream's thread) and the
+        m states selected from it, as GRPO prompts seeded by `release` as a sequential step's by its step."""
+        trajectories = self.build_trajectories([problem], step=release)
+        return self.fresh_states([problem], trajectories, release)
+
+    def setup(self, stage: str) -> None:
+        """Stage 2's checks, and the asynchronous layout's limits (see the module docstring)."""
+        super().setup(stage)
+        if not isinstance(self.engine, StreamingRollouts):
+            return
+        problems = []
+        if self.hparams.replay_ratio > 0:
+            problems.append("model.replay_ratio > 0 is not supported with a streaming engine (the replay buffer is "
+                            "read at sampling time, which the stream does ahead of the step); set it to 0")
+        if self.summarizer is not None and in_process(self.summarizer):
+            problems.append("model.summarizer is an in-process VLLMEngine, which the stream's threads cannot share; "
+                            "serve the summarizer with VLLMServerEngine (sync: none) or leave it unset")
+        if problems:
+            raise ValueError("; ".join(problems))
+
     # -- the step ------------------------------------------------------------------------------------------------
 
     def training_step(self, batch: list[ProofProblem], batch_idx: int) -> None:
         hp = self.hparams
+        if self.engine.group_stream() is not None:  # the RC loop ran in the stream (stream_prompts)
+            metrics, rewards, valid = self.rl_step(batch)
+            states = self.engine.group_stream().last.prompts
+            metrics.update(cycle_rewards([s.cycle for s in states], rewards, valid, hp.group_size, "rc/"))
+            metrics["rc/states"] = float(len(states))
+            self.log_step(metrics, len(batch))
+            return
         with self.phases.phase("rc_loop"):
             trajectories = self.build_trajectories(batch)  # 0. cache
         states = self.select_states(batch, trajectories)  # 1. states

@@ -10,15 +10,22 @@ One optimizer step = sample, grade, advantage, loss, step:
    packed micro-batches (`micro_batch_tokens`) whose gradients accumulate to exactly the full-step gradient;
 5. step: gradient-norm clipping, optimizer and LR schedule; the engine receives the new weights
    (`WeightSyncCallback`, returned by `configure_callbacks`).
+Steps 1-3 are here; 4-5 live in `modules/rl_loss.py` (`PolicyGradientSteps`, a mixin of this module).
 
 Where we differ from the paper: the paper generates asynchronously on separate GPUs, up to ~1 step off-policy.
-Colocated, each step here is on-policy unless `sync_interval > 1`; the ratio rho corrects either way.
-Options the paper does not use (off by default, `modules/group_sampling.py`): dynamic sampling (`skip_flat_groups`:
-groups whose rewards are all equal are replaced from the batch's spare prompts), the soft overlong penalty
-(`overlong_buffer`, `overlong_penalty`) and masking truncated completions out of the loss (`mask_truncated`).
+Colocated (the default layout), each step here is on-policy unless `sync_interval > 1`; the ratio rho corrects
+either way. The one-node asynchronous layout (`configs/layout/one_node_async.yaml`, `rollout.streaming_engine`) is
+the paper's: steps 1-2 run in a background stream and the step takes its first complete groups
+(`sample_and_grade`). Options the paper does not use (off by default): dynamic sampling (`skip_flat_groups`,
+`modules/group_sampling.py`: groups whose rewards are all equal are replaced from the batch's spare prompts, or
+in the stream by the next problems), the soft overlong penalty (`overlong_buffer`, `overlong_penalty`), masking
+truncated completions out of the loss (`mask_truncated`) and truncated importance sampling (`is_correction`:
+bounds the weight of tokens the sampler and the trainer disagree on, `rl/losses.py`).
 
 Override points: `compute_rewards(problems, rollouts)` and `compute_loss(...)`; `rl_step(prompts)` (sample, grade,
-advantage, loss, step on a list of prompts) is what `ReasoningCacheRLModule` reuses on its RC states. Components:
+advantage, loss, step on a list of prompts) is what `ReasoningCacheRLModule` reuses on its RC states;
+`sample_and_grade(batch)` (steps 1-2: generate and grade the batch, or take the stream's groups) and
+`stream_prompts(problem, release)` (the GRPO prompts a streamed problem becomes). Components:
 `engine` (`VLLMEngine`, `HFEngine`, ...) and `judge` (`RubricJudge` with any client) are injected by `class_path`.
 Timing: each named step runs in a phase of `self.phases` (`modules/phases.py`: "generate", "grade", "train"; the
 "train" phase advances once per micro-batch), whose times are the `time/*_s` metrics and whose listeners may follow it.
@@ -27,34 +34,22 @@ Timing: each named step runs in a phase of `self.phases` (`modules/phases.py`: "
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from qed_lightning.attention import packs_without_mask, varlen_kwargs
 from qed_lightning.data.rl import ProofProblem
-from qed_lightning.lm_head import chunked_token_stats, final_hidden_states
 from qed_lightning.modules.base import QEDModule
-from qed_lightning.modules.group_sampling import Groups, check_spares, fill_step, shape_rewards, split_spares
+from qed_lightning.modules.group_sampling import Groups, check_spares, fill_step, has_signal, shape_rewards, split_spares
 from qed_lightning.modules.optim_step import ManualStep
 from qed_lightning.modules.phases import Phase, StepPhases
+from qed_lightning.modules.rl_loss import PolicyGradientSteps
 from qed_lightning.modules.rl_metrics import gather_objects, reduce_over_ranks, rollout_table, table_metrics
 from qed_lightning.modules.rl_records import keep_rollouts, report_progress
 from qed_lightning.report.records import RolloutLog
 from qed_lightning.rewards import GradeRequest, RubricJudge
-from qed_lightning.rl import entropy_from_logits, group_advantages_masked, policy_loss, token_logprobs
-from qed_lightning.rl.microbatch import (
-    completion_logits,
-    pack_sequences,
-    pad_sequences,
-    pad_values,
-    plan_microbatches,
-    plan_shared_prefix,
-    scatter_tokens,
-    share_prefix,
-    shared_prefix_logits,
-)
+from qed_lightning.rl import group_advantages_masked
+from qed_lightning.rl.losses import ISCorrection
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
 from qed_lightning.rollout.sync import WeightSyncCallback
 from qed_lightning.seeds import derive_seed
@@ -62,33 +57,7 @@ from qed_lightning.seeds import derive_seed
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class MicroBatchSums:
-    """The step's metrics, accumulated over its micro-batches: the loss (a sum: each micro-batch's loss is already
-    normalised by the step's counts), |trainer - sampler| log-prob sum and max, and the token-weighted clip fraction
-    and entropy."""
-
-    loss: float = 0.0
-    logprob_diff_sum: float = 0.0
-    logprob_diff_max: float = 0.0
-    clip_frac: float = 0.0
-    entropy: float = 0.0
-
-    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], step_tokens: int) -> None:
-        weight = float(metrics["num_tokens"]) / step_tokens  # this micro-batch's share of the step's tokens
-        self.loss += float(loss.detach())
-        self.logprob_diff_sum += float(metrics["logprob_diff_sum"])
-        self.logprob_diff_max = max(self.logprob_diff_max, float(metrics["logprob_diff_max"]))
-        self.clip_frac += float(metrics["clip_frac"]) * weight
-        self.entropy += float(metrics.get("entropy", torch.tensor(0.0))) * weight
-
-    def metrics(self, step_tokens: int) -> dict[str, float]:
-        return {"train/loss": self.loss, "train/clip_frac": self.clip_frac, "train/entropy": self.entropy,
-                "rollout/logprob_diff_mean": self.logprob_diff_sum / step_tokens,
-                "rollout/logprob_diff_max": self.logprob_diff_max}
-
-
-class RubricRLModule(QEDModule):
+class RubricRLModule(PolicyGradientSteps, QEDModule):
     """Rubric-reward GRPO (stage 2). See the module docstring for the algorithm.
 
     Args (and `QEDModule`'s, passed through `**kwargs`):
@@ -108,6 +77,9 @@ class RubricRLModule(QEDModule):
         advantage_scale: "none" (paper) or "std". grad_clip: max norm of the exact step gradient (of -(1/B) sum L;
             0 = off). The reference clips DeepSpeed's gradient, divided by its accumulation count and averaged over
             ranks: its 0.3 is 19.2 here for stage 2 and 76.8 for stage 3 (derivation in configs/rl.yaml).
+        is_correction: importance-sampling correction of the sampler/trainer gap: "none" (paper), "tis" (truncated:
+            a token's weight is min(rho, is_cap)) or "mask" (tokens with rho outside [1/is_cap, is_cap] leave the
+            objective); `train/is_frac` is the share of tokens it touched. is_cap: the cap (> 1).
         sync_interval: optimizer steps between weight pushes to the engine.
         max_nonfinite_steps: consecutive steps with a non-finite loss/gradient (skipped) before the run aborts.
         val_samples: rollouts per problem in the validation pass. seed: sampling seed base.
@@ -141,6 +113,8 @@ class RubricRLModule(QEDModule):
         aggregation: Literal["seq_sum_over_batch", "token_mean", "seq_mean_token_mean", "dr_grpo"] = "seq_sum_over_batch",
         advantage_scale: Literal["none", "std"] = "none",
         grad_clip: float = 0.3,
+        is_correction: ISCorrection = "none",
+        is_cap: float = 2.0,
         sync_interval: int = 1,
         max_nonfinite_steps: int = 3,
         val_samples: int = 1,
@@ -163,6 +137,8 @@ class RubricRLModule(QEDModule):
         if not 0 <= overlong_buffer <= max_new_tokens or overlong_penalty < 0:
             problems.append(f"model.overlong_buffer must be in [0, model.max_new_tokens={max_new_tokens}] and "
                             f"model.overlong_penalty >= 0, got {overlong_buffer} and {overlong_penalty}")
+        if is_cap <= 1.0:
+            problems.append(f"model.is_cap must be > 1 (a cap on the ratio rho), got {is_cap}")
         if logits_chunk_tokens < 0:
             problems.append(f"model.logits_chunk_tokens must be >= 0 (0 = no chunking), got {logits_chunk_tokens}")
         if micro_batch_layout == "shared_prefix" and self.hparams.gradient_checkpointing:
@@ -207,16 +183,6 @@ class RubricRLModule(QEDModule):
                 f"{self.hparams.max_new_tokens}; raise "
                 f"max_model_len to at least {need}, or lower max_new_tokens / data.max_prompt_tokens.")
 
-    @property
-    def layout(self) -> str:
-        """The micro-batch layout in use: `micro_batch_layout`, with "auto" resolved (see rl/microbatch.py)."""
-        chosen = self.hparams.micro_batch_layout
-        if chosen != "auto":
-            return chosen
-        if self.varlen_attention:  # flash-style attention, detected by capability (qed_lightning.attention)
-            return "packed"
-        return "padded" if self.hparams.gradient_checkpointing else "shared_prefix"
-
     def configure_callbacks(self):
         return [WeightSyncCallback(self.engine, self.hparams.sync_interval), *self.engine.callbacks()]
 
@@ -256,107 +222,6 @@ class RubricRLModule(QEDModule):
         valid = torch.tensor([g.reward is not None for g in grades])
         return rewards, valid, grades
 
-    # -- 4. loss -------------------------------------------------------------------------------------------------
-
-    def completion_outputs(self, rollouts: list[Completion], members: list[int], model=None, hidden: bool = False):
-        """Logits `[N, V]` at the positions predicting the N real completion tokens of `members` (indices into
-        `rollouts`), those tokens `[N]`, and the `[n, T]` mask they belong to (row-major), laid out as `self.layout`
-        says; `model` defaults to the policy. With `hidden`, the final hidden states `[N, H]` instead of the logits.
-        No `[n, T_max, ...]` gather (rl/microbatch.py)."""
-        prompts, completions = [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts]
-        if self.layout == "shared_prefix":
-            batch = share_prefix(prompts, completions, members)
-            out = shared_prefix_logits(model if model is not None else self.model, batch, hidden=hidden)  # [n, T, D]
-            real = batch.mask.bool()
-            return out[real.to(out.device)], batch.input_ids[real].to(self.device), batch.mask.to(self.device)
-        packed = (pack_sequences if self.layout == "packed" else pad_sequences)(prompts, completions, members)
-        input_ids, position_ids = packed.input_ids.to(self.device), packed.position_ids.to(self.device)
-        if model is None:
-            call = self.hidden_states if hidden else self
-            rows = call(input_ids, position_ids, packed.lengths)
-        else:
-            bounds = varlen_kwargs(packed.lengths, self.device) if packed.lengths and packs_without_mask(model.config) else {}
-            kwargs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False, **bounds)
-            rows = final_hidden_states(model, **kwargs)[0] if hidden else model(**kwargs).logits
-        out, targets = completion_logits(rows, input_ids, packed)  # gathers along the last dim, logits or states
-        return out, targets, packed.mask.to(self.device)
-
-    def completion_stats(self, rollouts: list[Completion], members: list[int], model=None, entropy: bool = False):
-        """Log-probs `[n, T]` (at the sampling temperature) of the completion tokens of `members`, their entropies
-        (or None), and the mask `[n, T]`; chunked over the LM head unless `logits_chunk_tokens` is 0."""
-        hp = self.hparams
-        model = model if model is not None else self.model
-        other = None if model is self.model else model
-        if hp.logits_chunk_tokens:
-            states, targets, mask = self.completion_outputs(rollouts, members, other, hidden=True)
-            logp, ent = chunked_token_stats(states, targets, mask, model.get_output_embeddings(), hp.temperature,
-                                            entropy=entropy, chunk_tokens=hp.logits_chunk_tokens)
-            return logp, ent, mask
-        logits, targets, mask = self.completion_outputs(rollouts, members, other)  # [N, V], [N]
-        logp = scatter_tokens(token_logprobs(logits[None], targets[None], hp.temperature)[0], mask)
-        ent = scatter_tokens(entropy_from_logits(logits[None], hp.temperature)[0], mask) if entropy else None
-        return logp, ent, mask
-
-    def compute_loss(self, rollouts: list[Completion], advantages: torch.Tensor, members: list[int], totals: dict[str, int]):
-        """Loss of one micro-batch (`members` index `rollouts`) and its detached metrics."""
-        hp = self.hparams
-        device = self.device
-        logp, entropy, mask = self.completion_stats(rollouts, members, entropy=hp.entropy_coef > 0)  # [n, T] each
-        old = pad_values([r.logprobs for r in rollouts], members, mask.size(1)).to(device)
-        ref = None
-        if self.ref_model is not None:
-            with torch.no_grad():
-                ref = self.completion_stats(rollouts, members, self.ref_model)[0]
-        loss, metrics = policy_loss(
-            logp, old, advantages[members].to(device), mask, num_sequences=totals["sequences"], clip_low=hp.clip_low,
-            clip_high=hp.clip_high, aggregation=hp.aggregation, entropy=entropy, entropy_coef=hp.entropy_coef,
-            ref_logprobs=ref, kl_coef=hp.kl_coef, num_tokens=totals["tokens"], max_len=totals["max_len"],
-        )
-        diff = (logp.detach() - old).abs() * mask
-        metrics["logprob_diff_sum"] = diff.sum()
-        metrics["logprob_diff_max"] = diff.max()
-        return loss, metrics
-
-    # -- 5. step -------------------------------------------------------------------------------------------------
-
-    def optimize(self, rollouts: list[Completion], advantages: torch.Tensor, valid: torch.Tensor,
-                 progress: Phase | None = None) -> dict[str, float]:
-        """Accumulate the step's gradient over packed micro-batches, clip, and take one optimizer step. `progress`
-        (the "train" phase) learns the number of micro-batches and advances once per micro-batch."""
-        members = [i for i in range(len(rollouts)) if bool(valid[i]) and rollouts[i].completion_ids]
-        lengths = [len(rollouts[i].completion_ids) for i in members]
-        step = self.optim_step
-        totals = step.totals(len(members), sum(lengths), max(lengths, default=1))
-        opt = self.optimizers()
-        opt.zero_grad()
-        sums = MicroBatchSums()
-        plan = self.plan_microbatches(rollouts, members)
-        passes = len(plan) + step.missing_microbatches(len(plan))  # the same on every rank
-        if progress is not None:
-            progress.total = len(plan)
-        for i, mb in enumerate(plan):
-            step.before_pass(last=i == passes - 1)
-            loss, metrics = self.compute_loss(rollouts, advantages, mb, totals)
-            self.manual_backward(loss * self.trainer.world_size)  # DDP/FSDP average over ranks; see ManualStep.totals
-            sums.add(loss, metrics, totals["tokens"])
-            if progress is not None:
-                progress.advance()
-        for i in range(len(plan), passes):
-            step.before_pass(last=i == passes - 1)
-            self.manual_backward(step.idle_loss())
-        sums.loss = step.sum_over_ranks(sums.loss)  # each rank holds its part of the step's loss
-        grad_norm = step.clip_and_step(opt, sums.loss)
-        return {**sums.metrics(totals["tokens"]), "train/grad_norm": grad_norm,
-                "train/nonfinite_skipped": float(step.nonfinite > 0), "train/micro_batches": float(len(plan))}
-
-    def plan_microbatches(self, rollouts: list[Completion], members: list[int]) -> list[list[int]]:
-        """Split `members` (indices into `rollouts`) into micro-batches of about `micro_batch_tokens` tokens."""
-        budget = self.hparams.micro_batch_tokens
-        if self.layout == "shared_prefix":
-            return plan_shared_prefix([r.prompt_ids for r in rollouts], [len(r.completion_ids) for r in rollouts], members, budget)
-        lengths = [len(rollouts[i].prompt_ids) + len(rollouts[i].completion_ids) for i in members]
-        return [[members[j] for j in mb] for mb in plan_microbatches(lengths, budget, self.layout)]
-
     # -- the step, as a list of named steps ----------------------------------------------------------------------
 
     def training_step(self, batch: list[ProofProblem], batch_idx: int) -> None:
@@ -370,21 +235,27 @@ class RubricRLModule(QEDModule):
         with self.phases.phase("generate", total=len(problems) * hp.group_size) as ph, self._reporting(ph):
             rollouts = self.generate_rollouts(problems, hp.group_size)
         with self.phases.phase("grade", total=len(rollouts)) as ph, self._reporting(ph):
-            rewards, valid, grades = self.compute_rewards(problems, rollouts)
-        groups = Groups(problems, rollouts, rewards, valid, grades)
-        return shape_rewards(groups, hp.max_new_tokens, hp.overlong_buffer, hp.overlong_penalty)
+            rewards, valid, grades = self.grade_rollouts(problems, rollouts)
+        return Groups(problems, rollouts, rewards, valid, grades)
+
+    def grade_rollouts(self, problems: list[ProofProblem], rollouts: list[Completion]) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """`compute_rewards` plus the overlong penalty when it is on: what a group is trained and filtered on (the
+        stream's grading calls it in its threads)."""
+        hp = self.hparams
+        rewards, valid, grades = self.compute_rewards(problems, rollouts)
+        groups = shape_rewards(Groups(problems, rollouts, rewards, valid, grades), hp.max_new_tokens,
+                               hp.overlong_buffer, hp.overlong_penalty)
+        return groups.rewards, valid, grades
 
     def rl_step(self, batch: list[ProofProblem]) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
         """Sample, grade, advantage, loss and step on `batch` (each item one GRPO prompt: its `prompt_ids`, graded
         against its `problem` and `rubric`; spare candidates are drawn only by dynamic sampling); returns the
         metrics, the rewards `[P * G]` and their validity `[P * G]` of the groups trained on.
-        Each named step runs in a phase of `self.phases` ("generate", "grade", "train"), which times it."""
+        Each named step runs in a phase of `self.phases` ("generate", "grade", "train"; "wait" in the streaming
+        layout), which times it."""
         hp = self.hparams
         version = self.global_step  # the weights' version now; the optimizer step below increments it
-        prompts, spares = split_spares(batch)
-        groups, refilled = self.sample_groups(prompts), {}  # 1. sample + 2. grade
-        if hp.skip_flat_groups:  # dynamic sampling: flat groups are replaced from the spares (group_sampling.py)
-            groups, refilled = fill_step(groups, spares, len(prompts), hp.group_size, self.sample_groups)
+        groups, extra = self.sample_and_grade(batch)  # 1. sample + 2. grade
         rollouts, rewards, valid, grades = groups.rollouts, groups.rewards, groups.valid, groups.grades
         with self.phases.phase("train") as progress:
             advantages = group_advantages_masked(rewards, valid, hp.group_size, scale=hp.advantage_scale)  # 3. advantage
@@ -392,8 +263,32 @@ class RubricRLModule(QEDModule):
             metrics = self.optimize(rollouts, advantages, groups.loss_mask(hp.mask_truncated), progress)  # 4. loss + 5. step
         self.record_rollouts(groups.problems, rollouts, grades, rewards, valid, advantages, version)  # 6. records
         metrics.update(self.step_metrics(rollouts, rewards, valid, grades, version))  # 7. metrics
-        metrics.update(refilled)
+        metrics.update(extra)
         return metrics, rewards, valid
+
+    def sample_and_grade(self, batch: list[ProofProblem]) -> tuple[Groups, dict[str, float]]:
+        """Steps 1-2: the step's graded groups and extra metrics. Sequential layouts generate and grade `batch`'s
+        prompts (`sample_groups`), refilled from its spares under dynamic sampling (`fill_step`). With a group stream
+        (the asynchronous layout, `rollout.streaming`) both already ran in the background: the step takes the
+        stream's first complete groups ("wait" phase: the time the trainer waited for them; dynamic sampling is its
+        `accept` filter) and `batch` only paces the steps."""
+        hp = self.hparams
+        stream = self.engine.group_stream()
+        if stream is not None:
+            accept = (lambda g: has_signal(g.rewards, g.valid, hp.group_size)) if hp.skip_flat_groups else None
+            with self.phases.phase("wait"):
+                taken = stream.take(self.global_step, accept=accept)
+            return Groups(taken.prompts, taken.rollouts, taken.rewards, taken.valid, taken.grades), taken.metrics
+        prompts, spares = split_spares(batch)
+        groups = self.sample_groups(prompts)
+        if not hp.skip_flat_groups:
+            return groups, {}
+        return fill_step(groups, spares, len(prompts), hp.group_size, self.sample_groups)  # group_sampling.py
+
+    def stream_prompts(self, problem: ProofProblem, release: int) -> list[ProofProblem]:
+        """The GRPO prompts a streamed problem becomes (stage 2: the problem itself); `release` is the step whose
+        data it came with (its seeds). Runs in the stream's threads."""
+        return [problem]
 
     def record_rollouts(self, batch: list[ProofProblem], rollouts: list[Completion], grades: list, rewards: torch.Tensor,
                         valid: torch.Tensor, advantages: torch.Tensor, version: int) -> None:
@@ -420,7 +315,7 @@ class RubricRLModule(QEDModule):
         metrics.update(self.judge.pop_metrics())
         metrics.update(self.phases.metrics())
         tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
-        seconds = sum(self.phases.seconds.get(name, 0.0) for name in ("generate", "grade", "train"))
+        seconds = sum(self.phases.seconds.get(name, 0.0) for name in ("generate", "grade", "wait", "train"))
         metrics["train/tokens_per_sec"] = tokens / max(seconds, 1e-9)
         return metrics
 

@@ -26,6 +26,16 @@ the step's loss: pass the *step's* `num_sequences`, `num_tokens` and `max_len` t
 gradients over W ranks, so there each rank passes the global count divided by W: `num_sequences` = global B / W
 (the per-rank B when ranks get equal shares), `num_tokens` = all-reduced token count / W (may be fractional).
 
+Importance-sampling correction (`is_correction=`, off in the paper): the sampler (vLLM, bf16, up to `max_lag` steps
+old) and the trainer disagree on a token's log-prob, and with one optimizer step per batch rho *is* that gap
+(`rollout/logprob_diff_*` measures it). The ratio clip bounds rho only where the advantage is positive: with A < 0
+the surrogate `min(rho A, clip(rho) A)` keeps `rho A`, unbounded for a token the sampler found unlikely.
+- `"tis"` (truncated IS, Yao et al. 2025, verl's `tis_imp_ratio_cap`): the surrogate is scaled by
+  `sg(min(1, cap / rho))`, so a token's gradient weight is `min(rho, cap)` instead of rho;
+- `"mask"` (masked IS): tokens with rho outside `[1 / cap, cap]` leave the objective (they still count in the
+  step's token and sequence totals, so the other tokens' weights do not change).
+Both report the share of affected tokens (`is_frac`); the correction scales the policy-gradient term only.
+
 The mask is boolean in meaning (nonzero = counts). Masked positions may hold any value, inf and NaN included: they
 are replaced before `exp`, so they reach neither the loss nor the gradient.
 """
@@ -39,6 +49,7 @@ from torch import Tensor
 
 Aggregation = Literal["seq_sum_over_batch", "token_mean", "seq_mean_token_mean", "dr_grpo"]
 AGGREGATIONS: tuple[str, ...] = ("seq_sum_over_batch", "token_mean", "seq_mean_token_mean", "dr_grpo")
+ISCorrection = Literal["none", "tis", "mask"]
 KL_CLAMP = 5.0
 
 
@@ -100,6 +111,28 @@ def _clipped_surrogate(
     return torch.minimum(unclipped, clipped), rho, clipped < unclipped
 
 
+def is_weights(rho: Tensor, correction: str, cap: float) -> tuple[Tensor | None, Tensor | None]:
+    """Detached per-token factor `[N, T]` applied to the surrogate and where it acts (both None: no correction).
+
+    >>> w, hit = is_weights(torch.tensor([[0.25, 1.0, 4.0]]), "tis", 2.0)
+    >>> w.tolist(), hit.tolist()
+    ([[1.0, 1.0, 0.5]], [[False, False, True]])
+    >>> w, hit = is_weights(torch.tensor([[0.25, 1.0, 4.0]]), "mask", 2.0)
+    >>> w.tolist(), hit.tolist()
+    ([[0.0, 1.0, 0.0]], [[True, False, True]])
+    """
+    rho = rho.detach()
+    if correction == "none":
+        return None, None
+    if correction == "tis":
+        hit = rho > cap
+        return torch.where(hit, cap / rho, 1.0), hit
+    if correction == "mask":
+        hit = (rho > cap) | (rho < 1.0 / cap)
+        return (~hit).to(rho.dtype), hit
+    raise ValueError(f"is_correction must be one of none, tis, mask; got {correction!r}")
+
+
 def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """Per-token k3 estimator of KL(policy || ref): `exp(c) - c - 1`, `c = clamp(ref - logp, -5, 5)`. `[N, T]`."""
     c = torch.clamp(ref_logprobs - logprobs, -KL_CLAMP, KL_CLAMP)  # [N, T]
@@ -142,12 +175,17 @@ def policy_loss(
     kl_coef: float = 0.0,
     num_tokens: float | None = None,
     max_len: int | None = None,
+    is_correction: ISCorrection = "none",
+    is_cap: float = 2.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Return `(loss, metrics)` for one micro-batch; see the module docstring for the formula and modes.
 
     A nonzero `entropy_coef` needs `entropy`, and a nonzero `kl_coef` needs `ref_logprobs` (a coefficient that
-    would silently do nothing is an error). Metrics are detached, over masked tokens of this micro-batch.
+    would silently do nothing is an error). `is_correction`/`is_cap`: see the module docstring. Metrics are
+    detached, over masked tokens of this micro-batch.
     """
+    if is_cap <= 1.0:
+        raise ValueError(f"is_cap must be > 1 (a ratio cap), got {is_cap}")
     same_shape = {"old_logprobs": old_logprobs, "mask": mask, "entropy": entropy, "ref_logprobs": ref_logprobs}
     _check_inputs(logprobs, advantages, same_shape)
     _check_options(logprobs.shape[0], aggregation, num_sequences, num_tokens, max_len)
@@ -156,6 +194,9 @@ def policy_loss(
     # Zero the log-ratio off-mask *before* exp, so garbage there (inf, NaN) reaches neither loss nor gradient.
     log_ratio = torch.where(keep, logprobs - old_logprobs, 0.0)  # [N, T]
     objective, rho, clip_won = _clipped_surrogate(log_ratio, advantages, clip_low, clip_high)  # [N, T] x3
+    weight, is_hit = is_weights(rho, is_correction, is_cap)  # [N, T] each
+    if weight is not None:
+        objective = objective * weight
     if entropy is not None and entropy_coef != 0.0:
         objective = objective + entropy_coef * entropy
     kl = None
@@ -165,12 +206,12 @@ def policy_loss(
             objective = objective - kl_coef * kl
     objective = torch.where(keep, objective, 0.0)  # [N, T]; drops padding, and its gradient with it
     loss = _aggregate(objective, keep, aggregation, num_sequences, num_tokens, max_len)
-    return loss, _metrics(keep, rho, clip_won, entropy, kl)
+    return loss, _metrics(keep, rho, clip_won, entropy, kl, is_hit)
 
 
 @torch.no_grad()
 def _metrics(
-    keep: Tensor, rho: Tensor, clip_won: Tensor, entropy: Tensor | None, kl: Tensor | None
+    keep: Tensor, rho: Tensor, clip_won: Tensor, entropy: Tensor | None, kl: Tensor | None, is_hit: Tensor | None
 ) -> dict[str, Tensor]:
     """Detached means over masked tokens; 0 when the micro-batch has no masked token."""
     count = keep.sum()
@@ -185,6 +226,8 @@ def _metrics(
         "ratio_max": torch.where(keep, rho.detach(), 0.0).max() if keep.numel() else rho.new_zeros(()),
         "num_tokens": count,
     }
+    if is_hit is not None:
+        metrics["is_frac"] = masked_mean(is_hit.to(rho.dtype))
     if entropy is not None:
         metrics["entropy"] = masked_mean(entropy)
     if kl is not None:

@@ -58,6 +58,9 @@ class Completion:
     text: str
     policy_version: int = 0
     extra: dict = field(default_factory=dict)
+    # the weights' version when its last token was sampled, where an in-flight weight update may change them mid-sample
+    # (vLLM's pause "keep"); None = the whole sample came from `policy_version`
+    end_version: int | None = None
 
     @property
     def truncated(self) -> bool:
@@ -147,3 +150,8 @@ class RolloutEngine(ABC):
     def callbacks(self) -> list:
         """Lightning callbacks the engine needs next to the module's (e.g. `AsyncRollouts`' prefetch); none by default."""
         return []
+
+    def group_stream(self):
+        """The engine's stream of complete, graded groups when it forms the training steps itself (the one-node
+        asynchronous layout, `rollout.streaming.StreamingRollouts`); None: the module samples its own batch."""
+        return None

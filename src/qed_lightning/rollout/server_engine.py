@@ -33,6 +33,13 @@ Weight sync, after every optimizer step (`WeightSyncCallback` calls `load_weight
   (`NCCLTrainerWeightTransferEngine`): one NCCL group spans trainer rank 0 and the workers of every server; each
   parameter is gathered once (FSDP2 DTensor, ZeRO-3 partition) and broadcast once to all servers
   (`rollout.pool_sync`); no file system involved.
+In-flight updates (`update_mode`): with requests still running on the servers (a streaming generator never stops),
+a reload must not swap weights under a forward pass. "wait" pauses each server with vLLM's `/pause?mode=wait`
+(running requests finish on the weights they started with, new ones queue), reloads and resumes: exact per-sample
+versions; "keep" (`/pause?mode=keep`, PipelineRL's in-flight update) freezes the running requests, reloads, and lets
+them continue on the new weights (a sample may mix two versions). Either way the servers' weight-version label is
+set (`/update_weight_version`), which `/inference/v1/generate` reports per token (`rollout.local_pool`). "none"
+(default) reloads without pausing: only safe when nothing is generating (`AsyncRollouts` waits for its batch).
 Tied lm_head: an in-place reload of a tied checkpoint leaves a stale pre-packed lm_head on vLLM's CPU backend (see
 `vllm_engine._refresh_tied_lm_head`), and a reload *from a path* through `/collective_rpc` has the same problem
 (found by tests/integration/test_disaggregated.py: after a sync the server's log-probs matched the new body with the
@@ -120,7 +127,10 @@ class VLLMServerEngine(RolloutEngine):
         startup_timeout_s: how long `start` waits for every server to answer `/v1/models`.
         nccl_master_address: this trainer's address as the servers see it (NCCL sync); nccl_port: the rendezvous
             port of the pool's one broadcast group.
+        update_mode: how a checkpoint reload treats running requests: "none", "wait" or "keep" (module docstring).
     """
+
+    generate_path = "/v1/completions"  # the route `request_body` / `parse_choice` speak
 
     def __init__(
         self,
@@ -136,6 +146,7 @@ class VLLMServerEngine(RolloutEngine):
         startup_timeout_s: float = 900.0,
         nccl_master_address: str | None = None,
         nccl_port: int = 29600,
+        update_mode: Literal["none", "wait", "keep"] = "none",
     ) -> None:
         problems = []
         if not urls:
@@ -160,6 +171,7 @@ class VLLMServerEngine(RolloutEngine):
         self.startup_timeout_s = startup_timeout_s
         self.nccl_master_address = nccl_master_address
         self.nccl_port = nccl_port
+        self.update_mode = update_mode
         self.policy_version = 0
         self.client: httpx.Client | None = None
         self.policy: torch.nn.Module | None = None
@@ -263,7 +275,7 @@ class VLLMServerEngine(RolloutEngine):
 
         def one(i: int) -> list[Completion]:
             url = self.urls[(turn + self._rank + self._world * i) % len(self.urls)]
-            reply = self._post(f"{url}/v1/completions", self.request_body(prompts[i], sampling, n, sampling.prompt_seed(i)))
+            reply = self._post(f"{url}{self.generate_path}", self.request_body(prompts[i], sampling, n, sampling.prompt_seed(i)))
             choices = sorted(reply["choices"], key=lambda c: c["index"])
             return [self.parse_choice(prompts[i], c, version) for c in choices]
 
@@ -298,13 +310,23 @@ class VLLMServerEngine(RolloutEngine):
             if old.is_dir() and old.resolve() != target:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def _reload_all(self, path: Path) -> None:
+    def _reload_all(self, path: Path, version: int | None = None) -> None:
+        """Reload every server from `path` (pausing it first unless `update_mode` is "none") and label its weights
+        `version`."""
         rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(path), "is_checkpoint_format": True}}
 
         def one(url: str) -> None:
-            self._post(f"{url}/collective_rpc", rpc)
-            self._refresh_tied_lm_head(url)
-            self._post(f"{url}/reset_prefix_cache", {})
+            if self.update_mode != "none":
+                self._post(f"{url}/pause?mode={self.update_mode}", {})
+            try:
+                self._post(f"{url}/collective_rpc", rpc)
+                self._refresh_tied_lm_head(url)
+                self._post(f"{url}/reset_prefix_cache", {})  # refused (harmlessly) while "keep" holds requests
+                if version is not None and self.update_mode != "none":
+                    self._post(f"{url}/update_weight_version", {"new_version": str(version)})
+            finally:
+                if self.update_mode != "none":
+                    self._post(f"{url}/resume", {})
 
         with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
             list(pool.map(one, self.urls))

@@ -1,0 +1,100 @@
+"""The one-node asynchronous layout through `qed-fit` on CPU: `configs/layout/one_node_async.yaml` composed with the
+demo configs, so the layout starts a REAL vLLM server on core 1 (LocalVLLMPool), keeps the trainer on core 0, and
+streams complete, graded groups (GroupStream) while the trainer steps. Checked: it learns with max_lag 1 and every
+trained sample is within max_lag; with max_lag 0 it reproduces the sequential (colocated) run; stage 3 runs its RC
+loop in the stream; the server goes away with the run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qed_lightning.cli import make_cli
+from runs import read_metrics, series
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+REPO = Path(__file__).resolve().parents[2]
+LAYOUT = REPO / "configs/layout/one_node_async.yaml"
+
+
+def _run(tiny_model_dir: Path, root: Path, *overrides: str, stage: str = "demo/rl.yaml", layout: bool = True):
+    make_cli(args=[
+        "--config", str(REPO / "configs" / stage), *(["--config", str(LAYOUT)] if layout else []),
+        "--trainer.default_root_dir", str(root), "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+        "--model.init_args.model_name_or_path", str(tiny_model_dir), "--model.init_args.export_dir", str(root / "hf"),
+        "--model.init_args.judge.init_args.cache_path", str(root / "grades.sqlite"),
+        "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"), "--data.init_args.val_size", "0",
+        *overrides,
+    ])
+    return read_metrics(root)
+
+
+def servers_of(model_dir: Path) -> list[psutil.Process]:
+    """Live vLLM servers serving `model_dir` (the layout's own, started for this test)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "vllm.entrypoints.openai.api_server" in cmd and str(model_dir) in cmd:
+            found.append(proc)
+    return found
+
+
+def assert_no_server_left(model_dir: Path, wait_s: float = 60.0) -> None:
+    deadline = time.monotonic() + wait_s
+    while servers_of(model_dir) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert not servers_of(model_dir), "the layout's vLLM server outlived its run"
+
+
+def test_the_async_layout_learns_and_every_trained_sample_is_within_max_lag(tiny_model_dir, tmp_path):
+    """The learning test of tests/integration/test_rl_cli.py (same task, steps, sizes, threshold +0.15) with the
+    asynchronous layout at max_lag 1: from step 1 on, most samples come from the weights one step old."""
+    rows = _run(tiny_model_dir, tmp_path,
+                "--trainer.max_steps", "30", "--model.init_args.group_size", "8", "--model.init_args.max_new_tokens", "24",
+                "--model.init_args.optimizer.init_args.lr", "3e-3", "--model.init_args.export_hf", "false")
+    rewards = series(rows, "rollout/reward_mean")
+    assert len(rewards) == 30
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.15, rewards
+    # every trained sample within max_lag = 1, and the overlap is real: off-policy samples were trained on
+    assert max(series(rows, "rollout/policy_lag_max")) <= 1.0
+    assert sum(series(rows, "rollout/policy_lag_frac_1")) > 10, series(rows, "rollout/policy_lag_frac_1")
+    shares = [a + b for a, b in zip(series(rows, "rollout/policy_lag_frac_0"), series(rows, "rollout/policy_lag_frac_1"))]
+    assert shares == pytest.approx([1.0] * 30)
+    assert len(series(rows, "rollout/stale_dropped")) == 30  # counted every step (drops are tested in unit tests)
+    assert series(rows, "time/wait_s") and max(series(rows, "rollout/mixed_version_frac")) == 0.0  # "wait" pushes
+    assert_no_server_left(tiny_model_dir)
+
+
+def test_max_lag_0_reproduces_the_sequential_colocated_run(tiny_model_dir, tmp_path):
+    """Same seeds, same problems in the same order: with max_lag 0 the stream generates each step's problems on that
+    step's weights, so the run is the sequential one. Measured (two runs): rewards equal, losses to 7e-8, weights to
+    1.3e-6 after 3 steps (the server's and the in-process engine's log-probs differ by float noise, ~1e-7, which
+    the importance ratio carries into the loss)."""
+    common = ["--trainer.max_steps", "3", "--model.init_args.max_new_tokens", "24"]
+    sequential = _run(tiny_model_dir, tmp_path / "sequential", *common, layout=False)
+    streamed = _run(tiny_model_dir, tmp_path / "async", *common, "--model.init_args.engine.init_args.max_lag", "0")
+    assert series(streamed, "rollout/reward_mean") == series(sequential, "rollout/reward_mean")
+    assert series(streamed, "train/loss") == pytest.approx(series(sequential, "train/loss"), rel=1e-4, abs=1e-6)
+    assert series(streamed, "rollout/policy_lag_max") == [0.0, 0.0, 0.0]
+    a = load_file(str(tmp_path / "sequential" / "hf" / "model.safetensors"))
+    b = load_file(str(tmp_path / "async" / "hf" / "model.safetensors"))
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
+    assert all(not torch.equal(init[k], a[k]) for k in a)  # training moved every weight: equality is not trivial
+
+
+def test_stage_3_runs_its_reasoning_cache_loop_in_the_stream(tiny_model_dir, tmp_path):
+    rows = _run(tiny_model_dir, tmp_path, "--trainer.max_steps", "2", "--model.init_args.max_new_tokens", "16",
+                stage="demo/rc.yaml")
+    assert len(series(rows, "train/loss")) == 2
+    # the step's groups are RC states (2 per problem): their cycle rewards are logged, their lag bounded
+    assert series(rows, "rc/states") and any(k.startswith("rc/reward_cycle_") for k in rows[-1])
+    assert max(series(rows, "rollout/policy_lag_max")) <= 1.0

@@ -1,0 +1,84 @@
+"""LocalVLLMPool on CPU: a REAL vLLM server started by the pool on core 1, weights pushed while requests are running.
+
+"wait": the push returns at once (the reload runs in the background); the running request finishes on the weights
+it started with and its log-probs are the OLD model's; a request sent during the drain runs on the new weights,
+whose log-probs are the NEW model's. "keep" (PipelineRL): the running request is frozen for the reload and goes on
+with the new weights, and its sample records both versions."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from qed_lightning.rollout import LocalVLLMPool, SamplingConfig, iter_full_parameters
+from sampling import T, chat_prompt, trainer_logprobs
+from test_async_layout import assert_no_server_left
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+
+def _long_request(pool: LocalVLLMPool, prompt: list[int], seed: int, out: dict) -> None:
+    """1,500 tokens whatever the model says (ignore_eos): long enough to be running when the push comes."""
+    body = pool.request_body(prompt, SamplingConfig(temperature=T, max_new_tokens=1500), 1, seed)
+    body["sampling_params"]["ignore_eos"] = True
+    reply = pool._post(f"{pool.urls[0]}{pool.generate_path}", body)
+    out["sample"] = pool.parse_choice(prompt, reply["choices"][0], -1)
+
+
+def _train_one_step(model) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    ids = torch.arange(3, 40).unsqueeze(0)
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    opt.step()
+    model.eval()
+
+
+def _while_running(pool: LocalVLLMPool, prompt: list[int], seed: int, push) -> dict:
+    out: dict = {}
+    worker = threading.Thread(target=_long_request, args=(pool, prompt, seed, out))
+    worker.start()
+    time.sleep(2.0)  # the request is decoding
+    push(out)
+    worker.join(timeout=600)
+    return out
+
+
+def test_weights_pushed_while_generating_and_each_samples_versions(tiny_model_dir, tiny_tokenizer, tmp_path):
+    pool = LocalVLLMPool(cpus=["1"], update_mode="wait", max_model_len=2048, log_dir=str(tmp_path / "logs"))
+    pool.start(str(tiny_model_dir))
+    try:
+        prompt = chat_prompt(tiny_tokenizer)
+        old = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+        new = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+        _train_one_step(new)
+        after: dict = {}
+
+        def push_wait(running: dict) -> None:
+            pool.push_weights(iter_full_parameters(new), 1)
+            after["returned_while_running"] = "sample" not in running  # the trainer does not wait for the drain
+            after["sample"] = pool.generate([prompt], SamplingConfig(temperature=T, max_new_tokens=24, seeds=(3,)))[0][0]
+
+        running = _while_running(pool, prompt, 11, push_wait)["sample"]
+        assert (running.policy_version, running.end_version, len(running.completion_ids)) == (0, None, 1500)
+        torch.testing.assert_close(torch.tensor(running.logprobs), trainer_logprobs(old, prompt, running.completion_ids),
+                                   atol=1e-4, rtol=0)  # finished on the weights it started with
+        fresh = after["sample"]
+        assert fresh.policy_version == 1 and after["returned_while_running"]
+        torch.testing.assert_close(torch.tensor(fresh.logprobs), trainer_logprobs(new, prompt, fresh.completion_ids),
+                                   atol=1e-4, rtol=0)
+        pool.wait_for_push()
+        assert pool.policy_version == 1
+
+        pool.update_mode = "keep"  # PipelineRL's in-flight update: the running request continues on new weights
+        _train_one_step(new)
+        mixed = _while_running(pool, prompt, 12, lambda running: pool.push_weights(iter_full_parameters(new), 2))["sample"]
+        assert (mixed.policy_version, mixed.end_version) == (1, 2)
+        assert pool.policy_version == 2
+    finally:
+        pool.close()
+    assert_no_server_left(tiny_model_dir)

@@ -1,0 +1,48 @@
+"""server_guard takes a server's whole process group down when the trainer that started it is SIGKILLed, even a
+server that ignores SIGTERM (as a vLLM API server stuck in its graceful shutdown does)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+
+# the "trainer": starts the guard the way LocalVLLMPool does, prints the guard's pid, then waits to be killed
+TRAINER = textwrap.dedent("""
+    import subprocess, sys, time
+    from qed_lightning.rollout.local_pool import _die_with_parent
+    stubborn = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)']); time.sleep(600)")
+    guard = subprocess.Popen([sys.executable, "-m", "qed_lightning.rollout.server_guard", "--grace-s", "1", "--",
+                              sys.executable, "-c", stubborn], start_new_session=True, preexec_fn=_die_with_parent(None))
+    print(guard.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def _family(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_a_sigkilled_trainer_takes_its_stubborn_server_and_the_servers_child_along():
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER], stdout=subprocess.PIPE, text=True, env=os.environ)
+    guard_pid = int(trainer.stdout.readline())
+    deadline = time.monotonic() + 30
+    while len(_family(guard_pid)) < 3:  # guard, server, server's child
+        assert time.monotonic() < deadline, "the stand-in server did not start"
+        time.sleep(0.1)
+    family = _family(guard_pid)
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait(timeout=10)
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
