@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
+from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig, WrappingEngine
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _key(prompts: list[list[int]], sampling: SamplingConfig, n: int) -> _Key:
     return tuple(tuple(p) for p in prompts), sampling, n
 
 
-class AsyncRollouts(RolloutEngine):
+class AsyncRollouts(WrappingEngine):
     """Prefetch the next step's rollouts in a background thread; drop (and regenerate) samples older than `max_lag`.
 
     Args:
@@ -53,10 +53,7 @@ class AsyncRollouts(RolloutEngine):
     """
 
     def __init__(self, engine: RolloutEngine, max_lag: int = 1, overlap: bool = True) -> None:
-        if max_lag < 0:
-            raise ValueError(f"max_lag must be >= 0, got {max_lag}")
-        self.engine = engine
-        self.max_lag = max_lag
+        super().__init__(engine, max_lag)
         self.overlap = overlap
         self.trainer_step: int | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
@@ -65,20 +62,6 @@ class AsyncRollouts(RolloutEngine):
         self._metrics = {"rollout/stale_dropped": 0.0, "rollout/prefetch_hit": 0.0, "rollout/prefetch_wait_s": 0.0}
 
     # -- what the module and the callbacks call -------------------------------------------------------------------
-
-    @property
-    def policy_version(self) -> int:  # type: ignore[override]
-        return self.engine.policy_version
-
-    def set_policy_version(self, version: int) -> None:
-        self.engine.set_policy_version(version)
-
-    @property
-    def max_model_len(self) -> int | None:  # type: ignore[override]
-        return self.engine.max_model_len
-
-    def start(self, model: str | None = None) -> None:
-        self.engine.start(model)
 
     def attach(self, policy, tokenizer) -> None:
         if self.overlap and self.engine.shares_policy:
@@ -137,12 +120,6 @@ class AsyncRollouts(RolloutEngine):
         metrics = dict(self._metrics)
         self._metrics = dict.fromkeys(self._metrics, 0.0)
         return metrics
-
-    def sleep(self) -> None:
-        """No-op: the background generation keeps the engine busy while the trainer steps."""
-
-    def wake_up(self, tags: tuple[str, ...] | None = None) -> None:
-        self.engine.wake_up(tags)
 
     def close(self) -> None:
         if self._pending is not None:

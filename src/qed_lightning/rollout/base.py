@@ -155,3 +155,49 @@ class RolloutEngine(ABC):
         """The engine's stream of complete, graded groups when it forms the training steps itself (the one-node
         asynchronous layout, `rollout.streaming.StreamingRollouts`); None: the module samples its own batch."""
         return None
+
+
+class WrappingEngine(RolloutEngine):
+    """An engine that adds behaviour around another (`AsyncRollouts`' prefetch, `StreamingRollouts`' group stream):
+    the lifecycle, weights and version pass through to `self.engine`; `sleep` is a no-op, since a wrapper's
+    generator keeps working while the trainer steps. Subclasses override what they change."""
+
+    def __init__(self, engine: RolloutEngine, max_lag: int = 1) -> None:
+        if max_lag < 0:
+            raise ValueError(f"model.engine.init_args.max_lag must be >= 0, got {max_lag}")
+        self.engine, self.max_lag = engine, max_lag
+
+    @property
+    def policy_version(self) -> int:  # type: ignore[override]
+        return self.engine.policy_version
+
+    def set_policy_version(self, version: int) -> None:
+        self.engine.set_policy_version(version)
+
+    @property
+    def max_model_len(self) -> int | None:  # type: ignore[override]
+        return self.engine.max_model_len
+
+    def start(self, model: str | None = None) -> None:
+        self.engine.start(model)
+
+    def attach(self, policy, tokenizer) -> None:
+        self.engine.attach(policy, tokenizer)
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, n: int = 1) -> list[list[Completion]]:
+        return self.engine.generate(prompts, sampling, n)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        self.engine.load_weights(named_tensors)
+
+    def push_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> dict[str, float]:
+        return self.engine.push_weights(named_tensors, version)
+
+    def sleep(self) -> None:
+        """No-op: the wrapped generator keeps working while the trainer steps."""
+
+    def wake_up(self, tags: tuple[str, ...] | None = None) -> None:
+        self.engine.wake_up(tags)
+
+    def close(self) -> None:
+        self.engine.close()

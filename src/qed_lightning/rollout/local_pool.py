@@ -38,7 +38,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-import httpx
 import torch
 from torch import Tensor
 
@@ -201,22 +200,13 @@ class LocalVLLMPool(VLLMServerEngine):
                  devices, log_path)
         return f"http://127.0.0.1:{port}"
 
-    def _wait_ready(self, url: str) -> list[str]:
-        """As the base class, but a server that exits during start-up fails at once (its log is quoted by `start`)."""
-        deadline = time.monotonic() + self.startup_timeout_s
-        while True:
-            dead = [p for p in self._procs if p.poll() is not None]
-            if dead:
-                raise TimeoutError(f"vLLM server (pid {dead[0].pid}) exited with code {dead[0].returncode} during start-up")
-            try:
-                reply = self.client.get(f"{url}/v1/models", timeout=10.0)
-                if reply.status_code == 200:
-                    return [m["id"] for m in reply.json()["data"]]
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vLLM server {url} did not answer /v1/models within {self.startup_timeout_s:.0f}s")
-            time.sleep(1.0)
+    poll_ready_s = 1.0
+
+    def _check_alive(self) -> None:
+        """A server that exits during start-up fails `start` at once (its log is quoted by `start`)."""
+        dead = [p for p in self._procs if p.poll() is not None]
+        if dead:
+            raise TimeoutError(f"vLLM server (pid {dead[0].pid}) exited with code {dead[0].returncode} during start-up")
 
     @staticmethod
     def _log_tail(path: Path, lines: int = 30) -> str:

@@ -207,6 +207,7 @@ class VLLMServerEngine(RolloutEngine):
     def _wait_ready(self, url: str) -> list[str]:
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
+            self._check_alive()
             try:
                 reply = self.client.get(f"{url}/v1/models", timeout=10.0)
                 if reply.status_code == 200:
@@ -215,7 +216,12 @@ class VLLMServerEngine(RolloutEngine):
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rollout server {url} did not answer /v1/models within {self.startup_timeout_s:.0f}s")
-            time.sleep(2.0)
+            time.sleep(self.poll_ready_s)
+
+    poll_ready_s = 2.0  # seconds between `/v1/models` probes while a server starts
+
+    def _check_alive(self) -> None:
+        """Raise if a server is known to be gone while `start` waits for it (servers we did not start: unknown)."""
 
     def close(self) -> None:
         if self._sender is not None:

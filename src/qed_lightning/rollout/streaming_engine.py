@@ -13,18 +13,15 @@ is served directly by the generator, next to the stream's requests.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
 from typing_extensions import override
 
-from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
+from qed_lightning.rollout.base import RolloutEngine, WrappingEngine
 from qed_lightning.rollout.streaming import GroupStream
 
 
-class StreamingRollouts(RolloutEngine):
+class StreamingRollouts(WrappingEngine):
     """Stream complete, graded groups to the trainer (see the module docstring and `rollout.streaming`).
 
     Args:
@@ -34,46 +31,14 @@ class StreamingRollouts(RolloutEngine):
     """
 
     def __init__(self, engine: RolloutEngine, max_lag: int = 1) -> None:
-        if max_lag < 0:
-            raise ValueError(f"model.engine.init_args.max_lag must be >= 0, got {max_lag}")
-        self.engine = engine
-        self.max_lag = max_lag
+        super().__init__(engine, max_lag)
         self.stream: GroupStream | None = None
-
-    @property
-    def policy_version(self) -> int:  # type: ignore[override]
-        return self.engine.policy_version
-
-    def set_policy_version(self, version: int) -> None:
-        self.engine.set_policy_version(version)
-
-    @property
-    def max_model_len(self) -> int | None:  # type: ignore[override]
-        return self.engine.max_model_len
-
-    def start(self, model: str | None = None) -> None:
-        self.engine.start(model)
 
     def attach(self, policy, tokenizer) -> None:
         if self.engine.shares_policy:
             raise ValueError("StreamingRollouts generates while the trainer steps, so its engine cannot be the policy "
                              "module itself (HFEngine without `model`): use LocalVLLMPool or VLLMServerEngine")
         self.engine.attach(policy, tokenizer)
-
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, n: int = 1) -> list[list[Completion]]:
-        return self.engine.generate(prompts, sampling, n)
-
-    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        self.engine.load_weights(named_tensors)
-
-    def push_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> dict[str, float]:
-        return self.engine.push_weights(named_tensors, version)
-
-    def sleep(self) -> None:
-        """No-op: the generator keeps generating while the trainer steps."""
-
-    def wake_up(self, tags: tuple[str, ...] | None = None) -> None:
-        self.engine.wake_up(tags)
 
     def open_stream(self, stream: GroupStream, state: dict | None = None, min_version: int = 0) -> None:
         """Start `stream` (restored from a checkpoint's `state` if given) as this engine's group stream, generating

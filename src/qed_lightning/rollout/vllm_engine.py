@@ -43,7 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
+from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig, WrappingEngine
 from qed_lightning.rollout.launch import EngineLaunch, current_launch, export_launch, tp_groups
 
 log = logging.getLogger(__name__)
@@ -323,7 +323,7 @@ class VLLMEngine(RolloutEngine):
 
 
 def in_process(engine: RolloutEngine) -> bool:
-    """Whether `engine` (or the engine an `AsyncRollouts` wraps) is an in-process vLLM engine."""
-    from qed_lightning.rollout.async_rollouts import AsyncRollouts
-
-    return isinstance(engine.engine if isinstance(engine, AsyncRollouts) else engine, VLLMEngine)
+    """Whether `engine` (or the engine a wrapper such as `AsyncRollouts` wraps) is an in-process vLLM engine."""
+    while isinstance(engine, WrappingEngine):
+        engine = engine.engine
+    return isinstance(engine, VLLMEngine)
