@@ -98,3 +98,16 @@ def test_stage_3_runs_its_reasoning_cache_loop_in_the_stream(tiny_model_dir, tmp
     # the step's groups are RC states (2 per problem): their cycle rewards are logged, their lag bounded
     assert series(rows, "rc/states") and any(k.startswith("rc/reward_cycle_") for k in rows[-1])
     assert max(series(rows, "rollout/policy_lag_max")) <= 1.0
+
+
+def test_dynamic_sampling_and_the_overlong_penalty_compose_with_the_stream(tiny_model_dir, tmp_path):
+    """configs/demo/rl_dapo.yaml in the asynchronous layout: the stream grades with the overlong penalty
+    (`grade_rollouts`) and takes only groups whose rewards differ (`accept`); a flat group is replaced by the next
+    problem of the order and counted, so no trained group is flat."""
+    rows = _run(tiny_model_dir, tmp_path, "--trainer.max_steps", "3", "--model.init_args.max_new_tokens", "24",
+                "--model.init_args.overlong_buffer", "8",
+                stage="demo/rl_dapo.yaml")
+    assert len(series(rows, "train/loss")) == 3
+    assert series(rows, "rollout/zero_adv_group_frac") == [0.0, 0.0, 0.0]
+    assert len(series(rows, "rollout/skipped_groups")) == 3  # counted every step (the unit tests pin the count)
+    assert max(series(rows, "rollout/policy_lag_max")) <= 1.0
