@@ -182,6 +182,7 @@ def rl_module(model: torch.nn.Module | None, chunk: int, checkpointing: bool, **
     from qed_lightning.modules import RubricRLModule
 
     path = kwargs.pop("model_name_or_path", "random-weights")
+    kwargs.setdefault("rollout_log", "off")
     module = RubricRLModule(path, engine=NullEngine(), judge=_NoJudge(), logits_chunk_tokens=chunk,
                             gradient_checkpointing=checkpointing, **kwargs)
     if model is not None:

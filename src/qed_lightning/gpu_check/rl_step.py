@@ -56,6 +56,7 @@ class FixedRolloutRL(RubricRLModule):
     def __init__(self, model_name_or_path: str, rollouts: list[Completion], rewards: list[float], **kwargs) -> None:
         from qed_lightning.gpu_check.measure import _NoJudge
 
+        kwargs.setdefault("rollout_log", "off")  # a measurement: nothing to keep, and no judge to extract proofs
         super().__init__(model_name_or_path, engine=NullEngine(), judge=_NoJudge(), **kwargs)
         self.fixed, self.fixed_rewards = rollouts, rewards
 
