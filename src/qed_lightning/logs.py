@@ -127,8 +127,8 @@ def setup_logging(verbose: bool = False, stream: TextIO | None = None) -> int | 
         os.environ.setdefault("VLLM_LOGGING_LEVEL", logging.getLevelName(min(level, logging.INFO)))
         root.setLevel(level)
     root.addHandler(handler)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
-        lib = logging.getLogger(name)  # Lightning adds its own handler when imported before any configuration
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric", "vllm"):
+        lib = logging.getLogger(name)  # Lightning (and vLLM, imported before us) add their own handler at import
         for own in list(lib.handlers):
             lib.removeHandler(own)
         lib.propagate = True
