@@ -20,4 +20,4 @@ for stage, key in (("sft", "train/loss"), ("rl", "rollout/reward_mean")):
 PY
 report=$(.venv/bin/qed-report runs/demo-sft runs/demo-rl --out runs/demo-report.html)
 echo "[demo] report of both runs (curves, every rollout with its judge reply): $report"
-echo "[demo] open it in a browser: file://$report"
+echo "[demo] open it in a browser: file://$(realpath "$report")"
