@@ -10,25 +10,9 @@ import pytest
 
 from qed_lightning.eval.cli import run
 from qed_lightning.rollout.vllm_engine import VLLMEngine
-from qed_lightning.testing import scripted_client
-from qed_lightning.testing.judge_server import ScriptedJudgeServer
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs/eval/demo.yaml")
-
-
-@pytest.fixture
-def judge_servers(monkeypatch) -> list[ScriptedJudgeServer]:
-    """Every scripted judge server started during the test (each keeps its request counters after closing)."""
-    started: list[ScriptedJudgeServer] = []
-
-    class RecordedServer(ScriptedJudgeServer):
-        def start(self) -> ScriptedJudgeServer:
-            started.append(self)
-            return super().start()
-
-    monkeypatch.setattr(scripted_client, "ScriptedJudgeServer", RecordedServer)
-    return started
 
 
 @pytest.fixture

@@ -10,9 +10,7 @@ import pytest
 
 from qed_lightning.eval.cli import make_evaluator, run
 from qed_lightning.rewards import ProofBenchJudge, RubricJudge
-from qed_lightning.testing import scripted_client
 from qed_lightning.testing.judge_rules import proof_section
-from qed_lightning.testing.judge_server import ScriptedJudgeServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,19 +45,6 @@ REFERENCE_STYLE = """Grade strictly: $\\frac{a}{b}$ stays, and so do {braces} an
 === End of Proof Solution ===
 Answer with <points>N out of 7</points>.   
 """
-
-
-@pytest.fixture
-def judge_servers(monkeypatch) -> list[ScriptedJudgeServer]:
-    started: list[ScriptedJudgeServer] = []
-
-    class RecordedServer(ScriptedJudgeServer):
-        def start(self) -> ScriptedJudgeServer:
-            started.append(self)
-            return super().start()
-
-    monkeypatch.setattr(scripted_client, "ScriptedJudgeServer", RecordedServer)
-    return started
 
 
 def test_a_prompt_file_is_used_verbatim(tiny_model_dir, tmp_path, judge_servers):

@@ -14,20 +14,10 @@ REPO = Path(__file__).resolve().parents[2]
 LAYOUT = REPO / "configs/layout/one_node_async.yaml"
 
 
-def _printed(capsys, *configs: Path) -> dict:
-    args = ["fit"]
-    for config in configs:
-        args += ["--config", str(config)]
-    with pytest.raises(SystemExit) as exit_info:
-        make_cli(args=[*args, "--print_config"])
-    assert exit_info.value.code in (0, None), capsys.readouterr().err[-2000:]
-    return yaml.safe_load(capsys.readouterr().out)
-
-
 @pytest.mark.parametrize("stage", ["rl.yaml", "rc.yaml", "demo/rl.yaml", "demo/rc.yaml"])
-def test_the_async_layout_composes_with_every_rl_stage(stage, capsys):
-    base = _printed(capsys, REPO / "configs" / stage)
-    composed = _printed(capsys, REPO / "configs" / stage, LAYOUT)
+def test_the_async_layout_composes_with_every_rl_stage(stage, print_config):
+    base = print_config(REPO / "configs" / stage)
+    composed = print_config(REPO / "configs" / stage, LAYOUT)
     engine = composed["model"]["init_args"]["engine"]
     assert engine["class_path"] == "qed_lightning.rollout.StreamingRollouts" and engine["init_args"]["max_lag"] == 1
     pool = engine["init_args"]["engine"]

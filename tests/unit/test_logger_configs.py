@@ -17,18 +17,10 @@ STAGES = ["configs/sft.yaml", "configs/rl.yaml", "configs/rc.yaml", "configs/dem
 LOGGERS = {"tensorboard": "TensorBoardLogger", "wandb": "WandbLogger", "mlflow": "MLFlowLogger"}
 
 
-def _printed(capsys, *configs: str) -> dict:
-    args = ["fit"] + [f"--config={REPO / c}" for c in configs] + ["--print_config"]
-    with pytest.raises(SystemExit) as exit_info:
-        make_cli(args=args)
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
-
-
 @pytest.mark.parametrize("stage", STAGES)
-def test_all_three_trackers_compose_onto_a_stage_config(stage, capsys):
-    alone = _printed(capsys, stage)["trainer"]
-    both = _printed(capsys, stage, *(f"configs/logger/{name}.yaml" for name in LOGGERS))["trainer"]
+def test_all_three_trackers_compose_onto_a_stage_config(stage, print_config):
+    alone = print_config(stage)["trainer"]
+    both = print_config(stage, *(f"configs/logger/{name}.yaml" for name in LOGGERS))["trainer"]
     assert [c["class_path"] for c in both["callbacks"]][:len(alone["callbacks"])] == [c["class_path"] for c in alone["callbacks"]]
     tables = [c["init_args"]["to"] for c in both["callbacks"] if c["class_path"].endswith("RolloutTable")]
     assert tables == list(LOGGERS)  # one table per tracker, each to its own

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qed_lightning.cli import make_cli
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "configs" / "strategy").glob("*.yaml"))
@@ -21,24 +20,14 @@ EXPECTED = {
 }
 
 
-def _printed(capsys, *configs: Path) -> dict:
-    args = ["fit"]
-    for config in configs:
-        args += ["--config", str(config)]
-    with pytest.raises(SystemExit) as exit_info:
-        make_cli(args=[*args, "--print_config"])
-    assert exit_info.value.code in (0, None), capsys.readouterr().err[-2000:]
-    return yaml.safe_load(capsys.readouterr().out)
-
-
 def test_every_preset_is_listed():
     assert sorted(p.stem for p in PRESETS) == sorted(EXPECTED)
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_preset_composes_with_the_rl_config(preset, capsys):
-    base = _printed(capsys, REPO / "configs/rl.yaml")
-    composed = _printed(capsys, REPO / "configs/rl.yaml", preset)
+def test_preset_composes_with_the_rl_config(preset, print_config):
+    base = print_config(REPO / "configs/rl.yaml")
+    composed = print_config(REPO / "configs/rl.yaml", preset)
     strategy = composed["trainer"]["strategy"]
     assert strategy["class_path"] == EXPECTED[preset.stem]
     own = yaml.safe_load(preset.read_text())["trainer"]["strategy"].get("init_args", {})
@@ -49,10 +38,10 @@ def test_preset_composes_with_the_rl_config(preset, capsys):
     assert composed["model"] == base["model"] and composed["data"] == base["data"]
 
 
-def test_zero3_and_fsdp2_presets_shard_what_they_say(capsys):
-    zero3 = _printed(capsys, REPO / "configs/rl.yaml", REPO / "configs/strategy/deepspeed_zero3_offload.yaml")["trainer"]["strategy"]["init_args"]
+def test_zero3_and_fsdp2_presets_shard_what_they_say(print_config):
+    zero3 = print_config(REPO / "configs/rl.yaml", REPO / "configs/strategy/deepspeed_zero3_offload.yaml")["trainer"]["strategy"]["init_args"]
     assert (zero3["stage"], zero3["offload_optimizer"], zero3["offload_parameters"]) == (3, True, True)
-    fsdp2 = _printed(capsys, REPO / "configs/sft.yaml", REPO / "configs/strategy/fsdp2.yaml")["trainer"]["strategy"]["init_args"]
+    fsdp2 = print_config(REPO / "configs/sft.yaml", REPO / "configs/strategy/fsdp2.yaml")["trainer"]["strategy"]["init_args"]
     assert fsdp2["data_parallel_size"] == "auto" and fsdp2["tensor_parallel_size"] == 1
 
 
@@ -72,8 +61,8 @@ def test_fsdp2_strategy_shards_over_every_process(monkeypatch):
     assert captured["sizes"] == (8, 1)
 
 
-def test_pipeline_layout_composes_with_a_stage_and_a_strategy(capsys):
-    printed = _printed(capsys, REPO / "configs/rl.yaml", REPO / "configs/strategy/fsdp2.yaml", REPO / "configs/layout/pipeline_rl.yaml")
+def test_pipeline_layout_composes_with_a_stage_and_a_strategy(print_config):
+    printed = print_config(REPO / "configs/rl.yaml", REPO / "configs/strategy/fsdp2.yaml", REPO / "configs/layout/pipeline_rl.yaml")
     engine = printed["model"]["init_args"]["engine"]
     assert engine["class_path"] == "qed_lightning.rollout.AsyncRollouts" and engine["init_args"]["max_lag"] == 1
     pool = engine["init_args"]["engine"]
