@@ -12,7 +12,7 @@ waits for the slowest proof of "its" batch. `GroupStream` is that queue for one 
 - each problem is expanded into GRPO prompts (`expand`: the problem itself in stage 2; stage 3's RC states), each
   prompt's G rollouts are generated in one request and graded as soon as they are back (`grade`, the module's
   `grade_rollouts`: judge calls overlap the generation of other groups);
-- `take(step)` returns the first `prompts_per_step` complete groups in completion order (trained in submission
+- `take(step)` returns the first `prompts_per_step` complete groups in completion order (trained in data
   order, so a step does not depend on thread timing beyond which groups it holds); the others carry over. A complete
   group whose first token is more than `max_lag` versions behind the trainer is dropped, counted
   (`rollout/stale_dropped`, in samples) and generated again. `accept` (optional) filters groups at take time:
@@ -211,7 +211,7 @@ class GroupStream:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"the rollout stream had {len(chosen)} of {self.P} groups after {timeout_s} s")
                 self._cond.wait(1.0)
-            chosen.sort(key=lambda g: g.seq)
+            chosen.sort(key=lambda g: g.key)  # data order: expansion threads may finish (and get their seq) out of order
             for group in chosen:
                 del self.pending[group.key]
                 self.ledger.append([*group.key, step])
@@ -260,7 +260,7 @@ class GroupStream:
     def state_dict(self) -> dict:
         """Counters, untrained prompts (as plain dicts) and the ledger: enough to resume without loss or repeat."""
         with self._cond:
-            pending = sorted(self.pending.values(), key=lambda g: g.seq)
+            pending = sorted(self.pending.values(), key=lambda g: g.key)
             return {"released": self.released, "cursor": self.cursor, "seq": self.seq,
                     "pending": [[*g.key, g.release, g.seq, asdict(g.prompt)] for g in pending],
                     "unexpanded": [[n, release, asdict(p)] for n, (p, release) in sorted(self.unexpanded.items())],
