@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# the demo starts afresh each time (qed-fit refuses a run folder that already holds a run; see qed_lightning.runfolder)
+rm -rf runs/demo-sft runs/demo-rl
 .venv/bin/qed-fit --config configs/demo/sft.yaml "$@"
 .venv/bin/qed-fit --config configs/demo/rl.yaml "$@"
 .venv/bin/python - <<'PY'

@@ -5,23 +5,39 @@
     qed-fit -v --config ...                           # every library's log lines too (or QED_LOG_LEVEL=INFO)
 
 Configs use omegaconf mode, so `${...}` interpolation works. The model's `model_name_or_path` is linked to the data
-module's `tokenizer`, so the checkpoint is named once. A data error (a bad row, a missing file) is printed without a
-traceback and exits with status 2; `--debug` (or QED_DEBUG=1) shows the traceback.
+module's `tokenizer`, so the checkpoint is named once. A data or config error (a bad row, a missing file or model
+folder, a used run folder) is printed on one line without a traceback and exits with status 2; `--debug` (or
+QED_DEBUG=1) shows the traceback.
+
+Run folders (`qed_lightning.runfolder`): `fit` refuses a folder that already holds a run unless it resumes it
+(`--ckpt_path last`), and holds a lock there while it trains. `validate`/`test` log to `<root>/<subcommand>/`, so
+their metrics never mix with the training curves that `qed-report` draws from `<root>/csv/`.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
 from qed_lightning.callbacks.hparams import LogConfigCallback
-from qed_lightning.data.loading import debug_requested, exit_on_data_error
+from qed_lightning.data.loading import ConfigError, debug_requested, exit_on_data_error
 from qed_lightning.logs import pop_verbose, setup_logging
 from qed_lightning.modules.base import QEDModule
+from qed_lightning.runfolder import RunLock, check_fit_folder, is_global_zero_process
+
+# the folders the shipped stage configs export to, and the command that writes each (for a missing-model error)
+STAGE_EXPORTS = {
+    "runs/sft/hf": "stage 1, `qed-fit --config configs/sft.yaml`",
+    "runs/rl/hf": "stage 2, `qed-fit --config configs/rl.yaml`",
+    "runs/rc/hf": "stage 3, `qed-fit --config configs/rc.yaml`",
+    "runs/demo-sft/hf": "the demo SFT, `qed-fit --config configs/demo/sft.yaml`",
+    "runs/demo-rl/hf": "the demo RL, `qed-fit --config configs/demo/rl.yaml`",
+}
 
 SUBCOMMANDS = {"fit", "validate", "test", "predict"}
 
@@ -33,29 +49,75 @@ class QEDCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer", apply_on="parse")
 
+    lock: RunLock | None = None
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config["trainer"]
         root = str(trainer.get("default_root_dir") or "runs")
-        complete_loggers(trainer, root)
+        if self.subcommand is not None:  # a run, not a CLI built for inspection (`run=False`)
+            check_model_paths(config)
+        complete_loggers(trainer, root, "csv" if self.subcommand in (None, "fit") else self.subcommand)
+        dirpaths = set()
         for callback in trainer.get("callbacks") or []:
             # checkpoints in one fixed folder per run, so `--ckpt_path last` finds them after a restart (the
             # default, <log dir>/checkpoints, moves to a new version folder every time the run is resumed)
             init = callback.get("init_args") if hasattr(callback, "get") else None
-            if init is not None and str(callback.get("class_path", "")).endswith("ModelCheckpoint") and not init.get("dirpath"):
-                init["dirpath"] = f"{root}/checkpoints"
+            if init is not None and str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
+                if not init.get("dirpath"):
+                    init["dirpath"] = f"{root}/checkpoints"
+                dirpaths.add(init["dirpath"])
+        if self.subcommand == "fit":
+            if is_global_zero_process():  # first the lock: "in use by another run" says more than "holds a run"
+                self.lock = RunLock(Path(root))
+                self.lock.acquire()
+            try:
+                for dirpath in sorted(dirpaths) or [f"{root}/checkpoints"]:
+                    check_fit_folder(Path(root), config.get("ckpt_path"), Path(dirpath))
+            except ConfigError:
+                if self.lock is not None:
+                    self.lock.release()
+                raise
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
-def complete_loggers(trainer: Namespace, root: str) -> None:
-    """CSV metrics in `<root>/csv` always (`qed-report` and the tests read them), first, so the run's `config.yaml`
-    lands beside them; the trackers of `configs/logger/*.yaml` write under `<root>` unless their config says where
+def check_model_paths(config: Namespace) -> None:
+    """A local model folder that does not exist is one line naming the key (and the stage that writes it), not a
+    94-line traceback from the hub client that then tries it as a repo id."""
+    init = (config.get("model") or Namespace()).get("init_args") or Namespace()
+    for key in ("model_name_or_path", "summarizer_model"):
+        value = init.get(key)
+        if not value or not looks_local(str(value)) or Path(str(value)).exists():
+            continue
+        norm = str(value).rstrip("/").removeprefix("./")
+        writer = STAGE_EXPORTS.get(norm)
+        hint = (f"it is written when {writer} ends" if writer else
+                f"a run exports to <default_root_dir>/hf when it ends" if norm.endswith("/hf") else "a local folder")
+        raise ConfigError(f"model.init_args.{key}: {value} does not exist ({hint}; run that first, or point the key "
+                          "at a model folder or a hub id)")
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a hub id (`org/name`): absolute, relative with ./ ../ ~, or more than one `/`."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name.split("/")[0]).is_dir()
+
+
+def complete_loggers(trainer: Namespace, root: str, name: str = "csv") -> None:
+    """CSV metrics in `<root>/<name>` always (`csv` for `fit`: `qed-report` and the tests read them; the subcommand's
+    name for `validate`/`test`), first, so the run's `config.yaml` lands beside them; the trackers of `configs/logger/*.yaml` write under `<root>` unless their config says where
     (`logger+:` entries in a YAML cannot interpolate the stage config's `default_root_dir`)."""
     spec = trainer.get("logger")
     if spec is False:
         return
     specs = [] if spec in (None, True) else list(spec) if isinstance(spec, list) else [spec]
     if not any(str(s.get("class_path", "")).endswith("CSVLogger") for s in specs):
-        specs.insert(0, Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=root, name="csv")))
+        specs.insert(0, Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=root, name=name)))
     for s in specs:
         kind, init = str(s.get("class_path", "")).rsplit(".", 1)[-1], s.get("init_args")
         if init is None:

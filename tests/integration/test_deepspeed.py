@@ -70,7 +70,7 @@ def rl_baseline(tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("micro_batches", [1, 4])
 def test_rl_step_under_zero_matches_one_process(strategy, micro_batches, rl_baseline, tiny_model_dir, tmp_path):
     baseline, base_rows = rl_baseline
-    rows = _rl(tiny_model_dir, tmp_path / "run", strategy, 2, 2, 4096 if micro_batches == 1 else 1)
+    rows = _rl(tiny_model_dir, tmp_path / "run", strategy, 2, 4, 4096 if micro_batches == 1 else 1)
     assert series(rows, "train/micro_batches") == [float(micro_batches)]  # per rank: 2 prompts x G=2
     for key in ("train/loss", "train/grad_norm", "rollout/reward_mean"):  # same samples, same loss and norm
         assert series(rows, key) == pytest.approx(series(base_rows, key), rel=TOL, abs=TOL), key

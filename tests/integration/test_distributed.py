@@ -57,14 +57,13 @@ def _sft(tiny: Path, root: Path, strategy: str, devices: int, rows_per_rank: int
 @pytest.fixture(scope="module")
 def sft_runs(tiny_model_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("sft_dist")
-    no_ckpt = ("--trainer.enable_checkpointing", "false", "--model.init_args.export_hf", "false")
+    no_ckpt = ("--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false", "--model.init_args.export_hf", "false")
     return {
         "one": _sft(tiny_model_dir, base / "one", "ddp", 1, 4, *no_ckpt),
         "ddp": _sft(tiny_model_dir, base / "ddp", "ddp", 2, 2, *no_ckpt),
         # FSDP2 with activation checkpointing, a sharded checkpoint at the last step, and the HF export at the end
         "fsdp2": _sft(tiny_model_dir, base / "fsdp2", "fsdp2", 2, 2, "--model.init_args.gradient_checkpointing", "true",
-                      "--trainer.callbacks+=qed_lightning.callbacks.AtomicModelCheckpoint",
-                      "--trainer.callbacks.every_n_train_steps", str(STEPS), "--trainer.callbacks.save_last", "true"),
+                      "--trainer.callbacks.every_n_train_steps", str(STEPS)),  # the config's AtomicModelCheckpoint
         "root": base,
     }
 
@@ -97,9 +96,9 @@ def test_fsdp2_sharded_checkpoint_exports_to_the_trained_weights(sft_runs, tmp_p
     assert (out / "tokenizer.json").exists()
 
 
-def _rl(tiny: Path, root: Path, strategy: str, devices: int, prompts_per_rank: int) -> list[dict[str, float]]:
+def _rl(tiny: Path, root: Path, strategy: str, devices: int, prompts: int) -> list[dict[str, float]]:
     return _fit(root, "--config", str(REPO / "configs/demo/rl.yaml"), "--config", str(REPO / f"configs/strategy/{strategy}.yaml"),
-                "--trainer.devices", str(devices), "--data.init_args.prompts_per_step", str(prompts_per_rank),
+                "--trainer.devices", str(devices), "--data.init_args.prompts_per_step", str(prompts),
                 "--trainer.enable_checkpointing", "false", "--model.init_args.export_hf", "false",
                 "--model.init_args.model_name_or_path", str(tiny), "--model.init_args.max_new_tokens", "16",
                 "--model.init_args.engine", '{"class_path": "qed_lightning.rollout.HFEngine"}',
@@ -109,7 +108,7 @@ def _rl(tiny: Path, root: Path, strategy: str, devices: int, prompts_per_rank: i
 
 
 #: step metrics that describe the whole step's rollouts, not one rank's share (`rl_metrics`)
-GLOBAL_METRICS = ("rollout/reward_mean", "rollout/reward_std", "rollout/response_len_mean", "rollout/response_len_max",
+GLOBAL_METRICS = ("rollout/sequences", "rollout/reward_mean", "rollout/reward_std", "rollout/response_len_mean", "rollout/response_len_max",
                   "rollout/zero_adv_group_frac", "rollout/truncated_frac", "judge/graded",
                   *(f"judge/score_{k}" for k in range(8)))
 
@@ -127,7 +126,8 @@ def test_rl_ddp_and_fsdp2_on_two_processes_match_one_process(tiny_model_dir, tmp
     assert len(one) == STEPS and len(set(one)) == STEPS  # three different steps, not a constant
     assert one_metrics["judge/graded"] == [16.0] * STEPS  # 4 prompts x G=4
     for name in ("ddp", "fsdp2"):
-        rows = _rl(tiny_model_dir, tmp_path / name, name, 2, 2)
+        # data.prompts_per_step is for the whole job: the same 4 at 2 processes (2 each) is the same global batch
+        rows = _rl(tiny_model_dir, tmp_path / name, name, 2, 4)
         torch.testing.assert_close(torch.tensor(_losses(rows)), torch.tensor(one), atol=TOL, rtol=0, msg=name)
         # the same samples, so the logged step metrics are those of the 1-process run, not of rank 0's half
         for key, values in _step_metrics(rows).items():

@@ -37,7 +37,7 @@ def test_fsdp2_trainers_push_each_parameter_once_to_every_server(tiny_model_dir,
                "--trainer.max_steps", str(STEPS), "--trainer.default_root_dir", str(root), "--trainer.callbacks", "[]",
                "--trainer.enable_checkpointing", "false", "--model.init_args.model_name_or_path", str(tiny_model_dir),
                "--model.init_args.export_dir", str(root / "hf"), "--model.init_args.max_new_tokens", "16",
-               "--model.init_args.engine", json.dumps(engine), "--data.init_args.prompts_per_step", "2",
+               "--model.init_args.engine", json.dumps(engine), "--data.init_args.prompts_per_step", "4",
                "--model.init_args.judge.init_args.cache_path", str(root / "grades.sqlite"),
                "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"), "--data.init_args.val_size", "0"]
         assert run_process(cmd, tmp_path / "fit.log", timeout=900) == 0, (tmp_path / "fit.log").read_text()[-4000:]

@@ -48,7 +48,7 @@ def _probes(root: Path) -> list[dict]:
 def test_each_rank_drives_its_own_engine_which_follows_its_trainer(strategy, tiny_model_dir, tmp_path):
     root = tmp_path / strategy
     rows = _fit(tiny_model_dir, root, "--config", str(REPO / f"configs/strategy/{strategy}.yaml"), "--trainer.devices", "2",
-                "--data.init_args.prompts_per_step", "2")
+                "--data.init_args.prompts_per_step", "4")
     probes = _probes(root)
     assert [p["trainer_rank"] for p in probes] == [0, 1]
     assert probes[0]["pid"] != probes[1]["pid"]  # one engine per process, created in that process

@@ -109,7 +109,7 @@ def test_chunked_lm_head_loss_trains_as_the_full_logits_loss(tiny_model_dir, tmp
     for chunk in ("0", "64"):
         root = tmp_path / f"chunk{chunk}"
         make_cli(args=["--config", str(REPO / "configs/demo/sft.yaml"), "--trainer.default_root_dir", str(root),
-                       "--trainer.max_steps", "3", "--trainer.enable_checkpointing", "false",
+                       "--trainer.max_steps", "3", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
                        "--model.init_args.export_hf", "false", "--model.init_args.loss_chunk_tokens", chunk,
                        "--model.init_args.model_name_or_path", str(tiny_model_dir),
                        "--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl")])

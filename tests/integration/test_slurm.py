@@ -100,8 +100,7 @@ def _sft_command(tiny: Path, root: Path, *extra: str) -> list[str]:
             "--trainer.default_root_dir", str(root), "--trainer.max_steps", "30",
             "--model.init_args.model_name_or_path", str(tiny), "--model.init_args.export_dir", str(root / "hf"),
             "--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl"),
-            "--trainer.callbacks+=qed_lightning.callbacks.AtomicModelCheckpoint",
-            "--trainer.callbacks.every_n_train_steps=5", "--trainer.callbacks.save_last=true",
+            "--trainer.callbacks.every_n_train_steps=5",  # the config's AtomicModelCheckpoint (save_last: true)
             "--trainer.callbacks+=qed_lightning.callbacks.PreemptionCheckpoint", *extra]
 
 

@@ -11,7 +11,8 @@ from qed_lightning.cli import make_cli
 REPO = Path(__file__).resolve().parents[2]
 # configs/strategy, configs/layout and configs/logger hold fragments composed after a stage config
 # (tests/unit/test_strategy_presets.py, tests/unit/test_logger_configs.py)
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not {"strategy", "layout", "eval", "logger"} & set(p.parts))
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml")
+                 if not {"strategy", "layout", "eval", "logger", "rehearsal"} & set(p.parts))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
@@ -40,3 +41,53 @@ def test_a_typo_in_a_key_is_refused_with_its_name(capsys):
         make_cli(args=["fit", "--config", str(REPO / "configs/demo/sft.yaml"), "--model.init_args.learning_rat", "1"])
     assert exit_info.value.code != 0
     assert "learning_rat" in capsys.readouterr().err
+
+
+def _printed(capsys, *configs: str) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        make_cli(args=["fit", *(a for c in configs for a in ("--config", str(REPO / "configs" / c))), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+#: what a rehearsal overlay may change: sizes, devices, precision, the judge's client (and its model's stand-ins)
+REHEARSAL_MAY_CHANGE = (
+    "trainer.accelerator", "trainer.devices", "trainer.precision", "trainer.max_steps", "trainer.val_check_interval",
+    "model.init_args.attn_implementation", "model.init_args.group_size", "model.init_args.max_new_tokens",
+    "model.init_args.micro_batch_tokens", "model.init_args.logits_chunk_tokens", "model.init_args.loss_chunk_tokens",
+    "model.init_args.cycles", "model.init_args.summarizer_model", "model.init_args.summarizer_max_new_tokens",
+    "model.init_args.engine.init_args.dtype", "model.init_args.engine.init_args.max_model_len",
+    "model.init_args.engine.init_args.gpu_memory_utilization", "model.init_args.engine.init_args.enforce_eager",
+    "model.init_args.engine.init_args.engine.init_args.dtype",
+    "model.init_args.engine.init_args.engine.init_args.max_concurrency",
+    "model.init_args.judge.init_args.require_think_close", "model.init_args.judge.init_args.client",
+    "data.init_args.path", "data.init_args.max_length", "data.init_args.batch_size", "data.init_args.prompts_per_step",
+    "data.init_args.val_size", "data.init_args.max_prompt_tokens",
+)
+
+
+@pytest.mark.parametrize("stage, overlays", [
+    ("sft.yaml", ["rehearsal/sft.yaml"]),
+    ("rl.yaml", ["rehearsal/rl.yaml"]),
+    ("rc.yaml", ["rehearsal/rc.yaml"]),
+    ("rl.yaml", ["rehearsal/rl.yaml", "layout/one_node_async.yaml", "rehearsal/one_node_async.yaml"]),
+    ("rl.yaml", ["rehearsal/rl.yaml", "layout/pipeline_rl.yaml", "rehearsal/pipeline_rl.yaml"]),
+], ids=lambda v: v if isinstance(v, str) else "+".join(Path(p).stem for p in v))
+def test_a_rehearsal_overlay_changes_only_sizes_devices_precision_and_the_judge_client(stage, overlays, capsys):
+    """scripts/rehearse.py runs the paper configs through their own paths: the overlay may shrink them, never
+    re-route them (the model a stage starts from, the run folder, the checkpoints, the optimizer stay the config's)."""
+    layout = [c for c in overlays if c.startswith("layout/")]
+    paper = _flat(_printed(capsys, stage, *layout))
+    rehearsed = _flat(_printed(capsys, stage, *overlays))
+    changed = {k for k in paper.keys() | rehearsed.keys() if paper.get(k) != rehearsed.get(k)}
+    allowed = REHEARSAL_MAY_CHANGE + (("model.init_args.model_name_or_path",) if stage == "sft.yaml" else ())
+    assert changed and {k for k in changed if not k.startswith(allowed)} == set()
+    assert rehearsed["trainer.default_root_dir"] == paper["trainer.default_root_dir"]
+    if stage != "sft.yaml":  # the stage reads the previous stage's export, as the paper config says
+        assert rehearsed["model.init_args.model_name_or_path"] == {"rl.yaml": "runs/sft/hf", "rc.yaml": "runs/rl/hf"}[stage]

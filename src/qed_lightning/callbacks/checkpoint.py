@@ -35,7 +35,21 @@ def save_checkpoint_atomic(trainer: L.Trainer, filepath: str | Path, weights_onl
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` whose every save (periodic, top-k and `last`) is atomic. Same arguments."""
+    """`ModelCheckpoint` whose every save (periodic, top-k and `last`) is atomic. Same arguments, except that
+    `enable_version_counter` defaults to False: a run's folder holds one run (`qed_lightning.runfolder`), so a name
+    that exists is this run's older copy and is replaced (`last.ckpt` stays the newest, never `last-v1.ckpt` beside
+    a stale `last.ckpt`)."""
+
+    def __init__(self, *args, enable_version_counter: bool = False, **kwargs) -> None:
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """`last.ckpt` is the run's final state when it ends (Lightning saves only every `every_n_train_steps`), so a
+        finished run resumed with a larger `max_steps` continues where it stopped rather than redoing steps."""
+        preempted = any(getattr(cb, "preempted", False) for cb in trainer.callbacks)  # it saved its own checkpoint
+        if self.save_last and not preempted and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @override
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from qed_lightning.data.batches import ProblemBatches
 from qed_lightning.data.chat import POLICY_PROMPT, chat_prompt_ids
 from qed_lightning.data.difficulty import difficulty_checks, in_range, pass_rate
-from qed_lightning.data.loading import DataError, Reject, Table, load_table
+from qed_lightning.data.loading import ConfigError, DataError, Reject, Table, load_table
 from qed_lightning.data.rubric import check_rubric, read_rubric, render_rubric
 from qed_lightning.data.validation import RowPolicy, find_rejects, nonempty_str, remap
 
@@ -75,10 +75,12 @@ class ProofRLDataModule(L.LightningDataModule):
         tokenizer: linked to the model's `model_name_or_path` by `qed-fit`.
         subset: hub config name. split: hub split.
         columns: map of our fields ("problem", "rubrics", "source", "reward_mean", "scores") onto the file's columns.
-        prompts_per_step: problems per RL step *per training process* (each gets `group_size` rollouts); the
-            step's batch is `prompts_per_step x world size x group_size` sequences.
-        spare_prompts_per_step: extra candidates per step and process for dynamic sampling (`model.skip_flat_groups`):
-            generated only when groups come out flat, and the bound on its extra generations (0 = none).
+        prompts_per_step: problems per RL step for the whole job (each gets `group_size` rollouts), split evenly over
+            the data-parallel processes: the step's batch is `prompts_per_step x group_size` sequences on any node
+            count (logged as `rollout/sequences`). Refused at start when the process count does not divide it.
+        spare_prompts_per_step: extra candidates per step for dynamic sampling (`model.skip_flat_groups`), for the
+            whole job like `prompts_per_step`: generated only when groups come out flat, and the bound on its extra
+            generations (0 = none).
         val_size: problems held out for the periodic validation pass (graded, not trained on).
         max_prompt_tokens: reject problems whose policy prompt is longer (keep it below the engine's max length
             minus the completion budget).
@@ -123,7 +125,7 @@ class ProofRLDataModule(L.LightningDataModule):
             problems.append(f"data.max_invalid_fraction must be in [0, 1], got {max_invalid_fraction}")
         if problems:
             raise ValueError("; ".join(problems))
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the whole config is logged (LogConfigCallback): no hparam merge, so data.seed may differ from model.seed
         self.policy = RowPolicy(on_invalid_row, max_invalid_fraction)
         self.train_problems: list[ProofProblem] = []
         self.val_problems: list[ProofProblem] = []
@@ -199,7 +201,19 @@ class ProofRLDataModule(L.LightningDataModule):
             return None
         return Path(trainer.default_root_dir)
 
+    def per_process(self) -> tuple[int, int]:
+        """(prompts, spares) per data-parallel process; refused in one line when the process count does not divide
+        the job-wide numbers."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        hp = self.hparams
+        for key, value in (("prompts_per_step", hp.prompts_per_step), ("spare_prompts_per_step", hp.spare_prompts_per_step)):
+            if value % world:
+                raise ConfigError(f"data.{key}={value} is for the whole job and must split evenly over its {world} "
+                                  f"training processes: use a multiple of {world} (e.g. {max(value // world, 1) * world})")
+        return hp.prompts_per_step // world, hp.spare_prompts_per_step // world
+
     def setup(self, stage: str | None = None) -> None:
+        self.per_process()  # at the door, before the tokenizer, the data and the engine load
         if self.train_problems:
             return
         from transformers import AutoTokenizer
@@ -231,13 +245,14 @@ class ProofRLDataModule(L.LightningDataModule):
         if self.trainer.logger is not None:
             self.trainer.logger.log_metrics(s, step=0)
 
-    def _batches(self, problems: list[ProofProblem], shuffle: bool, spares: int) -> ProblemBatches:
+    def _batches(self, problems: list[ProofProblem], shuffle: bool, spares: bool) -> ProblemBatches:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return ProblemBatches(problems, self.hparams.prompts_per_step, self.hparams.seed, shuffle, rank, world, spares)
+        prompts, spare = self.per_process()
+        return ProblemBatches(problems, prompts, self.hparams.seed, shuffle, rank, world, spare if spares else 0)
 
     def train_dataloader(self) -> ProblemBatches:
-        return self._batches(self.train_problems, shuffle=True, spares=self.hparams.spare_prompts_per_step)
+        return self._batches(self.train_problems, shuffle=True, spares=True)
 
     def val_dataloader(self) -> ProblemBatches | list:
-        return self._batches(self.val_problems, shuffle=False, spares=0) if self.val_problems else []
+        return self._batches(self.val_problems, shuffle=False, spares=False) if self.val_problems else []

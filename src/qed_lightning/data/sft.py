@@ -79,7 +79,7 @@ class SFTDataModule(L.LightningDataModule):
             problems.append(f"data.max_invalid_fraction must be in [0, 1], got {max_invalid_fraction}")
         if problems:
             raise ValueError("; ".join(problems))
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the whole config is logged (LogConfigCallback): no hparam merge, so data.seed may differ from model.seed
         self.policy = RowPolicy(on_invalid_row, max_invalid_fraction)
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []

@@ -42,7 +42,8 @@ class QEDModule(L.LightningModule):
         attn_implementation: transformers attention backend ("sdpa", "eager", "flash_attention_2"); None = default.
         gradient_checkpointing: recompute activations in the backward pass (saves memory on long sequences).
         export_hf: write the final weights with `save_pretrained` when training ends.
-        export_dir: where to export (None = `<run dir>/hf`, next to the run's metrics and config).
+        export_dir: where to export (None = `<trainer.default_root_dir>/hf`: a fixed place, the one the next stage's
+            config names, e.g. `configs/rl.yaml` reads `runs/sft/hf`; a resumed run exports there too).
         pure_bf16: allow training bf16 weights without an fp32 master copy (`dtype: bfloat16`, or `bf16-true`
             outside DeepSpeed); refused otherwise, since updates below half a bf16 step are lost (see
             `qed_lightning.precision`). With it, a warning states how many weights an update of ~lr cannot move.
@@ -195,8 +196,9 @@ class QEDModule(L.LightningModule):
 
     @property
     def run_dir(self) -> Path:
-        trainer = self.trainer
-        return Path(trainer.log_dir or trainer.default_root_dir)
+        """The run's folder, `trainer.default_root_dir`: checkpoints, rollouts and the export live here, not in the
+        logger's `csv/version_N` (which changes on every resume)."""
+        return Path(self.trainer.default_root_dir)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's full (unsharded) state dict on CPU; strategies that shard override the gathering."""

@@ -52,6 +52,7 @@ def table_metrics(table: torch.Tensor, group_size: int, step: int) -> dict[str, 
         "rollout/truncated_frac": float(truncated.mean()),
         "rollout/dropped_frac": float((~valid).double().mean()),
         "rollout/policy_lag_max": float(step - versions.min()),
+        "rollout/sequences": float(table.shape[0]),  # the step's sequences over every rank (the table is gathered)
     }
     metrics.update({f"judge/score_{k}": float((graded == k).sum()) / total for k in range(8)})
     return metrics

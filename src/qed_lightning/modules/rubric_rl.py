@@ -75,8 +75,11 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         kl_coef: k3 KL weight against the frozen initial policy (0 = no reference model is loaded).
         aggregation: "seq_sum_over_batch" (paper), "token_mean", "seq_mean_token_mean", "dr_grpo".
         advantage_scale: "none" (paper) or "std". grad_clip: max norm of the exact step gradient (of -(1/B) sum L;
-            0 = off). The reference clips DeepSpeed's gradient, divided by its accumulation count and averaged over
-            ranks: its 0.3 is 19.2 here for stage 2 and 76.8 for stage 3 (derivation in configs/rl.yaml).
+            0 = off, the default). The reference clips DeepSpeed's gradient, divided by its accumulation count and
+            averaged over ranks: its 0.3 is 19.2 here for stage 2 and 76.8 for stage 3 (derivation in
+            configs/rl.yaml). So the paper's number only makes sense with that scale factor: 0.3 on our exact gradient
+            would clip 64x (stage 2) or 256x (stage 3) tighter than the paper, which is why the default is no clipping
+            and the paper configs set the scaled value.
         is_correction: importance-sampling correction of the sampler/trainer gap: "none" (paper), "tis" (truncated:
             a token's weight is min(rho, is_cap)) or "mask" (tokens with rho outside [1/is_cap, is_cap] leave the
             objective); `train/is_frac` is the share of tokens it touched. is_cap: the cap (> 1).
@@ -112,7 +115,7 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         kl_coef: float = 0.0,
         aggregation: Literal["seq_sum_over_batch", "token_mean", "seq_mean_token_mean", "dr_grpo"] = "seq_sum_over_batch",
         advantage_scale: Literal["none", "std"] = "none",
-        grad_clip: float = 0.3,
+        grad_clip: float = 0.0,
         is_correction: ISCorrection = "none",
         is_cap: float = 2.0,
         sync_interval: int = 1,
@@ -333,6 +336,10 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         rewards, valid, grades = self.compute_rewards(batch, rollouts)
         kept = rewards[valid]
         judge = {f"val/{k.replace('/', '_')}": v for k, v in self.judge.pop_metrics().items()}
-        self.log_dict(judge, batch_size=len(batch))
-        self.log("val/reward_mean", kept.mean() if kept.numel() else torch.tensor(0.0), batch_size=len(batch))
-        self.log("val/truncated_frac", sum(r.truncated for r in rollouts) / len(rollouts), batch_size=len(batch))
+        self.log_dict(judge, batch_size=len(batch), sync_dist=True)
+        # over every rank's rollouts (each rank validates its share of the problems), not rank 0's share
+        sums = torch.tensor([float(kept.sum()), kept.numel(), sum(r.truncated for r in rollouts), len(rollouts)],
+                            dtype=torch.float64, device=self.device)
+        kept_sum, kept_n, truncated, n = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
+        self.log("val/reward_mean", kept_sum / max(kept_n, 1.0), batch_size=max(int(kept_n), 1))
+        self.log("val/truncated_frac", truncated / max(n, 1.0), batch_size=max(int(n), 1))

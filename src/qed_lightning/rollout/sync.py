@@ -80,6 +80,7 @@ class WeightSyncCallback(Callback):
         self.engine = engine
         self.interval = interval
         self.syncs = 0
+        self.restored_step: int | None = None  # the global step of a checkpoint Lightning restored (fit or validate)
 
     @staticmethod
     def owner(trainer: L.Trainer, engine: RolloutEngine) -> WeightSyncCallback:
@@ -107,8 +108,22 @@ class WeightSyncCallback(Callback):
             self.syncs += 1
 
     @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.restored_step = int(checkpoint.get("global_step", 0))
+
+    @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the engine; when Lightning restored a checkpoint (`qed-fit validate --ckpt_path`, or the sanity check
+        of a resumed fit), push its weights first: the engine started from `model_name_or_path`, and would otherwise
+        score the starting model."""
         self._start(pl_module)
+        if self.restored_step is None:
+            return
+        fitting = trainer.state.fn == "fit"
+        version = trainer.global_step if fitting else self.restored_step
+        if self.engine.policy_version != version or (not fitting and self.syncs == 0):
+            self.engine.push_weights(iter_full_parameters(pl_module.model), version)
+            self.syncs += 1
 
     def push(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Give the engine this step's weights (the hand-off first, for a colocated engine) and log it; nothing when

@@ -1,0 +1,140 @@
+"""One run per folder: what `qed-fit fit` checks in `default_root_dir` before anything heavy starts.
+
+A run's folder (`trainer.default_root_dir`) holds everything of one run: `checkpoints/`, `rollouts/`, `csv/`, the
+export `hf/`. Lightning itself happily starts a second run on top of a first (`last-v1.ckpt` beside `last.ckpt`, a
+new `csv/version_N`, the first run's rollout records replaced), so before `fit`:
+
+- a folder that already holds a checkpoint is refused unless the command resumes it (`--ckpt_path last` or a path):
+  the message gives both ways out (resume, or a new `default_root_dir`). We refuse rather than resume automatically
+  because a rerun with a changed config would otherwise silently continue the old run with the new settings;
+- `--ckpt_path last` in a folder with checkpoints but no `last*.ckpt` is refused, naming the folder (Lightning would
+  start from step 0 with a warning); with no checkpoint at all it starts fresh, so a SLURM script can always pass it;
+- a lock file `<root>/.qed-run.lock` (host, pid, start time) is held for the run by global rank 0, so a second
+  `qed-fit` on the same folder is refused with the holder named. A lock whose process is gone (same host) or whose
+  heartbeat (the file's mtime, touched every `HEARTBEAT_S`) is older than `STALE_S` (another host: a killed node) is
+  stale and taken over with a log line.
+
+`validate`, `test` and `predict` take no lock and refuse nothing: they only read a checkpoint (their metrics go to
+`<root>/<subcommand>/`, apart from the training curves).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from qed_lightning.data.loading import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".qed-run.lock"
+HEARTBEAT_S = 30.0
+STALE_S = 300.0
+
+
+def checkpoints_in(folder: Path) -> list[Path]:
+    """The `*.ckpt` files (or sharded checkpoint folders) directly in `folder`, oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.glob("*.ckpt")), key=lambda p: p.stat().st_mtime)
+
+
+def check_fit_folder(root: Path, ckpt_path: str | None, dirpath: Path | None = None) -> None:
+    """Refuse a fresh run on top of an old one, and a `--ckpt_path last` that would silently start from step 0."""
+    ckpts = checkpoints_in(dirpath or root / "checkpoints")
+    if ckpt_path is None and ckpts:
+        raise ConfigError(
+            f"{root} already holds a run ({len(ckpts)} checkpoint(s), newest {ckpts[-1].name}): resume it with "
+            f"--ckpt_path last, or start a new run with --trainer.default_root_dir {root}-2 (or remove {root})")
+    if ckpt_path == "last" and ckpts and not any(p.name.startswith("last") for p in ckpts):
+        raise ConfigError(
+            f"--ckpt_path last: {ckpts[0].parent} holds {len(ckpts)} checkpoint(s) but no last.ckpt, so Lightning would "
+            f"start again from step 0; pass the one to resume, e.g. --ckpt_path {ckpts[-1]}")
+
+
+def is_global_zero_process() -> bool:
+    """Whether this process will be global rank 0 (read from the launcher's environment, before any process group)."""
+    for key in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if os.environ.get(key) not in (None, ""):
+            return os.environ[key] == "0"
+    # Lightning's own launcher re-runs the command for ranks > 0 with LOCAL_RANK (and NODE_RANK) set
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+class RunLock:
+    """`<root>/.qed-run.lock`, held while a run trains in `root` (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = Path(root) / LOCK_FILE
+        self._stop = threading.Event()
+        self._held = False
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, holder: dict | None) -> bool:
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except OSError:
+            return True
+        if holder is None:
+            return age > 5.0  # a lock being written this instant reads as empty; an older empty one is debris
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(int(holder["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, KeyError):
+                return False
+            return False
+        return age > STALE_S
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if not self._stale(holder):
+                    who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+                           if holder else "a process that is starting")
+                    raise ConfigError(
+                        f"{self.path.parent} is in use by another run ({who}): wait for it, or give this run its own "
+                        f"--trainer.default_root_dir (if that process is gone, remove {self.path})") from None
+                log.warning("taking over the stale run lock %s (held by %s)", self.path, holder)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(me, fh)
+            self._held = True
+            threading.Thread(target=self._beat, name="qed-run-lock", daemon=True).start()
+            atexit.register(self.release)
+            return
+        raise ConfigError(f"could not take the run lock {self.path}")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._stop.set()
+        holder = self._holder()
+        if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            self.path.unlink(missing_ok=True)
+        self._held = False
