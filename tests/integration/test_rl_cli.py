@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,22 @@ def _run(tiny_model_dir: Path, root: Path, *overrides: str) -> list[dict[str, fl
     return read_metrics(root)
 
 
+def _validate(tiny_model_dir: Path, root: Path, model: Path, *overrides: str) -> float:
+    """`qed-fit validate` of the demo config with `model` as the starting model; its val/reward_mean."""
+    make_cli(args=["validate", "--config", str(REPO / "configs/demo/rl.yaml"), "--trainer.default_root_dir", str(root),
+                   "--model.init_args.model_name_or_path", str(model),
+                   "--model.init_args.judge.init_args.cache_path", str(root / "grades.sqlite"),
+                   "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"), *overrides])
+    (metrics,) = (root / "validate").glob("version_*/metrics.csv")
+    with open(metrics) as fh:
+        (value,) = [float(r["val/reward_mean"]) for r in csv.DictReader(fh) if r.get("val/reward_mean")]
+    return value
+
+
 @pytest.mark.slow
 def test_demo_rl_steps_sync_weights_and_log_everything(tiny_model_dir, tmp_path):
-    rows = _run(tiny_model_dir, tmp_path, "--trainer.max_steps", "3")
+    # data.seed differs from model.seed: both are logged with the whole config, no hparam merge to clash in
+    rows = _run(tiny_model_dir, tmp_path, "--trainer.max_steps", "3", "--data.init_args.seed", "5")
     steps = series(rows, "rollout/reward_mean")
     assert len(steps) == 3
     for key in ["train/loss", "train/grad_norm", "rollout/reward_std", "rollout/zero_adv_group_frac",
@@ -54,6 +68,16 @@ def test_demo_rl_steps_sync_weights_and_log_everything(tiny_model_dir, tmp_path)
     before = load_file(str(tiny_model_dir / "model.safetensors"))
     after = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert [k for k in before if torch.equal(before[k], after[k])] == []
+    assert series(rows, "rollout/sequences") == [16.0, 16.0, 16.0]  # data.prompts_per_step 4 x G=4, the whole job's
+
+    # `validate --ckpt_path` scores the checkpoint's weights (pushed to the engine), not the starting model's: the
+    # same as validating with those weights as the starting model, and not what the starting model scores
+    from_ckpt = _validate(tiny_model_dir, tmp_path, tiny_model_dir, "--data.init_args.seed", "5",
+                          "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"))
+    from_export = _validate(tiny_model_dir, tmp_path / "export", tmp_path / "hf", "--data.init_args.seed", "5")
+    from_start = _validate(tiny_model_dir, tmp_path / "start", tiny_model_dir, "--data.init_args.seed", "5")
+    assert from_ckpt == pytest.approx(from_export, abs=1e-9) and from_ckpt != pytest.approx(from_start, abs=1e-3)
+    assert [p.name for p in (tmp_path / "csv").iterdir()] == ["version_0"]  # the curves hold the training run only
 
 
 @pytest.mark.slow

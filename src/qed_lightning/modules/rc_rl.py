@@ -308,4 +308,5 @@ class ReasoningCacheRLModule(RubricRLModule):
         metrics = self.grade_turns(problems, trajectories, "val/")
         metrics["val/reward_mean"] = metrics.get(f"val/reward_cycle_{self.hparams.cycles - 1}", 0.0)
         metrics["val/truncated_frac"] = sum(t.attempts[-1].truncated for t in trajectories) / len(trajectories)
-        self.log_dict(metrics, batch_size=len(batch))
+        # over ranks: every rank validates an equal share of the problems, so the mean of their means is the mean
+        self.log_dict(metrics, batch_size=len(batch), sync_dist=True)

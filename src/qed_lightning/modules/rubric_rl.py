@@ -341,5 +341,6 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         sums = torch.tensor([float(kept.sum()), kept.numel(), sum(r.truncated for r in rollouts), len(rollouts)],
                             dtype=torch.float64, device=self.device)
         kept_sum, kept_n, truncated, n = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
-        self.log("val/reward_mean", kept_sum / max(kept_n, 1.0), batch_size=max(int(kept_n), 1))
-        self.log("val/truncated_frac", truncated / max(n, 1.0), batch_size=max(int(n), 1))
+        # (already global: the mean over ranks of equal values is the value; said so, Lightning stops warning)
+        self.log("val/reward_mean", kept_sum / max(kept_n, 1.0), batch_size=max(int(kept_n), 1), sync_dist=True)
+        self.log("val/truncated_frac", truncated / max(n, 1.0), batch_size=max(int(n), 1), sync_dist=True)

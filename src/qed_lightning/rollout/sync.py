@@ -154,8 +154,7 @@ class WeightSyncCallback(Callback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.engine.close()
+        self.engine.close()  # after fit, validate or test alike (a validation inside fit does not tear down)
 
 
 class FrozenEngineCallback(Callback):

@@ -1,0 +1,84 @@
+"""A run folder through `qed-fit` as a user meets it, on one demo SFT run: a second start while it trains is refused
+(the lock names the holder), a SIGKILL leaves a stale lock that the next start takes over, a fresh start into the
+used folder is refused with the two ways out, `--ckpt_path last` resumes at the checkpoint's step and finishes, and
+`--ckpt_path last` with checkpoints but no `last.ckpt` is refused naming the folder. And the one-line error for a
+stage's missing model folder, typed as a user types the paper config."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from runs import REPO, subprocess_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _command(tiny: Path, root: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "qed_lightning.cli", "--config", str(REPO / "configs/demo/sft.yaml"),
+            "--trainer.default_root_dir", str(root), "--model.init_args.model_name_or_path", str(tiny),
+            "--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl"), *extra]
+
+
+def _refused(cmd: list[str], cwd: Path = REPO) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=cwd, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return proc.stderr
+
+
+def _steps(metrics: Path) -> list[int]:
+    with open(metrics) as fh:
+        return [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss")]
+
+
+def test_a_run_folder_is_locked_refused_when_used_and_resumed_at_its_step(tiny_model_dir, tmp_path):
+    root = tmp_path / "sft"
+    with open(tmp_path / "first.log", "w") as fh:
+        first = subprocess.Popen(_command(tiny_model_dir, root, "--trainer.max_steps", "400"), stdout=fh,
+                                 stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO)
+    try:
+        deadline = time.monotonic() + 300
+        while not (root / "checkpoints" / "last.ckpt").exists():
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.2)
+        err = _refused(_command(tiny_model_dir, root))  # while the first run trains
+        assert f"{root} is in use by another run (pid {first.pid} on" in err
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    assert (root / ".qed-run.lock").exists()  # a killed run cannot clean up
+
+    err = _refused(_command(tiny_model_dir, root))  # the stale lock is taken over; the checkpoint still refuses
+    assert f"{root} already holds a run" in err and "--ckpt_path last" in err and f"{root}-2" in err
+
+    step = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert step >= 10 and step % 10 == 0  # the demo config's every_n_train_steps
+    resumed = subprocess.run(_command(tiny_model_dir, root, "--trainer.max_steps", str(step + 5), "--ckpt_path", "last"),
+                             capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    versions = sorted((root / "csv").glob("version_*"))
+    assert len(versions) == 2  # one run, resumed: the report reads both versions as one run
+    assert _steps(versions[1] / "metrics.csv") == list(range(step, step + 5))  # continues at its step
+    assert not (root / ".qed-run.lock").exists()
+    # the run ended: its last.ckpt is its final step (not the last multiple of every_n_train_steps)
+    assert torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == step + 5
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt"]  # no last-v1.ckpt
+
+    (root / "checkpoints" / "last.ckpt").rename(root / "checkpoints" / "step=15.ckpt")
+    err = _refused(_command(tiny_model_dir, root, "--ckpt_path", "last"))
+    assert f"{root / 'checkpoints'} holds 1 checkpoint(s) but no last.ckpt" in err
+
+
+def test_a_stage_whose_model_folder_is_missing_says_so_in_one_line(tmp_path):
+    """`qed-fit --config configs/rl.yaml` before stage 1 has run, typed in a fresh working folder."""
+    err = _refused([str(Path(sys.executable).parent / "qed-fit"), "--config", str(REPO / "configs/rl.yaml")], cwd=tmp_path)
+    assert "model.init_args.model_name_or_path: runs/sft/hf does not exist (it is written when stage 1, " \
+           "`qed-fit --config configs/sft.yaml` ends" in err
+    assert len(err.strip().splitlines()) == 2  # the error and the --debug hint

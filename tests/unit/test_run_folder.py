@@ -1,0 +1,86 @@
+"""One run per folder (`qed_lightning.runfolder`) and the CLI's door checks: which folders `fit` refuses, the lock's
+staleness rules, what counts as a local model path, and the job-wide prompt count's split over processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from qed_lightning.cli import looks_local
+from qed_lightning.data import ProofRLDataModule
+from qed_lightning.data.loading import ConfigError
+from qed_lightning.runfolder import LOCK_FILE, STALE_S, RunLock, check_fit_folder
+
+
+def _ckpt(folder, name):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(b"x")
+
+
+def test_a_fresh_fit_in_a_folder_with_a_checkpoint_is_refused_with_both_ways_out(tmp_path):
+    check_fit_folder(tmp_path, None)  # nothing there yet: fine
+    check_fit_folder(tmp_path, "last")  # `--ckpt_path last` before the first checkpoint: a fresh start (SLURM scripts)
+    _ckpt(tmp_path / "checkpoints", "last.ckpt")
+    with pytest.raises(ConfigError, match=r"already holds a run .*--ckpt_path last.*--trainer.default_root_dir .*-2"):
+        check_fit_folder(tmp_path, None)
+    check_fit_folder(tmp_path, "last")  # resuming it is what the message offers
+
+
+def test_ckpt_path_last_without_a_last_checkpoint_is_refused_naming_the_folder(tmp_path):
+    _ckpt(tmp_path / "checkpoints", "step=10.ckpt")
+    with pytest.raises(ConfigError, match=r"checkpoints holds 1 checkpoint\(s\) but no last.ckpt.*--ckpt_path .*step=10"):
+        check_fit_folder(tmp_path, "last")
+    check_fit_folder(tmp_path, str(tmp_path / "checkpoints" / "step=10.ckpt"))  # an explicit path is fine
+
+
+def test_the_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    first = RunLock(tmp_path)
+    first.acquire()
+    holder = json.loads((tmp_path / LOCK_FILE).read_text())
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    with pytest.raises(ConfigError, match=rf"in use by another run \(pid {os.getpid()} on"):
+        RunLock(tmp_path).acquire()
+    first.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+    # a holder on this host whose process is gone (a SIGKILLed run) is stale
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    second = RunLock(tmp_path)
+    second.acquire()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    second.release()
+
+
+def test_a_lock_from_another_host_is_stale_only_once_its_heartbeat_stops(tmp_path):
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node-17", "pid": 1, "started": "then"}))
+    with pytest.raises(ConfigError, match=r"pid 1 on node-17"):
+        RunLock(tmp_path).acquire()
+    old = time.time() - STALE_S - 10
+    os.utime(tmp_path / LOCK_FILE, (old, old))
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    lock.release()
+
+
+@pytest.mark.parametrize("name, local", [("runs/sft/hf", True), ("./model", True), ("/abs/model", True),
+                                         ("~/m", True), ("Qwen/Qwen3-4B-Thinking-2507", False),
+                                         ("lm-provers/FineProofs-SFT", False)])
+def test_what_counts_as_a_local_model_path(name, local):
+    assert looks_local(name) is local
+
+
+def test_the_job_wide_prompt_count_splits_over_processes_or_is_refused_with_the_numbers():
+    data = ProofRLDataModule("unused.jsonl", prompts_per_step=6, spare_prompts_per_step=2)
+    data.trainer = SimpleNamespace(world_size=2)
+    assert data.per_process() == (3, 1)
+    data.trainer = SimpleNamespace(world_size=4)
+    with pytest.raises(ConfigError, match=r"data.prompts_per_step=6 is for the whole job .* 4 training processes: use "
+                                          r"a multiple of 4 \(e.g. 4\)"):
+        data.per_process()
