@@ -5,8 +5,12 @@
     qed-fit -v --config ...                           # every library's log lines too (or QED_LOG_LEVEL=INFO)
 
 Configs use omegaconf mode, so `${...}` interpolation works. The model's `model_name_or_path` is linked to the data
-module's `tokenizer`, so the checkpoint is named once. A data error (a bad row, a missing file) is printed without a
-traceback and exits with status 2; `--debug` (or QED_DEBUG=1) shows the traceback.
+module's `tokenizer`, so the checkpoint is named once. A data error (a bad row, a missing file) and a refused config
+value are printed without a traceback and exit with status 2; `--debug` (or QED_DEBUG=1) shows the traceback.
+
+Refused values: a component's `__init__` refuses a value with a `ValueError` naming the key; jsonargparse wraps it in
+a many-line "Does not validate against any of the Union subtypes" error (with the whole component config). The CLI
+takes the refusal that started it (the root of the exception chain) and raises it as one `ConfigError` line.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
 from qed_lightning.callbacks.hparams import LogConfigCallback
-from qed_lightning.data.loading import debug_requested, exit_on_data_error
+from qed_lightning.data.loading import ConfigError, DataError, debug_requested, exit_on_data_error
 from qed_lightning.logs import pop_verbose, setup_logging
 from qed_lightning.modules.base import QEDModule
 
@@ -44,6 +48,24 @@ class QEDCLI(LightningCLI):
             init = callback.get("init_args") if hasattr(callback, "get") else None
             if init is not None and str(callback.get("class_path", "")).endswith("ModelCheckpoint") and not init.get("dirpath"):
                 init["dirpath"] = f"{root}/checkpoints"
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            raise config_error(err) from err
+
+
+def config_error(err: ValueError) -> ValueError:
+    """The refusal at the root of an instantiation error's chain, as one line (a `DataError` is kept as it is)."""
+    root: BaseException = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(root, (ConfigError, DataError)):
+        return root
+    if not isinstance(root, ValueError):
+        return err
+    return ConfigError("; ".join(line.strip() for line in str(root).splitlines() if line.strip()))
 
 
 def complete_loggers(trainer: Namespace, root: str) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from qed_lightning.data.loading import ConfigError
+
 
 class WarmupCosineLR(LambdaLR):
     """Linear warm-up over `warmup_steps`, then cosine decay to `min_ratio` x base LR at `total_steps`.
@@ -46,7 +48,7 @@ class WarmupCosineLR(LambdaLR):
         """Take the run's length when `total_steps` was left to it (None); a value set in the config is kept."""
         if self.follows_run:
             if max_steps is None or max_steps < 1:
-                raise ValueError(f"lr_scheduler.init_args.total_steps is unset, so the schedule follows "
+                raise ConfigError(f"lr_scheduler.init_args.total_steps is unset, so the schedule follows "
                                  f"trainer.max_steps, which is {max_steps}: set trainer.max_steps or total_steps")
             self.total_steps = max_steps
         return self

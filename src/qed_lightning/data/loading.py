@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["DataError", "Reject", "Table", "exit_on_data_error", "is_local", "load_rows", "load_table"]
+__all__ = ["ConfigError", "DataError", "Reject", "Table", "exit_on_data_error", "is_local", "load_rows", "load_table"]
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 MAX_LISTED_ERRORS = 30
@@ -34,6 +34,10 @@ _SURROGATE_CHAR = re.compile("[\ud800-\udfff]")
 
 class DataError(ValueError):
     """Bad input data: the message names the file, line and column and says how to fix it."""
+
+
+class ConfigError(ValueError):
+    """A config value that is refused: one line naming the key (`model.group_size`), what it got, and why."""
 
 
 DEBUG_ENV = "QED_DEBUG"
@@ -49,14 +53,15 @@ def debug_requested(argv: list[str]) -> bool:
 
 @contextmanager
 def exit_on_data_error(prog: str, debug: bool = False) -> Iterator[None]:
-    """In a command-line entry point: print a `DataError`'s message without a traceback and exit with status 2 (the
-    status of a usage error); with `debug`, let it propagate with its traceback."""
+    """In a command-line entry point: print a `DataError`'s or a `ConfigError`'s message without a traceback and exit
+    with status 2 (the status of a usage error); with `debug`, let it propagate with its traceback. A one-line
+    message stays one line: the hint about `--debug` is appended to its last line."""
     try:
         yield
-    except DataError as err:
+    except (DataError, ConfigError) as err:
         if debug:
             raise
-        sys.stderr.write(f"{prog}: error: {err}\n(run with --debug or {DEBUG_ENV}=1 for the traceback)\n")
+        sys.stderr.write(f"{prog}: error: {err} (run with --debug or {DEBUG_ENV}=1 for the traceback)\n")
         raise SystemExit(2) from None
 
 
