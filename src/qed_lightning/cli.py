@@ -11,6 +11,12 @@ value are printed without a traceback and exit with status 2; `--debug` (or QED_
 Refused values: a component's `__init__` refuses a value with a `ValueError` naming the key; jsonargparse wraps it in
 a many-line "Does not validate against any of the Union subtypes" error (with the whole component config). The CLI
 takes the refusal that started it (the root of the exception chain) and raises it as one `ConfigError` line.
+
+SIGTERM (a scheduler's pre-emption, `kill`): without a handler, Lightning stops quietly and the process exits 0 with
+its progress lost. When the config has no `PreemptionCheckpoint`, the CLI adds one for SIGTERM only, without SLURM
+requeue (`requeue=False`: the job script did not ask for it; Lightning's own SIGUSR1 handling is left alone): it logs
+the signal, saves `last.ckpt` at the step boundary (in the configured `ModelCheckpoint`'s folder, else in
+`<default_root_dir>/checkpoints`) and stops.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class QEDCLI(LightningCLI):
             init = callback.get("init_args") if hasattr(callback, "get") else None
             if init is not None and str(callback.get("class_path", "")).endswith("ModelCheckpoint") and not init.get("dirpath"):
                 init["dirpath"] = f"{root}/checkpoints"
+        add_sigterm_checkpoint(trainer, root)
 
     def instantiate_classes(self) -> None:
         try:
@@ -66,6 +73,18 @@ def config_error(err: ValueError) -> ValueError:
     if not isinstance(root, ValueError):
         return err
     return ConfigError("; ".join(line.strip() for line in str(root).splitlines() if line.strip()))
+
+
+def add_sigterm_checkpoint(trainer: Namespace, root: str) -> None:
+    """Add a SIGTERM-only `PreemptionCheckpoint` when the config has none (see the module docstring)."""
+    callbacks = trainer.get("callbacks") or []
+    names = [str(c.get("class_path", "")) for c in callbacks if hasattr(c, "get")]
+    if any(name.endswith("PreemptionCheckpoint") for name in names):
+        return
+    has_checkpoints = any(name.endswith("ModelCheckpoint") for name in names)
+    init = Namespace(dirpath=None if has_checkpoints else f"{root}/checkpoints", signals=["SIGTERM"], requeue=False)
+    callbacks.append(Namespace(class_path="qed_lightning.callbacks.PreemptionCheckpoint", init_args=init))
+    trainer["callbacks"] = callbacks
 
 
 def complete_loggers(trainer: Namespace, root: str) -> None:
