@@ -9,7 +9,8 @@ JSON Lines (and `.json` files) are read here, line by line, rather than by `data
 and each unreadable line is found and reported, not only the first. The scan catches what `json` lets through or
 reports badly: bytes that are not UTF-8 (with the character column), a lone surrogate escape such as `\\ud800`
 (valid JSON, but not Unicode text: tokenizers and UTF-8 writers fail on it later), a line that is JSON but not an
-object. Parquet files and hub datasets go through `datasets`; their rows are numbered from 1.
+object. Parquet files and hub datasets go through `datasets`; their rows are numbered from 1. A UTF-8 byte-order
+mark at the start of a file (Windows editors write one) is dropped before reading, so row 1 stays valid JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = ["ConfigError", "DataError", "Reject", "Table", "exit_on_data_error", 
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 MAX_LISTED_ERRORS = 30
+UTF8_BOM = b"\xef\xbb\xbf"
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE_CHAR = re.compile("[\ud800-\udfff]")
 
@@ -234,7 +236,7 @@ def _load_local(path: Path) -> Table:
         except Exception as err:  # datasets wraps parse errors in several types
             raise DataError(f"{path}: could not be read as parquet: {err}") from err
         return Table(str(path), "row", rows, list(range(1, len(rows) + 1)))
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(UTF8_BOM)
     if not raw.strip():
         raise DataError(f"{path}: the file is empty; it must hold one JSON object per line.")
     if path.suffix == ".json" and raw.lstrip()[:1] == b"[":
