@@ -12,6 +12,16 @@ QED_DEBUG=1) shows the traceback.
 Run folders (`qed_lightning.runfolder`): `fit` refuses a folder that already holds a run unless it resumes it
 (`--ckpt_path last`), and holds a lock there while it trains. `validate`/`test` log to `<root>/<subcommand>/`, so
 their metrics never mix with the training curves that `qed-report` draws from `<root>/csv/`.
+
+Refused values: a component's `__init__` refuses a value with a `ValueError` naming the key; jsonargparse wraps it in
+a many-line "Does not validate against any of the Union subtypes" error (with the whole component config). The CLI
+takes the refusal that started it (the root of the exception chain) and raises it as one `ConfigError` line.
+
+SIGTERM (a scheduler's pre-emption, `kill`): without a handler, Lightning stops quietly and the process exits 0 with
+its progress lost. When the config has no `PreemptionCheckpoint`, the CLI adds one for SIGTERM only, without SLURM
+requeue (`requeue=False`: the job script did not ask for it; Lightning's own SIGUSR1 handling is left alone): it logs
+the signal, saves `last.ckpt` at the step boundary (in the configured `ModelCheckpoint`'s folder, else in
+`<default_root_dir>/checkpoints`) and stops.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
 from qed_lightning.callbacks.hparams import LogConfigCallback
-from qed_lightning.data.loading import ConfigError, debug_requested, exit_on_data_error
+from qed_lightning.data.loading import ConfigError, DataError, debug_requested, exit_on_data_error
 from qed_lightning.logs import pop_verbose, setup_logging
 from qed_lightning.modules.base import QEDModule
 from qed_lightning.runfolder import RunLock, check_fit_folder, is_global_zero_process
@@ -67,6 +77,7 @@ class QEDCLI(LightningCLI):
                 if not init.get("dirpath"):
                     init["dirpath"] = f"{root}/checkpoints"
                 dirpaths.add(init["dirpath"])
+        add_sigterm_checkpoint(trainer, root)
         if self.subcommand == "fit":
             if is_global_zero_process():  # first the lock: "in use by another run" says more than "holds a run"
                 self.lock = RunLock(Path(root))
@@ -75,16 +86,52 @@ class QEDCLI(LightningCLI):
                 for dirpath in sorted(dirpaths) or [f"{root}/checkpoints"]:
                     check_fit_folder(Path(root), config.get("ckpt_path"), Path(dirpath))
             except ConfigError:
-                if self.lock is not None:
-                    self.lock.release()
+                self._release()
                 raise
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            self._release()
+            raise config_error(err) from err
+        except BaseException:
+            self._release()
+            raise
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
         finally:
-            if self.lock is not None:
-                self.lock.release()
+            self._release()
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def config_error(err: ValueError) -> ValueError:
+    """The refusal at the root of an instantiation error's chain, as one line (a `DataError` is kept as it is)."""
+    root: BaseException = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(root, (ConfigError, DataError)):
+        return root
+    if not isinstance(root, ValueError):
+        return err
+    return ConfigError("; ".join(line.strip() for line in str(root).splitlines() if line.strip()))
+
+
+def add_sigterm_checkpoint(trainer: Namespace, root: str) -> None:
+    """Add a SIGTERM-only `PreemptionCheckpoint` when the config has none (see the module docstring)."""
+    callbacks = trainer.get("callbacks") or []
+    names = [str(c.get("class_path", "")) for c in callbacks if hasattr(c, "get")]
+    if any(name.endswith("PreemptionCheckpoint") for name in names):
+        return
+    has_checkpoints = any(name.endswith("ModelCheckpoint") for name in names)
+    init = Namespace(dirpath=None if has_checkpoints else f"{root}/checkpoints", signals=["SIGTERM"], requeue=False)
+    callbacks.append(Namespace(class_path="qed_lightning.callbacks.PreemptionCheckpoint", init_args=init))
+    trainer["callbacks"] = callbacks
 
 
 def check_model_paths(config: Namespace) -> None:

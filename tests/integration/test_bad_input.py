@@ -7,12 +7,15 @@ an error raised by a model load (instead of by validation at the door) would sho
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import transformers
 
 from qed_lightning.cli import make_cli
+from runs import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 RL_ROWS = [json.loads(line) for line in (REPO / "data/samples/fineproofs_rl.jsonl").read_text().splitlines() if line.strip()]
@@ -77,7 +80,7 @@ def test_malformed_sft_messages_are_named(tiny_model_dir, tmp_path):
 
 
 def test_negative_group_size_names_the_flag(tiny_model_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"model.group_size must be >= 1, got -2"):
+    with pytest.raises(ValueError, match=r"model.group_size must be >= 2, got -2"):
         _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl", "--model.init_args.group_size", "-2")
 
 
@@ -118,3 +121,27 @@ def test_bad_config_values_name_the_flag(tiny_model_dir, tmp_path, capsys, overr
         _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl", *override)
     message = str(info.value) + capsys.readouterr().err
     assert expected in message
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--model.init_args.group_size", "1"], ["model.group_size must be >= 2, got 1", "every advantage is 0"]),
+        (["--model.init_args.group_size", "0", "--model.init_args.temperature", "0"],
+         ["model.group_size must be >= 2, got 0", "model.temperature must be > 0 for RL sampling, got 0.0"]),
+    ],
+    ids=["group-of-one", "zero-group-and-temperature"],
+)
+def test_qed_fit_refuses_a_config_value_in_one_line(tiny_model_dir, tmp_path, override, expected):
+    """Through the console script: exit status 2 and one `qed-fit: error:` line naming the key, no traceback (a
+    module's refusal used to arrive wrapped in jsonargparse's many-line union error, inside a traceback)."""
+    cmd = [sys.executable, "-m", "qed_lightning.cli", "--config", str(REPO / "configs/demo/rl.yaml"),
+           "--trainer.default_root_dir", str(tmp_path / "run"), "--model.init_args.model_name_or_path",
+           str(tiny_model_dir), *override]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("qed-fit: error:")]
+    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0])  # one line, the last one
+    assert all(part in errors[0] for part in expected), errors[0]
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.ckpt"))

@@ -145,6 +145,35 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(tiny_model_di
     assert (root / "hf" / "model.safetensors").exists()
 
 
+@pytest.mark.timeout(600)
+def test_sigterm_without_the_preemption_callback_logs_and_checkpoints(tiny_model_dir, tmp_path):
+    """A plain run (no PreemptionCheckpoint in its config) that gets SIGTERM: qed-fit's own SIGTERM handler logs the
+    signal, saves last.ckpt at the step boundary and stops (it used to exit 0 with nothing saved and no line). The
+    same run shows that `--trainer.max_steps` on the command line reaches the LR schedule (the YAML says 40)."""
+    root, log = tmp_path / "run", tmp_path / "run.log"
+    cmd = [sys.executable, "-m", "qed_lightning.cli", "--config", str(REPO / "configs/demo/sft.yaml"),
+           "--trainer.default_root_dir", str(root), "--trainer.max_steps", "1000",
+           "--model.init_args.model_name_or_path", str(tiny_model_dir), "--model.init_args.export_dir", str(root / "hf"),
+           "--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        deadline = time.monotonic() + 300
+        while "parameters)" not in log.read_text():  # the model is loaded: the handlers are in place (setup comes first)
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "the run never loaded its model"
+            time.sleep(0.1)
+        time.sleep(3)  # a few steps
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
+    text = log.read_text()
+    assert "pre-emption signal (SIGTERM): saving" in text, text[-4000:]
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert 1 <= ckpt["global_step"] < 1000
+    assert ckpt["lr_schedulers"][0]["total_steps"] == 1000
+    assert not (root / "hf").exists()  # stopped early: no export of intermediate weights
+
+
 def test_gpu_check_compiles_and_fails_fast_without_a_gpu(tmp_path):
     import py_compile
 

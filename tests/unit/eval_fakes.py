@@ -63,5 +63,7 @@ class FakeJudgeClient(JudgeClient):
 
 
 def proof_in(prompt: str) -> str:
-    """The proof between the judge templates' proof markers."""
-    return prompt.split("=== Proof Solution ===")[1].split("=== End of Proof Solution ===")[0].strip()
+    """The proof between the judge templates' proof markers, inside the judge's per-call fence."""
+    from qed_lightning.testing.judge_rules import proof_section
+
+    return proof_section(prompt)

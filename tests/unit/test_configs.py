@@ -1,12 +1,14 @@
 """Every YAML we ship parses and validates through the real CLI (`--print_config` exits before any work)."""
 
+import math
 from pathlib import Path
 
-
 import pytest
+import torch
 import yaml
 
 from qed_lightning.cli import make_cli
+from qed_lightning.optim import WarmupCosineLR
 
 REPO = Path(__file__).resolve().parents[2]
 # configs/strategy, configs/layout and configs/logger hold fragments composed after a stage config
@@ -91,3 +93,43 @@ def test_a_rehearsal_overlay_changes_only_sizes_devices_precision_and_the_judge_
     assert rehearsed["trainer.default_root_dir"] == paper["trainer.default_root_dir"]
     if stage != "sft.yaml":  # the stage reads the previous stage's export, as the paper config says
         assert rehearsed["model.init_args.model_name_or_path"] == {"rl.yaml": "runs/sft/hf", "rc.yaml": "runs/rl/hf"}[stage]
+
+
+@pytest.mark.parametrize(("override", "steps"), [([], 40), (["--trainer.max_steps", "100"], 100)])
+def test_the_schedule_length_follows_max_steps_from_the_command_line(tiny_model_dir, override, steps):
+    """`--trainer.max_steps` must reach the LR schedule: `${trainer.max_steps}` in the YAML was resolved before the
+    command line, so a run of 100 steps trained at lr 0 from step 40 on (the demo's YAML value)."""
+    cli = make_cli(args=["--config", str(REPO / "configs/demo/sft.yaml"),
+                         "--model.init_args.model_name_or_path", str(tiny_model_dir), *override], run=False)
+    model = cli.model
+    model.trainer = cli.trainer
+    model.configure_model()
+    scheduler = model.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert cli.trainer.max_steps == steps and scheduler.total_steps == steps
+    # warm-up 4 then cosine to 0 at `steps`: at step 60 a 100-step run is still at cos-decay ((100-60)/96 left)
+    expected = 0.5 * (1 + math.cos(math.pi * min(1.0, (60 - 4) / (steps - 4))))
+    assert scheduler.lr_lambda(60) == pytest.approx(expected)
+    assert (scheduler.lr_lambda(60) > 0.2) == (steps == 100)
+
+
+def test_a_resumed_schedule_that_follows_the_run_keeps_the_new_length():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    saved = WarmupCosineLR(opt, warmup_steps=2).follow_run(40)
+    for _ in range(10):
+        opt.step()
+        saved.step()
+    resumed = WarmupCosineLR(opt, warmup_steps=2).follow_run(400)
+    resumed.load_state_dict(saved.state_dict())
+    assert (resumed.last_epoch, resumed.total_steps) == (10, 400)
+    fixed = WarmupCosineLR(opt, warmup_steps=2, total_steps=50).follow_run(400)  # a length set in the config stays
+    fixed.load_state_dict(saved.state_dict())
+    assert fixed.total_steps == 40  # ... and a fixed schedule resumes exactly as saved
+
+
+def test_schedule_doctests():
+    import doctest
+
+    from qed_lightning import optim
+
+    result = doctest.testmod(optim)
+    assert result.attempted > 0 and result.failed == 0

@@ -25,6 +25,15 @@ def test_local_jsonl_json_and_parquet_load_the_same_rows(tmp_path):
     assert load_rows(str(tmp_path / "a.parquet")) == rows
 
 
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    rows = [{"problem": "P1"}, {"problem": "P2"}]
+    text = "\n".join(json.dumps(r) for r in rows) + "\n"
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # what Windows editors write
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode("utf-8"))
+    assert load_rows(str(tmp_path / "bom.jsonl")) == rows and load_rows(str(tmp_path / "bom.json")) == rows
+    assert load_table(str(tmp_path / "bom.jsonl")).positions == [1, 2]
+
+
 @pytest.mark.parametrize(
     ("content", "expected"),
     [

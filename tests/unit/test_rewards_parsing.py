@@ -20,10 +20,11 @@ from qed_lightning.rewards import (
 )
 from qed_lightning.rewards import cache, parsing, templates
 from qed_lightning.rewards.templates import make_prompt
+from qed_lightning.testing import judge_rules
 from qed_lightning.testing.judge_rules import PROOF_END, PROOF_START, proof_section
 
 
-@pytest.mark.parametrize("module", [parsing, templates, cache])
+@pytest.mark.parametrize("module", [parsing, templates, cache, judge_rules])
 def test_doctests(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from qed_lightning.data.loading import DataError
-from qed_lightning.data.rl import ProblemBatches, ProofProblem, ProofRLDataModule
+from qed_lightning.data.rl import ProblemBatches, ProofProblem, ProofRLDataModule, duplicate_lines, split_validation
 
 
 def _problems(n: int) -> list[ProofProblem]:
@@ -107,7 +107,7 @@ def test_reward_mean_range_keeps_problems_inside_and_counts_both(tiny_model_dir,
     assert (data.stats["data/difficulty_kept"], data.stats["data/difficulty_dropped"]) == (1.0, 2.0)
 
 
-def test_difficulty_columns_are_checked_only_when_the_range_is_set(tiny_model_dir, tmp_path):
+def test_reward_mean_is_checked_only_when_the_range_is_set(tiny_model_dir, tmp_path):
     rows = [{"problem": "Prove it.", "rubrics": RUBRIC, "reward_mean": 1.5}, {"problem": "Q.", "rubrics": RUBRIC, "reward_mean": 0.5}]
     path = _write(tmp_path / "d.jsonl", rows)
     ProofRLDataModule(path, tokenizer=str(tiny_model_dir), prompts_per_step=1).setup("fit")  # unused column: fine
@@ -125,3 +125,41 @@ def test_unverified_rubrics_are_kept_counted_and_listed(tiny_model_dir, tmp_path
     data.setup("fit")
     assert len(data.train_problems) == 3 and data.stats["data/rubric_unverified"] == 1.0
     assert data.report["rubric_unverified"] == [{"line": 2, "why": "no line names a 'Checkpoints' section"}]
+
+
+def test_per_sample_scores_are_range_checked_even_without_the_difficulty_range(tiny_model_dir, tmp_path):
+    rows = [{"problem": "A.", "rubrics": RUBRIC, "scores": [7, 0]}, {"problem": "B.", "rubrics": RUBRIC, "scores": [7, 9]},
+            {"problem": "C.", "rubrics": RUBRIC, "scores": [-1]}, {"problem": "D.", "rubrics": RUBRIC}]  # D: no scores, fine
+    path = _write(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"2 of 4 rows are invalid[\s\S]*line 2, column 'scores': score 9 \(item 1\) is not "
+                       r"an integer 0..7\n  line 3, column 'scores': score -1 \(item 0\)") as err:
+        ProofRLDataModule(path, tokenizer=str(tiny_model_dir), prompts_per_step=1).setup("fit")
+    assert path in str(err.value)
+    data = ProofRLDataModule(path, tokenizer=str(tiny_model_dir), prompts_per_step=1, on_invalid_row="skip",
+                             max_invalid_fraction=0.5)
+    data.setup("fit")
+    assert sorted(p.problem for p in data.train_problems) == ["A.", "D."]
+
+
+def test_duplicate_problems_are_reported_and_never_validate(tiny_model_dir, tmp_path, caplog):
+    statements = ["Prove A.", "Prove B.", "Prove  A.\n", "Prove C.", "Prove D.", "Prove B.", "Prove E.", "Prove A."]
+    rows = [{"problem": s, "rubrics": RUBRIC} for s in statements]
+    assert duplicate_lines([ProofProblem(i, s, "", line=i + 1) for i, s in enumerate(statements)]) == [[1, 3, 8], [2, 6]]
+    for seed in range(5):  # whatever the shuffle, no duplicated statement is drawn into validation
+        data = ProofRLDataModule(_write(tmp_path / "d.jsonl", rows), tokenizer=str(tiny_model_dir), prompts_per_step=1,
+                                 val_size=3, seed=seed)
+        with caplog.at_level("WARNING", logger="qed_lightning.data.rl"):
+            data.setup("fit")
+        assert sorted(p.problem for p in data.val_problems) == ["Prove C.", "Prove D.", "Prove E."]
+        assert len(data.train_problems) == 5 and data.stats["data/duplicate_problems"] == 3.0
+        assert data.report["duplicates"] == [[1, 3, 8], [2, 6]]
+    assert "2 problem(s) occur more than once" in caplog.text and "lines 1, 3, 8; 2, 6" in caplog.text
+    with pytest.raises(DataError, match=r"data.val_size=4, but only 3 problems occur once"):
+        ProofRLDataModule(_write(tmp_path / "d.jsonl", rows), tokenizer=str(tiny_model_dir), prompts_per_step=1,
+                          val_size=4).setup("fit")
+
+
+def test_without_duplicates_the_split_is_the_shuffled_head():
+    problems = _problems(6)
+    val, train = split_validation(problems, 2)
+    assert (val, train) == (problems[:2], problems[2:])

@@ -9,7 +9,8 @@ JSON Lines (and `.json` files) are read here, line by line, rather than by `data
 and each unreadable line is found and reported, not only the first. The scan catches what `json` lets through or
 reports badly: bytes that are not UTF-8 (with the character column), a lone surrogate escape such as `\\ud800`
 (valid JSON, but not Unicode text: tokenizers and UTF-8 writers fail on it later), a line that is JSON but not an
-object. Parquet files and hub datasets go through `datasets`; their rows are numbered from 1.
+object. Parquet files and hub datasets go through `datasets`; their rows are numbered from 1. A UTF-8 byte-order
+mark at the start of a file (Windows editors write one) is dropped before reading, so row 1 stays valid JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = ["ConfigError", "DataError", "Reject", "Table", "exit_on_data_error", 
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 MAX_LISTED_ERRORS = 30
+UTF8_BOM = b"\xef\xbb\xbf"
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE_CHAR = re.compile("[\ud800-\udfff]")
 
@@ -37,7 +39,8 @@ class DataError(ValueError):
 
 
 class ConfigError(ValueError):
-    """A config value or a run folder that cannot work: the message names the key (or folder) and what to do."""
+    """A config value or a run folder that cannot work: one line naming the key (`model.group_size`) or folder, what
+    it got, and why (or what to do)."""
 
 
 DEBUG_ENV = "QED_DEBUG"
@@ -53,14 +56,15 @@ def debug_requested(argv: list[str]) -> bool:
 
 @contextmanager
 def exit_on_data_error(prog: str, debug: bool = False) -> Iterator[None]:
-    """In a command-line entry point: print a `DataError`'s or `ConfigError`'s message without a traceback and exit with
-    status 2 (the status of a usage error); with `debug`, let it propagate with its traceback."""
+    """In a command-line entry point: print a `DataError`'s or a `ConfigError`'s message without a traceback and exit
+    with status 2 (the status of a usage error); with `debug`, let it propagate with its traceback. A one-line
+    message stays one line: the hint about `--debug` is appended to its last line."""
     try:
         yield
     except (DataError, ConfigError) as err:
         if debug:
             raise
-        sys.stderr.write(f"{prog}: error: {err}\n(run with --debug or {DEBUG_ENV}=1 for the traceback)\n")
+        sys.stderr.write(f"{prog}: error: {err} (run with --debug or {DEBUG_ENV}=1 for the traceback)\n")
         raise SystemExit(2) from None
 
 
@@ -233,7 +237,7 @@ def _load_local(path: Path) -> Table:
         except Exception as err:  # datasets wraps parse errors in several types
             raise DataError(f"{path}: could not be read as parquet: {err}") from err
         return Table(str(path), "row", rows, list(range(1, len(rows) + 1)))
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(UTF8_BOM)
     if not raw.strip():
         raise DataError(f"{path}: the file is empty; it must hold one JSON object per line.")
     if path.suffix == ".json" and raw.lstrip()[:1] == b"[":

@@ -4,14 +4,24 @@ One batch is one RL step's worth of problems (`prompts_per_step`, 64 in the pape
 candidates for dynamic sampling); the module samples `group_size` completions of each. Every row is checked before
 any model loads (`validation.py`): a non-empty problem, a usable rubric (markdown or list form; a total read as
 anything but 7 is refused, a total that cannot be read is kept and counted as `data/rubric_unverified`), a policy
-prompt that fits `max_prompt_tokens`, and, with `reward_mean_range`, the difficulty columns. Rejected rows stop the
-run or are skipped (`on_invalid_row`); `<run>/data_report.json` lists the counts and the unverified rubrics.
+prompt that fits `max_prompt_tokens`, and the difficulty columns (`scores`: integers 0..7, `reward_mean`: in [0, 1])
+when `reward_mean_range` uses them. Per-sample `scores` are range-checked wherever a row has them, like the rubric's
+points (a score of 9 is a broken row, and mean(scores) / 7 feeds the difficulty filter of whoever uses the file
+next); an unused `reward_mean` is not read. Rejected rows stop the run or are skipped (`on_invalid_row`);
+`<run>/data_report.json` lists the counts, the unverified rubrics and the duplicated problems.
+
+Duplicated problems (the same statement once whitespace is normalised) are kept for training (FineProofs-RL has a
+few; dropping them is the data owner's call) but reported: a warning with their count and lines, and
+`data/duplicate_problems`. None of them is ever drawn into the validation split: a problem that is also trained on
+would measure memory, not proving.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from qed_lightning.data.batches import ProblemBatches
 from qed_lightning.data.chat import POLICY_PROMPT, chat_prompt_ids
-from qed_lightning.data.difficulty import difficulty_checks, in_range, pass_rate
+from qed_lightning.data.difficulty import difficulty_checks, in_range, pass_rate, scores_value
 from qed_lightning.data.loading import ConfigError, DataError, Reject, Table, load_table
 from qed_lightning.data.rubric import check_rubric, read_rubric, render_rubric
 from qed_lightning.data.validation import RowPolicy, find_rejects, nonempty_str, remap
@@ -29,6 +39,7 @@ from qed_lightning.data.validation import RowPolicy, find_rejects, nonempty_str,
 __all__ = ["POLICY_PROMPT", "ProblemBatches", "ProofProblem", "ProofRLDataModule", "check_rubric", "render_policy_prompt"]
 
 REPORT_FILE = "data_report.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +71,37 @@ class ProofProblem:
     replayed: bool = False
     repeat: int = 0
     summary: str = ""
+
+
+def _statement(problem: ProofProblem) -> str:
+    return " ".join(problem.problem.split())
+
+
+def duplicate_lines(problems: list[ProofProblem]) -> list[list[int]]:
+    """The lines of each statement that occurs more than once (whitespace normalised), in file order.
+
+    >>> P = lambda line, text: ProofProblem(line - 1, text, "", line=line)
+    >>> duplicate_lines([P(1, "Show x."), P(2, "Other."), P(3, "Show  x.\\n"), P(4, "Show x.")])
+    [[1, 3, 4]]
+    """
+    lines: dict[str, list[int]] = {}
+    for p in problems:
+        lines.setdefault(_statement(p), []).append(p.line)
+    return sorted(sorted(group) for group in lines.values() if len(group) > 1)
+
+
+def split_validation(problems: list[ProofProblem], n_val: int) -> tuple[list[ProofProblem], list[ProofProblem]]:
+    """(validation, training): the first `n_val` problems whose statement occurs once; all the others train.
+
+    >>> P = lambda line, text: ProofProblem(line - 1, text, "", line=line)
+    >>> val, train = split_validation([P(1, "a"), P(2, "b"), P(3, "a"), P(4, "c")], 1)
+    >>> [p.line for p in val], [p.line for p in train]
+    ([2], [1, 3, 4])
+    """
+    counts = Counter(_statement(p) for p in problems)
+    val = [p for p in problems if counts[_statement(p)] == 1][:n_val]
+    chosen = {id(p) for p in val}
+    return val, [p for p in problems if id(p) not in chosen]
 
 
 def render_policy_prompt(tokenizer, problem: str, template: str = POLICY_PROMPT) -> list[int]:
@@ -158,6 +200,8 @@ class ProofRLDataModule(L.LightningDataModule):
         hp = self.hparams
         table = load_table(hp.path, subset=hp.subset, split=hp.split)
         rejects = find_rejects(table, self._checks(table), hp.columns)
+        if hp.reward_mean_range is None:  # unused by this run, but per-sample scores must be 0..7 (module docstring)
+            rejects += find_rejects(table, {"scores": scores_value}, hp.columns, required=False, unreadable=False)
         bad = {r.position for r in rejects}
         problems: list[ProofProblem] = []
         for index, line in enumerate(table.positions):
@@ -225,9 +269,25 @@ class ProofRLDataModule(L.LightningDataModule):
         n_val = self.hparams.val_size
         if n_val >= len(problems):
             raise DataError(f"{self.hparams.path}: data.val_size={n_val} leaves no training problems out of {len(problems)}.")
-        self.val_problems, self.train_problems = problems[:n_val], problems[n_val:]
+        duplicates = self._report_duplicates(problems)
+        self.val_problems, self.train_problems = split_validation(problems, n_val)
+        if len(self.val_problems) < n_val:
+            raise DataError(f"{self.hparams.path}: data.val_size={n_val}, but only {len(self.val_problems)} problems "
+                            f"occur once (duplicated statements at lines {duplicates} never go to validation); lower "
+                            "data.val_size or remove the duplicates.")
         self.stats["data/problems"] = float(len(self.train_problems))
         self._publish()
+
+    def _report_duplicates(self, problems: list[ProofProblem]) -> list[list[int]]:
+        """Log and record the duplicated statements (their lines); they train, never validate."""
+        groups = duplicate_lines(problems)
+        self.stats["data/duplicate_problems"] = float(sum(len(g) - 1 for g in groups))
+        self.report["duplicates"] = groups
+        if groups:
+            log.warning("%s: %d problem(s) occur more than once (same statement, whitespace aside), at lines %s; they "
+                        "are kept for training and never put in the validation split", self.hparams.path,
+                        len(groups), "; ".join(", ".join(map(str, g)) for g in groups[:20]))
+        return groups
 
     def _publish(self) -> None:
         """Log the data counts (rank zero), and write `<run>/data_report.json`."""

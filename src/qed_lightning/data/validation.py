@@ -30,9 +30,10 @@ REJECTS_FILE = "data_rejects.jsonl"
 
 
 def find_rejects(table: Table, checks: Mapping[str, Check], columns: Mapping[str, str] | None = None,
-                 required: bool = True) -> list[Reject]:
-    """Run `checks[field](value)` on every readable row; return the unreadable lines and every failed check, in
-    file order (a row with several problems appears once per problem).
+                 required: bool = True, unreadable: bool = True) -> list[Reject]:
+    """Run `checks[field](value)` on every readable row; return the unreadable lines (unless `unreadable=False`, for
+    a second pass over the same table) and every failed check, in file order (a row with several problems appears
+    once per problem).
 
     A check returns None when the value is fine, else a short description of what is wrong. `columns` maps a field
     onto the file's column name, so findings name the column the user sees. A row without the column is reported
@@ -46,7 +47,7 @@ def find_rejects(table: Table, checks: Mapping[str, Check], columns: Mapping[str
         have = sorted({k for row in table.rows for k in row})
         raise DataError(f"{table.where}: missing column(s) {absent}; the file has {have}. Rename the columns or map "
                         "them with `columns: {our_field: your_column}` in the data config.")
-    rejects = list(table.unreadable)
+    rejects = list(table.unreadable) if unreadable else []
     for index, row in enumerate(table.rows):
         for field, check in checks.items():
             column = named[field]

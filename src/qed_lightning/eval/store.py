@@ -24,7 +24,7 @@ __all__ = ["JsonlLog", "SampleKey", "SampleStore", "check_manifest", "sample_key
 log = logging.getLogger(__name__)
 
 SampleKey = tuple[str, int, str]
-FAILED = ("error", "parse_fail")
+FAILED = ("error", "parse_fail", "incomplete")
 
 
 def sample_key(record: dict[str, Any]) -> SampleKey:

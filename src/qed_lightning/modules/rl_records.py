@@ -22,7 +22,7 @@ from qed_lightning.rollout.base import RolloutEngine
 
 __all__ = ["keep_rollouts", "report_progress"]
 
-FAILED = ("error", "parse_fail")
+FAILED = ("error", "parse_fail", "incomplete")
 
 
 @contextmanager

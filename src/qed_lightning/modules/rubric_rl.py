@@ -38,6 +38,7 @@ from typing import Literal
 
 import torch
 
+from qed_lightning.data.loading import ConfigError
 from qed_lightning.data.rl import ProofProblem
 from qed_lightning.modules.base import QEDModule
 from qed_lightning.modules.group_sampling import Groups, check_spares, fill_step, has_signal, shape_rewards, split_spares
@@ -131,8 +132,9 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
     ) -> None:
         super().__init__(model_name_or_path, **kwargs)  # QEDModule's arguments (jsonargparse reads them through kwargs)
         problems = []
-        if group_size < 1:
-            problems.append(f"model.group_size must be >= 1, got {group_size}")
+        if group_size < 2:
+            problems.append(f"model.group_size must be >= 2, got {group_size}: the advantage is a reward minus its "
+                            "group's mean, so with fewer than 2 rollouts per prompt every advantage is 0 and nothing trains")
         if temperature <= 0:
             problems.append(f"model.temperature must be > 0 for RL sampling, got {temperature}")
         if max_new_tokens < 1 or micro_batch_tokens < 1:
@@ -154,7 +156,7 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         except ValueError as err:
             problems.append(str(err))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError("; ".join(problems))
         self.engine = engine
         self.judge = judge
         self.ref_model = None

@@ -9,6 +9,11 @@ Choices worth knowing:
 - `max_retries` counts attempts in total (the reference's "3 attempts"), not retries after the first.
 - Retried: HTTP 5xx, 429 (waiting `Retry-After` when the server sends one), timeouts, connection errors and 200
   replies that are not a completion (malformed JSON, no text). Not retried: other 4xx (a bad request stays bad).
+- A reply that did not finish is not a verdict: chat `finish_reason` "length" or "content_filter", a Responses body
+  with `status: "incomplete"` (or an incomplete message item) raises `JudgeError("incomplete")` carrying the partial
+  text. Whatever score tag a cut-off reply holds may be the judge quoting the proof, not its verdict, so it is never
+  read (the judge records status "incomplete", counted as `judge/incomplete`, never cached). Not retried: the same
+  budget cuts the same long reply again; raise `max_tokens`.
 - Responses requests send `store: false`: a judge needs no server-side copy of its replies.
 - The API key is read from the environment at each request and lives only in the request headers: it is never an
   attribute (so it is never pickled, logged or written to a run's config) and is masked in every error message.
@@ -33,7 +38,7 @@ __all__ = ["JudgeClient", "JudgeError", "OpenAIJudgeClient"]
 
 log = logging.getLogger(__name__)
 
-JudgeErrorKind = Literal["http", "timeout", "malformed", "rate_limited"]
+JudgeErrorKind = Literal["http", "timeout", "malformed", "rate_limited", "incomplete"]
 _Session = tuple[httpx.AsyncClient, asyncio.Semaphore]
 
 
@@ -42,16 +47,19 @@ class JudgeError(Exception):
 
     Attributes:
         kind: "http" (status or connection error), "timeout", "malformed" (a reply that is not a completion),
-            "rate_limited" (HTTP 429).
+            "rate_limited" (HTTP 429), "incomplete" (the reply did not finish: token limit or content filter).
         retryable: whether another attempt could succeed.
         retry_after: seconds the server asked us to wait (HTTP 429 `Retry-After`), if any.
+        reply: the partial reply text of an "incomplete" reply ("" otherwise), kept for inspection, never parsed.
     """
 
-    def __init__(self, kind: JudgeErrorKind, message: str, retryable: bool = True, retry_after: float | None = None):
+    def __init__(self, kind: JudgeErrorKind, message: str, retryable: bool = True, retry_after: float | None = None,
+                 reply: str = ""):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.retryable = retryable
         self.retry_after = retry_after
+        self.reply = reply
 
 
 class JudgeClient(ABC):
@@ -245,12 +253,44 @@ class OpenAIJudgeClient(JudgeClient):
     def _reply_text(self, response: httpx.Response, url: str) -> str:
         try:
             body = response.json()
+            unfinished = _chat_unfinished(body) if self.api == "chat" else _responses_unfinished(body)
+            if unfinished is not None:
+                raise JudgeError("incomplete", f"POST {url}: the judge's reply did not finish ({unfinished}); its "
+                                 "text is not a verdict. Raise the judge client's max_tokens if it hit the limit.",
+                                 retryable=False, reply=_partial_text(body, self.api))
             text = _chat_text(body) if self.api == "chat" else _responses_text(body)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError, ValueError) as err:
             snippet = self._redact(response.text[:200])
             detail = f"POST {url} returned no {self.api} completion ({err!r}); body starts {snippet!r}"
             raise JudgeError("malformed", detail) from None
         return text
+
+
+#: chat `finish_reason` values of a reply that stopped before the judge finished it
+UNFINISHED_REASONS = ("length", "content_filter")
+
+
+def _chat_unfinished(body: dict[str, Any]) -> str | None:
+    """Why a chat completion did not finish ("finish_reason 'length'"), or None when it finished."""
+    reason = body["choices"][0].get("finish_reason")
+    return f"finish_reason {reason!r}" if reason in UNFINISHED_REASONS else None
+
+
+def _responses_unfinished(body: dict[str, Any]) -> str | None:
+    """Why a Responses reply did not finish (`status: "incomplete"` and its reason), or None when it finished."""
+    messages = [item for item in body.get("output") or [] if item.get("type") == "message"]
+    if body.get("status") != "incomplete" and not any(m.get("status") == "incomplete" for m in messages):
+        return None
+    reason = (body.get("incomplete_details") or {}).get("reason")
+    return f"status 'incomplete', reason {reason!r}" if reason else "status 'incomplete'"
+
+
+def _partial_text(body: dict[str, Any], api: str) -> str:
+    """Whatever text an unfinished reply holds ("" when none), for the record only."""
+    try:
+        return _chat_text(body) if api == "chat" else _responses_text(body)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return ""
 
 
 def _chat_text(body: dict[str, Any]) -> str:

@@ -7,7 +7,8 @@ first (Qwen3-style templates open a `<think>` block), else the whole completion.
 
 Concurrent `complete` calls that arrive in the same event-loop tick are sent to the engine as one batch (engines
 batch far better than they serve one prompt at a time), and the engine is never called from two threads at once.
-An exception inside the engine is a bug or a crash of this process, not a judge verdict: it propagates.
+An exception inside the engine is a bug or a crash of this process, not a judge verdict: it propagates. A reply
+that stopped at `max_tokens` is not a verdict either: it raises `JudgeError("incomplete")`, as for the HTTP clients.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from qed_lightning.rewards.clients import JudgeClient
+from qed_lightning.rewards.clients import JudgeClient, JudgeError
 from qed_lightning.rewards.parsing import THINK_CLOSE
 from qed_lightning.rollout.base import RolloutEngine, SamplingConfig
 
@@ -114,8 +115,15 @@ class EngineJudgeClient(JudgeClient):
                     future.set_exception(err)
             return
         for (_, future), completions in zip(batch, outputs, strict=True):
-            if not future.done():
-                future.set_result(_reply_text(completions[0].text))
+            if future.done():
+                continue
+            reply = _reply_text(completions[0].text)
+            if completions[0].truncated:  # cut off at max_tokens: whatever it holds is not the judge's verdict
+                future.set_exception(JudgeError(
+                    "incomplete", f"the engine judge's reply stopped at max_tokens={self.sampling.max_new_tokens}; "
+                    "raise the judge client's max_tokens", retryable=False, reply=reply))
+            else:
+                future.set_result(reply)
 
     def _generate(self, prompts: list[list[int]]):
         with self._engine_lock:

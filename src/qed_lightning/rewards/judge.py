@@ -9,6 +9,13 @@ Ours: the same, with failures counted apart. `on_failure="zero"` (paper-exact) g
 banding of the reward (`banding=True`: 1..5 -> 1), an optional on-disk grade cache, and `judge/` metrics
 (`pop_metrics`).
 
+Reward integrity (the policy is trained to raise its grade, so its proof is untrusted input to the judge): a judge
+reply that did not finish (token limit, content filter) is status "incomplete" (`judge/incomplete`), never a score
+and never cached; the proof reaches the judge fenced by a per-call random id with its verdict tags escaped, and the
+score is read only from the judge's own output (`parsing.fence_proof`, `parsing.verdict_region`; a proof carrying
+verdict tags or the template's delimiters is counted in `judge/proof_markup`). The grade cache is keyed by the
+unfenced proof, so the per-call id does not defeat it.
+
 Override points (subclass `BaseJudge`): `proof_of` (what text is graded), `prompt_values` (what fills the prompt),
 `parse` (how a reply becomes a score), `reward_of` (score -> reward). `RubricJudge` and `ProofBenchJudge` differ
 only in these and in their default prompt.
@@ -28,7 +35,9 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from qed_lightning.rewards.cache import GradeCache, grade_cache_key
 from qed_lightning.rewards.clients import JudgeClient, JudgeError
-from qed_lightning.rewards.parsing import band_score, extract_proof, parse_points, parse_score, strip_self_evaluation
+from qed_lightning.rewards.parsing import (
+    band_score, extract_proof, fence_proof, parse_points, parse_score, strip_self_evaluation, verdict_region,
+)
 from qed_lightning.data.rubric import render_rubric
 from qed_lightning.rewards.templates import load_prompt
 from qed_lightning.rewards.types import Grade, GradeRequest
@@ -37,7 +46,8 @@ __all__ = ["BaseJudge", "JudgeDownError", "ProofBenchJudge", "RubricJudge"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-STATUSES = ("ok", "truncated", "error", "parse_fail")
+STATUSES = ("ok", "truncated", "error", "parse_fail", "incomplete")
+FAILED = ("error", "parse_fail", "incomplete")
 
 
 class JudgeDownError(RuntimeError):
@@ -120,7 +130,7 @@ class BaseJudge:
         raise NotImplementedError
 
     def parse(self, reply: str) -> int | None:
-        """The 0..7 score in the judge's reply, or None."""
+        """The 0..7 score in the judge's reply (its verdict region: `parsing.verdict_region`), or None."""
         raise NotImplementedError
 
     def reward_of(self, score: int) -> float:
@@ -208,21 +218,26 @@ class BaseJudge:
         return grade
 
     async def _ask_judge(self, values: dict[str, str]) -> Grade:
+        fenced = fence_proof(values["proof"], self.prompt.delimiters)
+        if fenced.markup:
+            with self._stats_lock:
+                self.counters["proof_markup"] += 1
         start = time.perf_counter()
         try:
-            reply = await self.client.complete(self.prompt.render(**values))
+            reply = await self.client.complete(self.prompt.render(**{**values, "proof": fenced.text}))
         except JudgeError as err:
             self._last_error = str(err)
             log.debug("judge call failed: %s", err)
-            return self._failure("error", "", time.perf_counter() - start)
+            status = "incomplete" if err.kind == "incomplete" else "error"
+            return self._failure(status, err.reply, time.perf_counter() - start)
         latency = time.perf_counter() - start
-        score = self.parse(reply)
+        score = self.parse(verdict_region(reply, fenced))
         if score is None:
             self._last_error = f"parse_fail: no valid score in reply {reply[-200:]!r}"
             return self._failure("parse_fail", reply, latency)
         return Grade(score=score, reward=self.reward_of(score), status="ok", reply=reply, latency_s=latency)
 
-    def _failure(self, status: Literal["error", "parse_fail"], reply: str, latency: float) -> Grade:
+    def _failure(self, status: Literal["error", "parse_fail", "incomplete"], reply: str, latency: float) -> Grade:
         reward = 0.0 if self.on_failure == "zero" else None
         return Grade(score=None, reward=reward, status=status, reply=reply, latency_s=latency)
 
@@ -234,7 +249,7 @@ class BaseJudge:
             self.counters["cache_hits"] += sum(g.cached for g in grades)
             self.counters["calls"] += len(called)
             self.latencies.extend(g.latency_s for g in called)
-        failed = sum(g.status in ("error", "parse_fail") for g in grades)
+        failed = sum(g.status in FAILED for g in grades)
         if failed:
             log.warning("judge: %d of %d grades failed (on_failure=%s); last: %s",
                         failed, len(grades), self.on_failure, self._last_error)
@@ -245,7 +260,8 @@ class BaseJudge:
             counts, latencies = self.counters.copy(), list(self.latencies)
             self.counters.clear()
             self.latencies.clear()
-        metrics = {f"judge/{name}": float(counts[name]) for name in (*STATUSES, "cache_hits", "calls", "outages", "down_s")}
+        names = (*STATUSES, "cache_hits", "calls", "outages", "down_s", "proof_markup")
+        metrics = {f"judge/{name}": float(counts[name]) for name in names}
         metrics["judge/latency_mean_s"] = sum(latencies) / len(latencies) if latencies else 0.0
         metrics["judge/latency_max_s"] = max(latencies, default=0.0)
         return metrics

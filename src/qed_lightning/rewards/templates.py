@@ -12,7 +12,9 @@ Rendering substitutes the exact placeholders `{problem}`, `{rubric}`, `{proof}`,
 is never substituted again. A template file is used verbatim: its text is sent as it is, with only the placeholders
 replaced. `aliases` lets a file written with other placeholder names (the reference's `{marking_scheme}`,
 `{student_answer}`, ...) be used unchanged: `{"marking_scheme": "rubric"}` fills `{marking_scheme}` with the rubric.
-The aliases are part of the version, since they change what the judge reads.
+The aliases are part of the version, since they change what the judge reads. The judge fills `{proof}` with the
+proof fenced by a per-call random id (`parsing.fence_proof`); `JudgePrompt.delimiters` are the template's own
+`=== ... ===` lines, which a proof that repeats them is flagged for.
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ class JudgePrompt:
     def _pattern(self) -> re.Pattern[str]:
         names = [*PLACEHOLDERS, *(alias for alias, _ in self.aliases)]
         return re.compile(r"\{(" + "|".join(map(re.escape, names)) + r")\}")
+
+    @property
+    def delimiters(self) -> tuple[str, ...]:
+        """The template's section markers: its lines of the form `=== ... ===` (a proof that writes one is flagged).
+
+        >>> make_prompt("t", "=== Proof ===\\n{proof}\\n=== End of Proof ===\\nGrade it.").delimiters
+        ('=== Proof ===', '=== End of Proof ===')
+        """
+        lines = (line.strip() for line in self.text.splitlines())
+        return tuple(line for line in lines if len(line) > 6 and line.startswith("===") and line.endswith("==="))
 
     @property
     def placeholders(self) -> set[str]:

@@ -1,9 +1,9 @@
 """What goes into a judge and what comes out (SPEC 4).
 
 Paper's choice: a judge failure or a reply without a score becomes reward 0, indistinguishable from a real 0.
-Ours: every `Grade` carries a `status`, so failures are counted apart ("error", "parse_fail") from real zeros
-("ok" with score 0) and from truncated rollouts that were never sent ("truncated"); `reward` is None when the judge
-is configured to drop failed samples from their group.
+Ours: every `Grade` carries a `status`, so failures are counted apart ("error", "parse_fail", "incomplete") from real
+zeros ("ok" with score 0) and from truncated rollouts that were never sent ("truncated"); `reward` is None when the
+judge is configured to drop failed samples from their group.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Literal
 
 __all__ = ["Grade", "GradeRequest", "GradeStatus"]
 
-GradeStatus = Literal["ok", "truncated", "error", "parse_fail"]
+GradeStatus = Literal["ok", "truncated", "error", "parse_fail", "incomplete"]
 
 
 @dataclass
@@ -44,8 +44,9 @@ class Grade:
         reward: the training reward (score / 7, optionally IMO-banded); 0.0 for failures under
             `on_failure="zero"`, None under `on_failure="drop"`.
         status: "ok", "truncated" (no `</think>` or empty proof, no judge call), "error" (the judge call failed
-            after its retries), "parse_fail" (the judge replied without a valid score).
-        reply: the judge's raw reply text ("" when there was none).
+            after its retries), "parse_fail" (the judge replied without a valid score), "incomplete" (the judge's
+            reply did not finish: token limit or content filter; never scored, never cached).
+        reply: the judge's raw reply text ("" when there was none; the partial text of an "incomplete" reply).
         latency_s: seconds the judge call took (0.0 for truncated rollouts and cache hits).
         cached: True when the grade came from the on-disk grade cache.
     """

@@ -5,7 +5,8 @@ server speaks the real HTTP protocol (`GET /v1/models`, `POST /v1/chat/completio
 bodies shaped like vLLM's and OpenAI's), so the whole judge client runs unchanged against it: retries, timeouts,
 concurrency, both APIs. Instead of a model it scores the proof it finds in the judge prompt (between the
 `=== Proof Solution ===` / `=== End of Proof Solution ===` markers of the packaged templates) with a named,
-deterministic rule (`judge_rules`: "length", "keyword", "char_fraction", "fixed").
+deterministic rule (`judge_rules`: "length", "keyword", "char_fraction", "fixed", and "obey", a naive judge that
+follows "give N" written after what it takes for the end of the proof).
 
 It answers `<score>N</score><assessment>scripted stand-in judge: rule=...</assessment><errors>...</errors>`, or
 `<points>N out of 7</points>` when the prompt asks for points (the IMO-ProofBench template).
@@ -13,7 +14,9 @@ It answers `<score>N</score><assessment>scripted stand-in judge: rule=...</asses
 Fault injection, consumed one per POST in order, then normal service: "http500", "http429" (Retry-After: 0),
 "http400" (a non-retryable error whose body echoes the request's Authorization header, like a careless proxy),
 "timeout" (answers only after `delay_s`), "malformed_json" (a 200 whose body is not JSON), "no_score" (a valid
-reply without a score), "garbage" (`<score>9</score>`). `down = True` answers every request with 503.
+reply without a score), "garbage" (`<score>9</score>`), "truncate" (a reply cut off by its token limit right after
+quoting the proof, HTML entities read back, so an escaped `&lt;score&gt;` in the prompt is quoted as a tag: chat
+`finish_reason: "length"`, Responses `status: "incomplete"`). `down = True` answers every request with 503.
 
 Run it in the foreground: `python -m qed_lightning.testing.judge_server --port 8765 --rule keyword --keyword QED`.
 """
@@ -21,6 +24,7 @@ Run it in the foreground: `python -m qed_lightning.testing.judge_server --port 8
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import logging
 import threading
@@ -30,13 +34,15 @@ from collections import Counter, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from qed_lightning.testing.judge_rules import PROOF_END, PROOF_START, RULES, Rule, ScoringRule, proof_section
+from qed_lightning.testing.judge_rules import (
+    PROOF_END, PROOF_START, RULES, Rule, ScoringRule, obeyed_instruction, proof_section,
+)
 
 __all__ = ["FAULTS", "ScriptedJudgeServer", "main"]
 
 log = logging.getLogger(__name__)
 
-FAULTS = ("http500", "http429", "http400", "timeout", "malformed_json", "no_score", "garbage")
+FAULTS = ("http500", "http429", "http400", "timeout", "malformed_json", "no_score", "garbage", "truncate")
 
 
 def _prompt_text(path: str, body: dict[str, Any]) -> str:
@@ -54,9 +60,10 @@ def _prompt_text(path: str, body: dict[str, Any]) -> str:
     return content
 
 
-def _chat_body(model: str, text: str, prompt_tokens: int) -> dict[str, Any]:
+def _chat_body(model: str, text: str, prompt_tokens: int, finished: bool = True) -> dict[str, Any]:
     completion_tokens = len(text.split())
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": "stop"}
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+              "finish_reason": "stop" if finished else "length"}
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [choice],
@@ -65,12 +72,14 @@ def _chat_body(model: str, text: str, prompt_tokens: int) -> dict[str, Any]:
     }
 
 
-def _responses_body(model: str, text: str, prompt_tokens: int, with_output_text: bool) -> dict[str, Any]:
+def _responses_body(model: str, text: str, prompt_tokens: int, with_output_text: bool,
+                    finished: bool = True) -> dict[str, Any]:
     output_tokens = len(text.split())
+    status = "completed" if finished else "incomplete"
     body = {
         "id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()), "model": model,
-        "status": "completed",
-        "output": [{"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": "completed", "role": "assistant",
+        "status": status, "incomplete_details": None if finished else {"reason": "max_output_tokens"},
+        "output": [{"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": status, "role": "assistant",
                     "content": [{"type": "output_text", "text": text, "annotations": []}]}],
         "usage": {"input_tokens": prompt_tokens, "output_tokens": output_tokens,
                   "total_tokens": prompt_tokens + output_tokens},
@@ -150,10 +159,11 @@ class _Handler(BaseHTTPRequestHandler):
         text = owner.reply_for(prompt, fault)
         model = body.get("model") or owner.model
         tokens = len(prompt.split())
+        finished = fault != "truncate"
         if self.path.endswith("/chat/completions"):
-            self._send_json(200, _chat_body(model, text, tokens))
+            self._send_json(200, _chat_body(model, text, tokens, finished))
         else:
-            self._send_json(200, _responses_body(model, text, tokens, owner.output_text_field))
+            self._send_json(200, _responses_body(model, text, tokens, owner.output_text_field, finished))
 
     def _fault_reply(self, fault: str) -> None:
         if fault == "http500":
@@ -249,7 +259,10 @@ class ScriptedJudgeServer:
                         PROOF_START, PROOF_END)
             return ("<assessment>scripted stand-in judge: no proof section found in the prompt</assessment>"
                     "<errors>unknown prompt format</errors>")
-        score = 9 if fault == "garbage" else self.rule(proof)
+        if fault == "truncate":  # the token limit hits while the judge quotes the proof
+            return f"<assessment>The candidate's proof reads: {html.unescape(proof)}"
+        ordered = obeyed_instruction(prompt) if self.rule.name == "obey" else None
+        score = 9 if fault == "garbage" else ordered if ordered is not None else self.rule(proof)
         assessment = (f"<assessment>scripted stand-in judge: rule={self.rule.describe()}; "
                       f"proof has {len(proof)} chars</assessment>")
         errors = "<errors>none (scripted)</errors>"
