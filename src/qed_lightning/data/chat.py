@@ -28,6 +28,8 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on tokens that carry no loss
     truncated: bool = False
+    thinking_cut: int = 0  # thinking tokens removed to fit (`cut_thinking`); 0 = none
+    full_length: int = 0  # tokens before any truncation or cut
 
     @property
     def num_trained(self) -> int:
@@ -63,8 +65,15 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
     return full, spans
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | None = None) -> TokenizedExample:
-    """Tokenize a chat with labels on the assistant spans only; truncate to `max_length` tokens if given."""
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | None = None,
+                          cut_thinking: bool = False) -> TokenizedExample:
+    """Tokenize a chat with labels on the assistant spans only; truncate to `max_length` tokens if given.
+
+    With `cut_thinking`, an example that is too long loses the end of its last assistant turn's thinking instead
+    (the tokens just before `</think>`), so the prompt, the start of the thinking and the whole proof stay; the
+    `</think>` after the cut carries no loss (the model is not taught to close a thought mid-way). When the thinking
+    is too short to absorb the excess (or there is no `</think>`), the example is returned whole and marked
+    truncated, for the caller to drop."""
     text, spans = assistant_char_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = enc["input_ids"]
@@ -77,6 +86,31 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | Non
         if span is not None and tok_start >= span[0] and tok_end <= span[1] and tok_end > tok_start:
             labels[idx] = input_ids[idx]
     truncated = max_length is not None and len(input_ids) > max_length
+    if truncated and cut_thinking:
+        cut = _thinking_cut(text, enc["offset_mapping"], spans, len(input_ids) - max_length)
+        if cut is None:
+            return TokenizedExample(input_ids=input_ids, labels=labels, truncated=True, full_length=len(input_ids))
+        lo, hi = cut  # [lo, hi): thinking tokens to remove; hi is the `</think>` token
+        labels = labels[:lo] + [IGNORE_INDEX] + labels[hi + 1:]
+        return TokenizedExample(input_ids=input_ids[:lo] + input_ids[hi:], labels=labels, truncated=True,
+                                thinking_cut=hi - lo, full_length=len(input_ids))
+    full_length = len(input_ids)
     if truncated:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return TokenizedExample(input_ids=input_ids, labels=labels, truncated=truncated)
+    return TokenizedExample(input_ids=input_ids, labels=labels, truncated=truncated, full_length=full_length)
+
+
+def _thinking_cut(text: str, offsets: list[tuple[int, int]], spans: list[tuple[int, int]], excess: int
+                  ) -> tuple[int, int] | None:
+    """The token range `[lo, hi)` of `excess` thinking tokens that end just before the last assistant turn's
+    `</think>` (token `hi`), or None when that thinking has fewer than `excess` + 1 tokens."""
+    if not spans:
+        return None
+    start, end = spans[-1]
+    close = text.rfind("</think>", start, end)
+    if close < 0:
+        return None
+    hi = next(i for i, (a, _) in enumerate(offsets) if a >= close)
+    first = next(i for i, (a, _) in enumerate(offsets) if a >= start)
+    lo = hi - excess
+    return (lo, hi) if lo > first else None

@@ -4,13 +4,22 @@ Truncation policy (`truncation`):
 - "drop" (default): an example longer than `max_length` tokens is left out. A truncated proof trace teaches the
   model to stop mid-thought, which is the length failure mode the paper warns about, so we would rather lose it.
 - "truncate": keep the first `max_length` tokens (the loss then covers the start of the thinking only).
-Either way the counts are logged (`data/truncated`, `data/dropped`) and reported at setup.
+- "thinking": keep the example, cutting the end of its thinking (the tokens just before `</think>`) so that the
+  prompt, the start of the thinking and the whole proof fit; the `</think>` after the cut carries no loss. An
+  example whose prompt and proof alone exceed `max_length` is dropped. This keeps every proof of a long trace
+  (DeepSeek-Math-V2's run past 100k tokens) at the price of training on shortened thinking.
+Every policy counts what it did: `data/truncated` (examples over `max_length`), `data/dropped`, `data/thinking_cut`,
+reported at setup (a warning when more than 5% of the examples are dropped) and in `<run>/data_report.json` with
+the token-length percentiles of the data, so the cost of `max_length` is visible before training. Raising
+`max_length` instead costs activation memory linear in the row length (packing, gradient checkpointing and the
+chunked LM head keep it linear; see `docs/`).
 
 Malformed rows stop the run, naming each by line and column, or are skipped (`on_invalid_row`, `validation.py`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from functools import partial
@@ -39,7 +48,8 @@ class SFTDataModule(L.LightningDataModule):
         split: hub split.
         columns: map of our field names onto the file's columns, e.g. {"messages": "conversation"}.
         max_length: maximum tokens per example (and per packed row).
-        truncation: "drop" or "truncate" examples longer than `max_length` (see module docstring).
+        truncation: "drop", "truncate" or "thinking" (cut the end of the thinking, keep the proof) for examples
+            longer than `max_length` (see module docstring).
         packing: pack several examples per row (position ids restart per example).
         batch_size: rows per micro-batch.
         val_fraction: fraction of examples held out for validation (0 = no validation loop).
@@ -58,7 +68,7 @@ class SFTDataModule(L.LightningDataModule):
         split: str = "train",
         columns: dict[str, str] | None = None,
         max_length: int = 16384,
-        truncation: Literal["drop", "truncate"] = "drop",
+        truncation: Literal["drop", "truncate", "thinking"] = "drop",
         packing: bool = True,
         batch_size: int = 1,
         val_fraction: float = 0.0,
@@ -101,12 +111,15 @@ class SFTDataModule(L.LightningDataModule):
         run_dir = Path(trainer.default_root_dir) if trainer is not None and trainer.is_global_zero else None
         skipped = self.policy.apply(table.where, rejects, table.total, run_dir)
         rows = [row for row, line in zip(table.rows, table.positions, strict=True) if line not in skipped]
-        examples, dropped, truncated, no_labels = [], 0, 0, 0
+        examples, lengths, dropped, truncated, cut, no_labels = [], [], 0, 0, 0, 0
         for row in rows:
-            ex = tokenize_conversation(tokenizer, remap(row, hp.columns, ["messages"])["messages"], hp.max_length)
+            ex = tokenize_conversation(tokenizer, remap(row, hp.columns, ["messages"])["messages"], hp.max_length,
+                                       cut_thinking=hp.truncation == "thinking")
+            lengths.append(ex.full_length)
             if ex.truncated:
                 truncated += 1
-                if hp.truncation == "drop":
+                cut += ex.thinking_cut > 0
+                if hp.truncation == "drop" or len(ex.input_ids) > hp.max_length:
                     dropped += 1
                     continue
             if ex.num_trained == 0:
@@ -114,11 +127,30 @@ class SFTDataModule(L.LightningDataModule):
                 continue
             examples.append(ex)
         self.stats = {"data/examples": len(rows), "data/truncated": truncated, "data/dropped": dropped + no_labels,
-                      "data/rejected": len(skipped)}
+                      "data/thinking_cut": cut, "data/rejected": len(skipped)}
+        self._report(lengths, run_dir)
         if not examples:
             raise DataError(f"{hp.path}: all {len(rows)} examples were dropped ({truncated} longer than "
                             f"data.max_length={hp.max_length}); raise data.max_length or set data.truncation=truncate.")
         return examples
+
+    def _report(self, lengths: list[int], run_dir: Path | None) -> None:
+        """Warn when many examples are dropped; write `<run>/data_report.json` (counts, length percentiles)."""
+        hp, s = self.hparams, self.stats
+        share = s["data/dropped"] / max(s["data/examples"], 1)
+        if share > 0.05:
+            log.warning("%d of %d SFT examples (%.0f%%) are not trained on (longer than data.max_length=%d with "
+                        "truncation=%s, or no assistant tokens): raise data.max_length, or set data.truncation=thinking "
+                        "to keep their proofs", s["data/dropped"], s["data/examples"], 100 * share, hp.max_length,
+                        hp.truncation)
+        if run_dir is None or not lengths:
+            return
+        ordered = sorted(lengths)
+        pct = {f"p{q}": ordered[min(len(ordered) - 1, len(ordered) * q // 100)] for q in (50, 90, 99)}
+        report = {"path": hp.path, "max_length": hp.max_length, "truncation": hp.truncation,
+                  **{k.removeprefix("data/"): v for k, v in s.items()}, "tokens": {**pct, "max": ordered[-1]}}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "data_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_rows:
@@ -138,6 +170,7 @@ class SFTDataModule(L.LightningDataModule):
         rank_zero_info(
             f"SFT data: {self.stats['data/examples']} examples from {hp.path}, {self.stats['data/truncated']} over "
             f"max_length={hp.max_length} ({hp.truncation}), {self.stats['data/dropped']} dropped, "
+            f"{self.stats['data/thinking_cut']} with their thinking cut, "
             f"{self.stats['data/rejected']} rejected rows, {len(self.train_rows)} train rows, {len(self.val_rows)} val rows"
         )
 
