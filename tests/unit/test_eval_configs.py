@@ -61,3 +61,20 @@ def test_a_typo_is_refused_with_its_name(capsys):
         main(["--config", str(REPO / "configs/eval/demo.yaml"), "--n_sampels", "2"])
     assert exit_info.value.code != 0
     assert "n_sampels" in capsys.readouterr().err
+
+
+def test_unset_sampling_comes_from_the_models_generation_config(tiny_model_dir, tmp_path, caplog):
+    """As the reference's released evaluation config: the model's generation_config.json decides what the config
+    leaves unset (the tiny model's sets temperature 0.8 only); a value given wins; no file: vLLM's defaults."""
+    import shutil
+
+    from qed_lightning.eval.runner import model_sampling
+
+    assert model_sampling(str(tiny_model_dir), None, None, None) == (0.8, 1.0, -1)
+    assert model_sampling(str(tiny_model_dir), 0.6, 0.95, 20) == (0.6, 0.95, 20)
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    (bare / "generation_config.json").unlink()
+    with caplog.at_level("WARNING"):
+        assert model_sampling(str(bare), None, 0.9, None) == (1.0, 0.9, -1)
+    assert "has no generation_config.json" in caplog.text

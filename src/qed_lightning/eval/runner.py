@@ -47,6 +47,27 @@ def judge_id(judge: BaseJudge) -> str:
     return f"{type(judge).__name__}|{judge.client.model_name}|{judge.prompt.version}|think={judge.require_think_close}"
 
 
+def model_sampling(model: str, temperature: float | None, top_p: float | None, top_k: int | None
+                   ) -> tuple[float, float, int]:
+    """(temperature, top_p, top_k): each value given, else the model's `generation_config.json`, else vLLM's
+    defaults (1.0, 1.0, off); logged."""
+    defaults: dict[str, Any] = {}
+    if None in (temperature, top_p, top_k):
+        from transformers import GenerationConfig
+
+        try:
+            # the values the file sets (its diff against transformers' defaults), as vLLM's generation_config="auto"
+            defaults = GenerationConfig.from_pretrained(model).to_diff_dict()
+        except (OSError, ValueError):
+            log.warning("qed-eval: %s has no generation_config.json; unset sampling values take vLLM's defaults "
+                        "(temperature 1.0, top_p 1.0, no top_k)", model)
+    temperature = temperature if temperature is not None else float(defaults.get("temperature") or 1.0)
+    top_p = top_p if top_p is not None else float(defaults.get("top_p") or 1.0)
+    top_k = top_k if top_k is not None else int(defaults.get("top_k") or -1)
+    log.info("qed-eval sampling: temperature %s, top_p %s, top_k %s", temperature, top_p, top_k)
+    return temperature, top_p, top_k
+
+
 class Evaluator:
     """Generate, grade and report on one benchmark; see the module docstring.
 
@@ -57,7 +78,11 @@ class Evaluator:
         engine: rollout engine; None = `VLLMEngine()` on `model`.
         scaffold: `DirectScaffold` (None), `ReasoningCacheScaffold` or `GenerateVerifyRefine`.
         n: samples per problem; sample k of every problem forms run k (the std is over runs).
-        temperature, top_p, top_k, max_new_tokens: sampling (SPEC 6: T 0.8, or 0.6 with top_p 0.95).
+        temperature, top_p, top_k: sampling; None (the default) = the model's own `generation_config.json`, as
+            the reference's released evaluation config leaves it (Qwen3-4B-Thinking-2507's: T 0.6, top_p 0.95,
+            top_k 20; vLLM's defaults 1.0 / 1.0 / off for a value the file does not set). Set to override (the paper
+            also reports T 0.8). The values used are logged and kept in the output folder's manifest.
+        max_new_tokens: the generation budget.
         output_dir: where samples, grades, the summary and the plot go; rerunning resumes there.
         seed: sampling seed; each sample's seed is `derive_seed(seed, problem id, sample index, scaffold)`, so a
             sample is the same whichever chunk or resumed run generates it.
@@ -67,12 +92,12 @@ class Evaluator:
     """
 
     def __init__(self, model: str, benchmark: Benchmark, judge: BaseJudge, engine: RolloutEngine | None = None,
-                 scaffold: Scaffold | None = None, n: int = 4, temperature: float = 0.8, top_p: float = 1.0,
-                 top_k: int = -1, max_new_tokens: int = 49152, output_dir: str = "runs/eval", seed: int = 0,
+                 scaffold: Scaffold | None = None, n: int = 4, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, max_new_tokens: int = 49152, output_dir: str = "runs/eval", seed: int = 0,
                  batch_size: int = 256, regrade_failures: bool = True, plot: bool = True) -> None:
         problems = [f"{name} must be >= 1, got {value}" for name, value in
                     (("n", n), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)) if value < 1]
-        if temperature < 0:
+        if temperature is not None and temperature < 0:
             problems.append(f"temperature must be >= 0, got {temperature}")
         missing = sorted(set(judge.request_fields) - benchmark.provides)
         if missing:
@@ -91,6 +116,7 @@ class Evaluator:
         self.engine = engine if engine is not None else VLLMEngine()
         self.scaffold = scaffold if scaffold is not None else DirectScaffold()
         self.n, self.seed, self.batch_size = n, seed, batch_size
+        temperature, top_p, top_k = model_sampling(model, temperature, top_p, top_k)
         self.sampling = SamplingConfig(temperature, top_p, top_k, max_new_tokens, seed)
         self.output_dir = Path(output_dir)
         self.regrade_failures, self.plot = regrade_failures, plot
