@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qed_lightning.modules import SFTModule
-from qed_lightning.precision import fsdp2_policy, lost_update_threshold, lost_update_warning, weights_are_half
+from qed_lightning.model.precision import fsdp2_policy, lost_update_threshold, lost_update_warning, weights_are_half
 
 
 def test_lost_update_threshold_by_hand_and_by_bf16_rounding():

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from qed_lightning.rollout.base import Completion, SamplingConfig
-from qed_lightning.rollout.server_engine import WORKER_EXTENSION, VLLMServerEngine, _rank, write_safetensors
+from qed_lightning.rollout.engines.server_engine import WORKER_EXTENSION, VLLMServerEngine, _rank, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class LocalVLLMPool(VLLMServerEngine):
             cores = parse_cpus(devices)
             env.update(VLLM_CPU_OMP_THREADS_BIND=devices, VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gib),
                        OMP_NUM_THREADS=str(len(cores)))
-        guard = [sys.executable, "-m", "qed_lightning.rollout.server_guard", "--"]
+        guard = [sys.executable, "-m", "qed_lightning.rollout.engines.server_guard", "--"]
         with open(log_path, "w") as fh:
             proc = subprocess.Popen(guard + self._server_command(model, port, devices), stdout=fh,
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True,

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from qed_lightning.rollout.base import RolloutEngine, WrappingEngine
-from qed_lightning.rollout.streaming import GroupStream
+from qed_lightning.rollout.layouts.streaming import GroupStream
 
 
 class StreamingRollouts(WrappingEngine):

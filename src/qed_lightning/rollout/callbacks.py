@@ -118,7 +118,7 @@ class WeightSyncCallback(Callback):
             return {}
         metrics = free_training_memory(pl_module, trainer.optimizers) if self.engine.memory_handoff else {}
         started = time.perf_counter()
-        # the RL modules' StepPhases (modules/phases.py, not imported: rollout/ sits below modules/): the progress bar
+        # the RL modules' StepPhases (phases.py, not imported: rollout/ sits below modules/): the progress bar
         # shows "sync"
         phases = getattr(pl_module, "phases", None)
         with phases.phase("sync") if phases is not None else nullcontext():

@@ -10,7 +10,7 @@ Start every server of the pool with the trainer's starting weights and:
 
     VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model runs/sft/hf \\
         --logprobs-mode processed_logprobs --generation-config vllm --max-model-len 53248 --port 8000 \\
-        --worker-extension-cls qed_lightning.rollout.vllm_worker.QEDWorkerExtension
+        --worker-extension-cls qed_lightning.rollout.engines.vllm_worker.QEDWorkerExtension
 
 - `--logprobs-mode processed_logprobs` (required): log-probs under the sampling temperature, the convention of
   the trainer's `token_logprobs(..., temperature)`; the default (raw) is off by ~0.3 nats a token at T=0.8 (SPEC 7).
@@ -69,7 +69,7 @@ from qed_lightning.rollout.pool_sync import PoolWeightSyncClient, full_parameter
 
 log = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "qed_lightning.rollout.vllm_worker.QEDWorkerExtension"
+WORKER_EXTENSION = "qed_lightning.rollout.engines.vllm_worker.QEDWorkerExtension"
 
 
 def _rank() -> int:

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig, WrappingEngine
-from qed_lightning.rollout.launch import EngineLaunch, current_launch, export_launch, tp_groups
+from qed_lightning.rollout.engines.launch import EngineLaunch, current_launch, export_launch, tp_groups
 
 log = logging.getLogger(__name__)
 
