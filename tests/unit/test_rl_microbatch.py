@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qed_lightning.rl import token_logprobs
 from qed_lightning.model.forward import completion_logits, shared_prefix_logits
+from qed_lightning.rl import token_logprobs
 from qed_lightning.rl.microbatch import (
     pack_sequences,
     pad_sequences,

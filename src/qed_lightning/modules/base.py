@@ -100,7 +100,9 @@ class QEDModule(L.LightningModule):
             rank_zero_warn(lost_update_warning([p for p in self.parameters() if p.requires_grad], lr))
 
     def _deepspeed(self) -> bool:
-        return type(self.trainer.strategy).__name__ == "DeepSpeedStrategy"
+        from qed_lightning.parallel.distributed import is_deepspeed
+
+        return is_deepspeed(self.trainer.strategy)
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -115,12 +117,14 @@ class QEDModule(L.LightningModule):
     def _load_model(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from qed_lightning.parallel.distributed import is_zero3
+
         hp = self.hparams
         kwargs = {"dtype": DTYPES[hp.dtype]}
         if hp.attn_implementation:
             kwargs["attn_implementation"] = hp.attn_implementation
         strategy = getattr(self._trainer, "strategy", None)
-        if getattr(strategy, "zero_stage_3", False):
+        if is_zero3(strategy):
             # DeepSpeed ZeRO-3 (Lightning runs this hook inside `deepspeed.zero.Init`): transformers must know, so it
             # loads each weight into its partitions; the config object must stay alive while the model is used
             from transformers.integrations import HfDeepSpeedConfig
@@ -202,12 +206,14 @@ class QEDModule(L.LightningModule):
         """The model's full (unsharded) state dict on CPU; strategies that shard override the gathering."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        from qed_lightning.parallel.distributed import is_distributed
+
         if any(hasattr(p, "ds_id") for p in self.model.parameters()):  # DeepSpeed ZeRO-3: gather one by one
-            from qed_lightning.rollout.callbacks import iter_full_parameters
+            from qed_lightning.parallel.distributed import iter_full_parameters
 
             zero = self.trainer.is_global_zero
             return {k: v.cpu() for k, v in iter_full_parameters(self.model) if zero}
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed():
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return get_model_state_dict(self.model, options=options)
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

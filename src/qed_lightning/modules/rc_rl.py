@@ -55,9 +55,9 @@ from qed_lightning.modules.rubric_rl import RubricRLModule
 from qed_lightning.rc.loop import RCState, RCTrajectory, ReasoningCache
 from qed_lightning.rewards import RubricJudge
 from qed_lightning.rollout.base import RolloutEngine, SamplingConfig
-from qed_lightning.rollout.layouts.streaming_engine import StreamingRollouts
 from qed_lightning.rollout.callbacks import FrozenEngineCallback
 from qed_lightning.rollout.engines.vllm_engine import SECOND_ENGINE_REFUSED, in_process
+from qed_lightning.rollout.layouts.streaming_engine import StreamingRollouts
 from qed_lightning.seeds import derive_sampling, derive_seed
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from qed_lightning.model.attention import packs_without_mask, varlen_kwargs
+from qed_lightning.model.forward import completion_logits, shared_prefix_logits
 from qed_lightning.model.lm_head import chunked_token_stats, final_hidden_states
 from qed_lightning.phases import Phase
 from qed_lightning.rl import entropy_from_logits, policy_loss, token_logprobs
-from qed_lightning.model.forward import completion_logits, shared_prefix_logits
 from qed_lightning.rl.microbatch import (
     pack_sequences,
     pad_sequences,

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import lightning as L
 import torch
 
+from qed_lightning.parallel.distributed import gather_objects
 from qed_lightning.phases import Phase, StepPhases
-from qed_lightning.modules.rl_metrics import gather_objects
 from qed_lightning.report.records import RolloutLog, rollout_records
 from qed_lightning.rewards import BaseJudge, Grade
 from qed_lightning.rollout.base import RolloutEngine

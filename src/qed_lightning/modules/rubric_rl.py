@@ -42,10 +42,11 @@ from qed_lightning.data.records import ProofProblem
 from qed_lightning.modules.base import QEDModule
 from qed_lightning.modules.group_sampling import Groups, check_spares, fill_step, has_signal, shape_rewards, split_spares
 from qed_lightning.modules.optim_step import ManualStep
-from qed_lightning.phases import Phase, StepPhases
 from qed_lightning.modules.rl_loss import PolicyGradientSteps
-from qed_lightning.modules.rl_metrics import gather_objects, reduce_over_ranks, rollout_table, table_metrics
+from qed_lightning.modules.rl_metrics import reduce_over_ranks, rollout_table, table_metrics
 from qed_lightning.modules.rl_records import keep_rollouts, report_progress
+from qed_lightning.parallel.distributed import gather_objects
+from qed_lightning.phases import Phase, StepPhases
 from qed_lightning.report.records import RolloutLog
 from qed_lightning.rewards import GradeRequest, RubricJudge
 from qed_lightning.rl import group_advantages_masked

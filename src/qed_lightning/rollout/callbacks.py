@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 
 import lightning as L
@@ -25,46 +24,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from qed_lightning.parallel.distributed import iter_full_parameters
 from qed_lightning.rollout.base import RolloutEngine
 from qed_lightning.rollout.handoff import free_training_memory
 
 log = logging.getLogger(__name__)
-
-
-def checkpoint_entries(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, local tensor) of every parameter and buffer a checkpoint holds, tied weights once (under the first name,
-    as `save_pretrained` does). Nothing is gathered."""
-    seen: set[int] = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            yield name, tensor
-
-
-def full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
-    """The full (unsharded) shape: a DTensor's global shape, a ZeRO-3 partition's `ds_shape` (its local shape is
-    `(0,)`), else the tensor's own."""
-    return tuple(getattr(tensor, "ds_shape", None) or tensor.shape)
-
-
-def iter_full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, full tensor) for every entry of `checkpoint_entries`, one at a time.
-
-    DTensor shards (FSDP2) are gathered per parameter with `full_tensor()`, DeepSpeed ZeRO-3 partitions with
-    `GatheredParameters` (a copy, since the gathered storage is released again); plain tensors are yielded as they
-    are. Every rank must walk the whole iterator (each gather is a collective).
-    """
-    for name, tensor in checkpoint_entries(model):
-        if hasattr(tensor, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([tensor]):
-                data = tensor.detach().clone()
-        else:
-            data = tensor.detach()
-            if hasattr(data, "full_tensor"):
-                data = data.full_tensor()
-        yield name, data
 
 
 class WeightSyncCallback(Callback):
