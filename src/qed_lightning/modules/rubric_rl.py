@@ -185,7 +185,7 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
                 f"max_model_len to at least {need}, or lower max_new_tokens / data.max_prompt_tokens.")
 
     def configure_callbacks(self):
-        return [WeightSyncCallback(self.engine, self.hparams.sync_interval), *self.engine.callbacks()]
+        return [WeightSyncCallback(self.engine, self.hparams.sync_interval, self.phases), *self.engine.callbacks()]
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -194,6 +194,11 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
 
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.hparams.model_name_or_path, dtype=self.model.dtype).eval()
             self.ref_model.requires_grad_(False)
+
+    @property
+    def group_size(self) -> int:
+        """Rollouts per prompt (G); part of the `RolloutHost` contract (`rollout.host`) the layouts call."""
+        return self.hparams.group_size
 
     # -- 1. sample -----------------------------------------------------------------------------------------------
 

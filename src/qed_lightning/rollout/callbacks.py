@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from qed_lightning.parallel.distributed import iter_full_parameters
+from qed_lightning.phases import StepPhases
 from qed_lightning.rollout.base import RolloutEngine
 from qed_lightning.rollout.handoff import free_training_memory
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 class WeightSyncCallback(Callback):
     """Own the policy's `engine`: start it, hand memory over and push weights every `interval` steps, close it."""
 
-    def __init__(self, engine: RolloutEngine, interval: int = 1) -> None:
+    def __init__(self, engine: RolloutEngine, interval: int = 1, phases: StepPhases | None = None) -> None:
         if interval < 1:
             raise ValueError(f"weight sync interval must be >= 1, got {interval}")
         if interval > 1 and engine.sleep_discards_weights:
@@ -43,6 +44,7 @@ class WeightSyncCallback(Callback):
                              "model.sync_interval=1 or the engine's sleep_level: 1 (keeps a host copy)")
         self.engine = engine
         self.interval = interval
+        self.phases = phases  # the owning module's step phases (`RolloutHost.phases`), if it times its steps
         self.syncs = 0
 
     @staticmethod
@@ -82,10 +84,7 @@ class WeightSyncCallback(Callback):
             return {}
         metrics = free_training_memory(pl_module, trainer.optimizers) if self.engine.memory_handoff else {}
         started = time.perf_counter()
-        # the RL modules' StepPhases (phases.py, not imported: rollout/ sits below modules/): the progress bar
-        # shows "sync"
-        phases = getattr(pl_module, "phases", None)
-        with phases.phase("sync") if phases is not None else nullcontext():
+        with self.phases.phase("sync") if self.phases is not None else nullcontext():  # the progress bar shows "sync"
             times = self.engine.push_weights(iter_full_parameters(pl_module.model), step)
         self.syncs += 1
         metrics.update({"rollout/sync_time_s": time.perf_counter() - started, "rollout/wake_s": times.get("wake_s", 0.0),
