@@ -371,7 +371,7 @@ def mean_prompt_len(args: argparse.Namespace) -> float:
     """Mean policy-prompt length of the benchmark's problems (what each side feeds the model)."""
     from transformers import AutoTokenizer
 
-    from qed_lightning.data.rl import render_policy_prompt
+    from qed_lightning.data.records import render_policy_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     rows = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         return run_side(args)
     with tempfile.TemporaryDirectory(prefix="bench_rl_") as tmp:
         if args.model is None:
-            from qed_lightning.tiny import build_tiny
+            from qed_lightning.tools.tiny import build_tiny
 
             args.model = str(build_tiny(Path(tmp) / "model", preset="bench"))
         settings = {k: v for k, v in vars(args).items() if k not in ("side", "workdir", "json")}

@@ -100,7 +100,7 @@ def probe_class():
 def calibrate(trainer, pl_module) -> dict:
     """Decode speeds of the pool alone and at the step's full batch, and the cost of one weight push."""
     from qed_lightning.rollout import SamplingConfig
-    from qed_lightning.rollout.sync import iter_full_parameters
+    from qed_lightning.parallel.distributed import iter_full_parameters
 
     pool = pl_module.engine.engine
     problems = [trainer.train_dataloader.problem_at(n) for n in range(trainer.train_dataloader.batch_size)]

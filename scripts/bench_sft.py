@@ -210,7 +210,7 @@ def prepare_inputs(args: argparse.Namespace, workdir: Path) -> None:
     if args.model is None:
         from transformers.utils.logging import disable_progress_bar
 
-        from qed_lightning.tiny import build_tiny
+        from qed_lightning.tools.tiny import build_tiny
 
         disable_progress_bar()
         args.model = str(build_tiny(workdir / "model", preset="bench"))

@@ -74,7 +74,7 @@ def main(argv=None) -> None:
         return run_side(args)
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from qed_lightning.tiny import build_tiny
+    from qed_lightning.tools.tiny import build_tiny
 
     with tempfile.TemporaryDirectory(prefix="bench_sft_mem_") as tmp:
         tiny = build_tiny(Path(tmp) / "tiny", preset="test")

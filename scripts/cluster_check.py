@@ -92,7 +92,7 @@ def fit_args(model: Path, root: Path, steps: int, cpu: bool = False) -> list[str
 def prepare(out: Path, cpu: bool = False) -> Path:
     """The model of the check: gpu_check.py's ~0.3B random Qwen3 (bf16), or with `cpu` the tiny test model."""
     if cpu:
-        from qed_lightning.tiny import build_tiny
+        from qed_lightning.tools.tiny import build_tiny
 
         return build_tiny(out / "model", preset="test", seed=0)
     sys.path.insert(0, str(REPO / "scripts"))

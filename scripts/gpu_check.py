@@ -46,7 +46,7 @@ def environment(device: str) -> dict:
 def save_model(shape: dict, out: Path, device: str) -> Path:
     """The random-weight model the strategy runs load (with a small tokenizer: its ids are never decoded)."""
     from qed_lightning.gpu_check.measure import qwen3
-    from qed_lightning.tiny import _EMBEDDED_CORPUS, build_tokenizer
+    from qed_lightning.tools.tiny import _EMBEDDED_CORPUS, build_tokenizer
 
     qwen3(shape, device).save_pretrained(out)
     build_tokenizer([_EMBEDDED_CORPUS], 300).save_pretrained(out)

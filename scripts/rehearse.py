@@ -39,7 +39,7 @@ STAGES = ("sft", "rl", "validate", "rc", "eval")
 LAYOUTS = ("colocated", "one_node_async", "pipeline_rl")
 #: how scripts/slurm/vllm_pool.sbatch starts a pool member, plus what a CPU server needs
 POOL_FLAGS = ["--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
-              "--worker-extension-cls", "qed_lightning.rollout.vllm_worker.QEDWorkerExtension",
+              "--worker-extension-cls", "qed_lightning.rollout.engines.vllm_worker.QEDWorkerExtension",
               "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"]
 
 

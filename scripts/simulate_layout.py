@@ -7,7 +7,7 @@
 
 Prints, per layout and max_lag: seconds per step (steady state), steps/hour, the idle share of generating and training
 devices, the policy lag of the trained samples and the groups dropped as stale. The model is in
-`qed_lightning.layout_sim` (processor-sharing decode with a per-sequence speed cap and a KV-cache bound, streamed
+`qed_lightning.tools.layout_sim` (processor-sharing decode with a per-sequence speed cap and a KV-cache bound, streamed
 grading, trainer waits for its push).
 
 Default speeds (`--throughputs` replaces them; `scripts/bench_rl.py --throughputs-out` writes a file for a CPU run,
@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from qed_lightning.layout_sim import Layout, Throughputs, Workload, simulate  # noqa: E402
+from qed_lightning.tools.layout_sim import Layout, Throughputs, Workload, simulate  # noqa: E402
 
 PAPER_SPEEDS = Throughputs(gen_tokens_per_s=4000, seq_tokens_per_s=150, max_seqs_per_device=32,
                            train_tokens_per_s=5000, judge_latency_s=60.0, judge_concurrency=256, push_s=5.0,

@@ -17,7 +17,7 @@ SAMPLES = REPO / "data" / "samples"
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from qed_lightning.tiny import build_tiny
+    from qed_lightning.tools.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny") / "model", preset="test", seed=0)
 

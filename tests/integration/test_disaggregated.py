@@ -17,7 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qed_lightning.cli import make_cli
-from qed_lightning.rollout import SamplingConfig, VLLMServerEngine, iter_full_parameters
+from qed_lightning.parallel.distributed import iter_full_parameters
+from qed_lightning.rollout import SamplingConfig, VLLMServerEngine
 from runs import read_metrics, series
 from sampling import T, chat_prompt, trainer_logprobs
 from vllm_server import pool_server

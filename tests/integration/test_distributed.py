@@ -140,8 +140,8 @@ from pathlib import Path
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoModelForCausalLM
 from qed_lightning.parallel import apply_fsdp2
+from qed_lightning.parallel.distributed import iter_full_parameters
 from qed_lightning.rollout.pool_sync import full_parameter_meta, write_safetensors
-from qed_lightning.rollout.sync import iter_full_parameters
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 dist.init_process_group("gloo")

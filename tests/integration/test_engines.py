@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qed_lightning.rollout import HFEngine, SamplingConfig, VLLMEngine, iter_full_parameters
+from qed_lightning.parallel.distributed import iter_full_parameters
+
+from qed_lightning.rollout import HFEngine, SamplingConfig, VLLMEngine
 from sampling import T, chat_prompt, trainer_logprobs
 
 

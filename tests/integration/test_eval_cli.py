@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qed_lightning.eval.cli import run
-from qed_lightning.rollout.vllm_engine import VLLMEngine
+from qed_lightning.rollout.engines.vllm_engine import VLLMEngine
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs/eval/demo.yaml")

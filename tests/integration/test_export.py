@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from qed_lightning.cli import make_cli
-from qed_lightning.export import checkpoint_kind, export_checkpoint
+from qed_lightning.tools.export import checkpoint_kind, export_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 

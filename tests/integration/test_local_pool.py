@@ -14,7 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qed_lightning.rollout import LocalVLLMPool, SamplingConfig, iter_full_parameters
+from qed_lightning.parallel.distributed import iter_full_parameters
+
+from qed_lightning.rollout import LocalVLLMPool, SamplingConfig
 from sampling import T, chat_prompt, trainer_logprobs
 from test_async_layout import assert_no_server_left
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from qed_lightning.cli import make_cli
-from qed_lightning.export import push_to_hub
+from qed_lightning.tools.export import push_to_hub
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def test_exported_folder_has_a_card_with_stage_data_judge_steps_and_evaluation(r
                "scaffolds": {"direct": {"overall": {"n": 6, "score_pct": 42.9, "std_pct": 3.5, "best_of_n_pct": 57.1}}}}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     out = tmp_path / "exported"
-    subprocess.run([sys.executable, "-m", "qed_lightning.export", str(rl_checkpoint), str(out),
+    subprocess.run([sys.executable, "-m", "qed_lightning.tools.export", str(rl_checkpoint), str(out),
                     "--eval_summary", str(tmp_path / "summary.json")], check=True, cwd=REPO, timeout=300)
     card = (out / "README.md").read_text()
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]

@@ -4,7 +4,7 @@ changes few of them, and says why.
 
 The trainer precision and the weights' dtype are read from configs/sft.yaml and configs/rl.yaml (they must agree), and
 composed with the CPU demo SFT config, the FSDP2 preset and the tiny model. Expected: an AdamW first step moves each
-weight by ~lr = 1e-6, which float32 keeps for |w| up to ~8 and bf16 rounds away for |w| >= 2^-11 (qed_lightning.precision):
+weight by ~lr = 1e-6, which float32 keeps for |w| up to ~8 and bf16 rounds away for |w| >= 2^-11 (qed_lightning.model.precision):
 ~98% of the tiny model's weights (std 0.02, RMSNorm weights 1.0) cannot move in bf16.
 """
 

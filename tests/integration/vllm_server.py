@@ -63,7 +63,7 @@ def vllm_serve(model: Path, log_path: Path, *flags: str, env: dict[str, str] | N
 #: how scripts/slurm/vllm_pool.sbatch starts each pool member (processed log-probs, no generation_config defaults, our
 #: worker extension for reloads), plus what CPU servers need: seeded requests are prefilled whole (VLLMServerEngine)
 POOL_FLAGS = ("--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
-              "--worker-extension-cls", "qed_lightning.rollout.vllm_worker.QEDWorkerExtension",
+              "--worker-extension-cls", "qed_lightning.rollout.engines.vllm_worker.QEDWorkerExtension",
               "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096")
 
 

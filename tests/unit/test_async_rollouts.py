@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qed_lightning.rollout import AsyncRollouts, Completion, HFEngine, RolloutEngine, SamplingConfig, VLLMServerEngine
-from qed_lightning.rollout.server_engine import write_safetensors
+from qed_lightning.rollout.engines.server_engine import write_safetensors
 
 DELAY = 0.4  # seconds one generate call of the fake engine takes (sleeping: no CPU needed, robust on a busy machine)
 
@@ -149,7 +149,7 @@ def test_checkpoint_sync_streams_small_shards_with_an_index(tmp_path):
 
 
 def test_pool_urls_from_a_list_the_environment_or_the_pool_file(tmp_path, monkeypatch):
-    from qed_lightning.rollout.server_engine import resolve_urls
+    from qed_lightning.rollout.engines.server_engine import resolve_urls
 
     (tmp_path / "urls.txt").write_text("http://n1:8000\nhttp://n1:8001/v1\n\n")
     monkeypatch.setenv("POOL", "http://n2:8000,http://n2:8001")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from qed_lightning.attention import packs_without_mask, segment_lengths, varlen_kwargs
+from qed_lightning.model.attention import packs_without_mask, segment_lengths, varlen_kwargs
 from qed_lightning.modules import RubricRLModule, SFTModule
 from qed_lightning.rewards import JudgeClient, RubricJudge
 from qed_lightning.rollout import HFEngine

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from qed_lightning.cli import make_cli
-from qed_lightning.optim import WarmupCosineLR
+from qed_lightning.model.optim import WarmupCosineLR
 
 REPO = Path(__file__).resolve().parents[2]
 # configs/strategy, configs/layout and configs/logger hold fragments composed after a stage config
@@ -129,7 +129,7 @@ def test_a_resumed_schedule_that_follows_the_run_keeps_the_new_length():
 def test_schedule_doctests():
     import doctest
 
-    from qed_lightning import optim
+    from qed_lightning.model import optim
 
     result = doctest.testmod(optim)
     assert result.attempted > 0 and result.failed == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qed_lightning.data.rl import ProofProblem
+from qed_lightning.data.records import ProofProblem
 from qed_lightning.modules import RubricRLModule
 from qed_lightning.modules.group_sampling import Groups, fill_step, has_signal, shape_rewards, split_spares
 from qed_lightning.rewards import Grade, RubricJudge

@@ -1,8 +1,8 @@
-"""The layout simulator on cases small enough to work out by hand (qed_lightning.layout_sim)."""
+"""The layout simulator on cases small enough to work out by hand (qed_lightning.tools.layout_sim)."""
 
 import pytest
 
-from qed_lightning.layout_sim import Layout, Throughputs, Workload, simulate
+from qed_lightning.tools.layout_sim import Layout, Throughputs, Workload, simulate
 
 # 2 prompts x G=2 = 4 rollouts of 100 tokens per step; one device decodes 100 tokens/s in all and trains 100 tokens/s
 TP = Throughputs(gen_tokens_per_s=100, train_tokens_per_s=100)

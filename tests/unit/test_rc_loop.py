@@ -12,7 +12,7 @@ import torch
 
 import qed_lightning.modules.rc_rl as rc_rl_module
 import qed_lightning.rc.loop as loop_module
-from qed_lightning.data.rl import ProofProblem
+from qed_lightning.data.records import ProofProblem
 from qed_lightning.modules import ReasoningCacheRLModule
 from qed_lightning.modules.rc_rl import cycle_rewards, sample_state_indices, summary_metrics
 from qed_lightning.rc import ReasoningCache, run_reasoning_cache

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qed_lightning.data.rl import ProofProblem
+from qed_lightning.data.records import ProofProblem
 from qed_lightning.report import RolloutLog, RunNotFound, load_run, parse_rollout_log, read_metrics, read_rollouts
 from qed_lightning.report.html import render_report
 from qed_lightning.report.records import rollout_records, step_file

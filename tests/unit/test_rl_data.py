@@ -6,7 +6,8 @@ import json
 import pytest
 
 from qed_lightning.data.loading import DataError
-from qed_lightning.data.rl import ProblemBatches, ProofProblem, ProofRLDataModule, duplicate_lines, split_validation
+from qed_lightning.data.records import ProofProblem
+from qed_lightning.data.rl import ProblemBatches, ProofRLDataModule, duplicate_lines, split_validation
 
 
 def _problems(n: int) -> list[ProofProblem]:

@@ -5,6 +5,7 @@ built, and the logged gradient norm is DeepSpeed's global norm, not a clip over 
 import pytest
 
 from qed_lightning.modules import RubricRLModule
+from qed_lightning.parallel import DeepSpeedStrategy
 from qed_lightning.rewards import JudgeClient, RubricJudge
 from qed_lightning.rollout import HFEngine
 
@@ -24,10 +25,14 @@ class _Engine:  # deepspeed.DeepSpeedEngine's part that the module uses
         return self.norm
 
 
-class DeepSpeedStrategy:  # named as Lightning's, which the module recognises by name (deepspeed is not installed here)
-    def __init__(self, norm: float) -> None:
+class _DeepSpeed(DeepSpeedStrategy):  # recognised by isinstance, as a user's subclass would be; no DeepSpeed here
+    def __init__(self, norm: float) -> None:  # skips Lightning's, which needs deepspeed installed
         self.config = {"zero_optimization": {"stage": 3}}
-        self.deepspeed_engine = _Engine(norm)
+        self._engine = _Engine(norm)
+
+    @property
+    def deepspeed_engine(self) -> _Engine:
+        return self._engine
 
 
 class _Trainer:
@@ -46,7 +51,7 @@ class _Optimizer:
 
 def _module(norm: float, **kwargs) -> RubricRLModule:
     module = RubricRLModule("unused", engine=HFEngine(), judge=RubricJudge(_NoClient()), grad_clip=0.3, **kwargs)
-    module._trainer = _Trainer(DeepSpeedStrategy(norm))
+    module._trainer = _Trainer(_DeepSpeed(norm))
     module.lr_schedulers = lambda: None
     return module
 

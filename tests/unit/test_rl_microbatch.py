@@ -4,16 +4,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from qed_lightning.model.forward import completion_logits, shared_prefix_logits
 from qed_lightning.rl import token_logprobs
 from qed_lightning.rl.microbatch import (
-    completion_logits,
     pack_sequences,
     pad_sequences,
     plan_microbatches,
     plan_shared_prefix,
     scatter_tokens,
     share_prefix,
-    shared_prefix_logits,
 )
 
 
@@ -88,7 +87,7 @@ def test_shared_prefix_refuses_mixed_prompts():
 
 
 def test_chunked_token_stats_match_full_logits_in_value_and_gradient(tiny_model_dir):
-    from qed_lightning.lm_head import chunked_token_stats, final_hidden_states
+    from qed_lightning.model.lm_head import chunked_token_stats, final_hidden_states
     from qed_lightning.rl import entropy_from_logits
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qed_lightning.parallel import ProcessRanks, process_ranks
-from qed_lightning.rollout.launch import plan_launch, tp_groups
+from qed_lightning.rollout.engines.launch import plan_launch, tp_groups
 
 
 @pytest.mark.parametrize(

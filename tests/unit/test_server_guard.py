@@ -15,11 +15,11 @@ import psutil
 # the "trainer": starts the guard the way LocalVLLMPool does, prints the guard's pid, then waits to be killed
 TRAINER = textwrap.dedent("""
     import subprocess, sys, time
-    from qed_lightning.rollout.local_pool import _die_with_parent
+    from qed_lightning.rollout.engines.local_pool import _die_with_parent
     stubborn = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                 "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
                 "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)']); time.sleep(600)")
-    guard = subprocess.Popen([sys.executable, "-m", "qed_lightning.rollout.server_guard", "--grace-s", "1", "--",
+    guard = subprocess.Popen([sys.executable, "-m", "qed_lightning.rollout.engines.server_guard", "--grace-s", "1", "--",
                               sys.executable, "-c", stubborn], start_new_session=True, preexec_fn=_die_with_parent(None))
     print(guard.pid, flush=True)
     time.sleep(600)

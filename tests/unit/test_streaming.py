@@ -1,4 +1,4 @@
-"""GroupStream (rollout/streaming.py) with a gated fake generator: the test decides when each group finishes, so
+"""GroupStream (rollout/layouts/streaming.py) with a gated fake generator: the test decides when each group finishes, so
 which groups a step takes is exact, not a matter of thread timing."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from qed_lightning.data.rl import ProofProblem
+from qed_lightning.data.records import ProofProblem
 from qed_lightning.rollout import Completion, GroupStream, RolloutEngine, SamplingConfig
 
 G = 2

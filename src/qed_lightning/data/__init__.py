@@ -9,10 +9,14 @@ from qed_lightning.data.loading import DataError, load_rows
 
 
 def __getattr__(name: str):
-    if name in ("ProofProblem", "ProofRLDataModule"):
-        from qed_lightning.data import rl
+    if name == "ProofProblem":
+        from qed_lightning.data.records import ProofProblem
 
-        return getattr(rl, name)
+        return ProofProblem
+    if name == "ProofRLDataModule":
+        from qed_lightning.data.rl import ProofRLDataModule
+
+        return ProofRLDataModule
     if name == "SFTDataModule":
         from qed_lightning.data.sft import SFTDataModule
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from qed_lightning.seeds import derive_seed
 
 if TYPE_CHECKING:
-    from qed_lightning.data.rl import ProofProblem
+    from qed_lightning.data.records import ProofProblem
 
 __all__ = ["ProblemBatches"]
 

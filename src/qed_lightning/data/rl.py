@@ -22,7 +22,6 @@ import json
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -30,9 +29,10 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from qed_lightning.data.batches import ProblemBatches
-from qed_lightning.data.chat import POLICY_PROMPT, chat_prompt_ids
+from qed_lightning.data.chat import POLICY_PROMPT
 from qed_lightning.data.difficulty import difficulty_checks, in_range, pass_rate, scores_value
 from qed_lightning.data.loading import ConfigError, DataError, Reject, Table, load_table
+from qed_lightning.data.records import ProofProblem, render_policy_prompt
 from qed_lightning.data.rubric import check_rubric, read_rubric, render_rubric
 from qed_lightning.data.validation import RowPolicy, find_rejects, nonempty_str, remap
 
@@ -40,37 +40,6 @@ __all__ = ["POLICY_PROMPT", "ProblemBatches", "ProofProblem", "ProofRLDataModule
 
 REPORT_FILE = "data_report.json"
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ProofProblem:
-    """One RL prompt: the problem statement, its rendered marking scheme, and the tokenized prompt the policy answers.
-
-    Args:
-        index: the problem's position among the file's readable rows (0-based; seeds are derived from it).
-        problem, rubric, source: the statement, the rendered marking scheme, the source column.
-        prompt_ids: the chat-templated prompt (the policy prompt, or a reasoning-cache state's prompt).
-        line: the problem's 1-based line in the data file (row number for Parquet and hub data).
-        pass_rate: the base model's pass rate (`reward_mean`), read when `data.reward_mean_range` is set.
-        spare: a dynamic-sampling candidate beyond the step's `prompts_per_step` (`data.spare_prompts_per_step`).
-        cycle: stage 3: the reasoning-cache state's cycle k (state s_k); None for a plain policy prompt.
-        replayed: stage 3: the state comes from the replay buffer of an earlier step.
-        repeat: stage 3 validation: which of the `val_samples` runs of the problem this is.
-        summary: stage 3: the reasoning-cache state's summary (empty for s_0 and for a plain policy prompt).
-    """
-
-    index: int
-    problem: str
-    rubric: str
-    source: str = ""
-    prompt_ids: list[int] = field(default_factory=list)
-    line: int = 0
-    pass_rate: float | None = None
-    spare: bool = False
-    cycle: int | None = None
-    replayed: bool = False
-    repeat: int = 0
-    summary: str = ""
 
 
 def _statement(problem: ProofProblem) -> str:
@@ -102,11 +71,6 @@ def split_validation(problems: list[ProofProblem], n_val: int) -> tuple[list[Pro
     val = [p for p in problems if counts[_statement(p)] == 1][:n_val]
     chosen = {id(p) for p in val}
     return val, [p for p in problems if id(p) not in chosen]
-
-
-def render_policy_prompt(tokenizer, problem: str, template: str = POLICY_PROMPT) -> list[int]:
-    """The paper's policy prompt (one user turn, no system prompt), chat-templated and tokenized."""
-    return chat_prompt_ids(tokenizer, template.replace("{problem}", problem))
 
 
 class ProofRLDataModule(L.LightningDataModule):

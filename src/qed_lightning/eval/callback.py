@@ -26,7 +26,7 @@ from qed_lightning.eval.metrics import ProofScore
 from qed_lightning.eval.scaffolds import DirectScaffold
 from qed_lightning.rewards.judge import BaseJudge
 from qed_lightning.rollout.base import SamplingConfig
-from qed_lightning.rollout.sync import WeightSyncCallback
+from qed_lightning.rollout.callbacks import WeightSyncCallback
 from qed_lightning.seeds import derive_seed
 
 __all__ = ["ProofBenchEvalCallback"]

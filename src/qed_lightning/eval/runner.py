@@ -110,7 +110,7 @@ class Evaluator:
                             "model unset (the evaluator passes `model` to it)")
         if problems:
             raise ValueError("qed-eval: " + "; ".join(problems) + ".")
-        from qed_lightning.rollout.vllm_engine import VLLMEngine
+        from qed_lightning.rollout.engines.vllm_engine import VLLMEngine
 
         self.model, self.benchmark, self.judge = model, benchmark, judge
         self.engine = engine if engine is not None else VLLMEngine()

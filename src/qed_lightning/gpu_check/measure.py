@@ -169,16 +169,9 @@ def sft(scale: Scale, gemm_tflops: float) -> list[dict]:
     return results
 
 
-class _NoJudge:
-    """`RubricRLModule` wants a judge; measurements that never grade use this (its counters are empty)."""
-
-    def pop_metrics(self) -> dict:
-        return {}
-
-
 def rl_module(model: torch.nn.Module | None, chunk: int, checkpointing: bool, **kwargs):
     """A `RubricRLModule` around `model` (None: loaded by Lightning), with a no-op engine and no judge."""
-    from qed_lightning.gpu_check.rl_step import NullEngine
+    from qed_lightning.gpu_check.rl_step import NullEngine, _NoJudge
     from qed_lightning.modules import RubricRLModule
 
     path = kwargs.pop("model_name_or_path", "random-weights")

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from qed_lightning.data.rl import ProofProblem
+from qed_lightning.data.records import ProofProblem
 from qed_lightning.modules import RubricRLModule
 from qed_lightning.rollout.base import Completion, RolloutEngine
 
@@ -48,14 +48,19 @@ class NullEngine(RolloutEngine):
         pass
 
 
+class _NoJudge:
+    """`RubricRLModule` wants a judge; measurements that never grade use this (its counters are empty)."""
+
+    def pop_metrics(self) -> dict:
+        return {}
+
+
 class FixedRolloutRL(RubricRLModule):
     """`RubricRLModule` on fixed rollouts and rewards: no engine, no judge, the step's optimisation path as it is."""
 
     _hparams_ignore = ("optimizer", "lr_scheduler", "engine", "judge", "rollouts", "rewards")
 
     def __init__(self, model_name_or_path: str, rollouts: list[Completion], rewards: list[float], **kwargs) -> None:
-        from qed_lightning.gpu_check.measure import _NoJudge
-
         kwargs.setdefault("rollout_log", "off")  # a measurement: nothing to keep, and no judge to extract proofs
         super().__init__(model_name_or_path, engine=NullEngine(), judge=_NoJudge(), **kwargs)
         self.fixed, self.fixed_rewards = rollouts, rewards

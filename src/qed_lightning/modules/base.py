@@ -5,7 +5,7 @@ never in `__init__`: building a module is cheap, so a config with a typo fails b
 The optimizer and the LR schedule are injected as callables (`OptimizerCallable`, `LRSchedulerCallable`), so the
 YAML chooses them by `class_path`.
 
-Precision (`qed_lightning.precision`): weights train in float32 with bf16 compute (`trainer.precision: bf16-mixed`,
+Precision (`qed_lightning.model.precision`): weights train in float32 with bf16 compute (`trainer.precision: bf16-mixed`,
 FSDP2's mixed-precision policy, DeepSpeed's fp32 master copy); bf16 weights without a master copy lose the small
 updates of a low learning rate and are refused at `setup` unless `pure_bf16` (then a warning gives the numbers).
 Strategies: FSDP1 is refused at `setup` (`parallel.refuse_unsupported_strategy`).
@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from qed_lightning.optim import WarmupCosineLR
+from qed_lightning.model.optim import WarmupCosineLR
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class QEDModule(L.LightningModule):
             config names, e.g. `configs/rl.yaml` reads `runs/sft/hf`; a resumed run exports there too).
         pure_bf16: allow training bf16 weights without an fp32 master copy (`dtype: bfloat16`, or `bf16-true`
             outside DeepSpeed); refused otherwise, since updates below half a bf16 step are lost (see
-            `qed_lightning.precision`). With it, a warning states how many weights an update of ~lr cannot move.
+            `qed_lightning.model.precision`). With it, a warning states how many weights an update of ~lr cannot move.
     """
 
     #: init arguments that are components (not plain values) and so stay out of `hparams`
@@ -81,7 +81,7 @@ class QEDModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Errors at the door, before any weight loads: the strategy (FSDP1 is refused) and the weights' precision."""
         from qed_lightning.parallel import refuse_unsupported_strategy
-        from qed_lightning.precision import weights_are_half
+        from qed_lightning.model.precision import weights_are_half
 
         strategy = self.trainer.strategy
         refuse_unsupported_strategy(strategy)
@@ -97,20 +97,22 @@ class QEDModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.hparams.pure_bf16 and any(p.dtype in (torch.bfloat16, torch.float16) for p in self.parameters()):
-            from qed_lightning.precision import lost_update_warning
+            from qed_lightning.model.precision import lost_update_warning
 
             lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0
             rank_zero_warn(lost_update_warning([p for p in self.parameters() if p.requires_grad], lr))
 
     def _deepspeed(self) -> bool:
-        return type(self.trainer.strategy).__name__ == "DeepSpeedStrategy"
+        from qed_lightning.parallel.distributed import is_deepspeed
+
+        return is_deepspeed(self.trainer.strategy)
 
     def configure_model(self) -> None:
         if self.model is None:
             self._load_model()
         if self.device_mesh is not None:  # Lightning's ModelParallelStrategy (FSDP2): shard layer by layer
             from qed_lightning.parallel import apply_fsdp2
-            from qed_lightning.precision import fsdp2_policy
+            from qed_lightning.model.precision import fsdp2_policy
 
             # bf16-mixed: fp32 sharded parameters, gathered in bf16 for compute, gradients reduced in fp32
             apply_fsdp2(self.model, self.device_mesh["data_parallel"], fsdp2_policy(self.trainer.precision))
@@ -118,12 +120,14 @@ class QEDModule(L.LightningModule):
     def _load_model(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from qed_lightning.parallel.distributed import is_zero3
+
         hp = self.hparams
         kwargs = {"dtype": DTYPES[hp.dtype]}
         if hp.attn_implementation:
             kwargs["attn_implementation"] = hp.attn_implementation
         strategy = getattr(self._trainer, "strategy", None)
-        if getattr(strategy, "zero_stage_3", False):
+        if is_zero3(strategy):
             # DeepSpeed ZeRO-3 (Lightning runs this hook inside `deepspeed.zero.Init`): transformers must know, so it
             # loads each weight into its partitions; the config object must stay alive while the model is used
             from transformers.integrations import HfDeepSpeedConfig
@@ -142,15 +146,15 @@ class QEDModule(L.LightningModule):
 
         sdpa/eager turn restarting position ids into a block-diagonal mask for any batch size; a varlen (flash)
         backend runs the batch as one `[1, B * L]` row (its padding is a segment of its own, see `data.packing`) and
-        gets the sequence boundaries once (`qed_lightning.attention`): `lengths`, the sequences' lengths in order,
+        gets the sequence boundaries once (`qed_lightning.model.attention`): `lengths`, the sequences' lengths in order,
         when the caller knows them, else read from the position ids.
         """
         return self._packed_call(input_ids, position_ids, lambda **kw: self.model(**kw, use_cache=False).logits, lengths)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
         """The decoder's final (normed) hidden states `[B, L, H]` of a packed batch, for losses that apply the LM head
-        themselves (`qed_lightning.lm_head`); same varlen handling as `forward`."""
-        from qed_lightning.lm_head import final_hidden_states
+        themselves (`qed_lightning.model.lm_head`); same varlen handling as `forward`."""
+        from qed_lightning.model.lm_head import final_hidden_states
 
         return self._packed_call(input_ids, position_ids,
                                  lambda **kw: final_hidden_states(self.model, **kw, use_cache=False)[0], lengths)
@@ -158,7 +162,7 @@ class QEDModule(L.LightningModule):
     @property
     def varlen_attention(self) -> bool:
         """Whether the model's attention backend runs packed rows as varlen attention (flash-style, by capability)."""
-        from qed_lightning.attention import packs_without_mask
+        from qed_lightning.model.attention import packs_without_mask
 
         return self.model is not None and packs_without_mask(self.model.config)
 
@@ -167,7 +171,7 @@ class QEDModule(L.LightningModule):
         batch, length = input_ids.shape
         if not self.varlen_attention:
             return run(input_ids=input_ids, position_ids=position_ids).reshape(batch, length, -1)
-        from qed_lightning.attention import segment_lengths, varlen_kwargs
+        from qed_lightning.model.attention import segment_lengths, varlen_kwargs
 
         bounds = varlen_kwargs(lengths if lengths is not None else segment_lengths(position_ids), input_ids.device)
         out = run(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1), **bounds)
@@ -208,12 +212,14 @@ class QEDModule(L.LightningModule):
         """The model's full (unsharded) state dict on CPU; strategies that shard override the gathering."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        from qed_lightning.parallel.distributed import is_distributed
+
         if any(hasattr(p, "ds_id") for p in self.model.parameters()):  # DeepSpeed ZeRO-3: gather one by one
-            from qed_lightning.rollout.sync import iter_full_parameters
+            from qed_lightning.parallel.distributed import iter_full_parameters
 
             zero = self.trainer.is_global_zero
             return {k: v.cpu() for k, v in iter_full_parameters(self.model) if zero}
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed():
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return get_model_state_dict(self.model, options=options)
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qed_lightning.data.rl import ProofProblem
+from qed_lightning.data.records import ProofProblem
 from qed_lightning.rl import flat_groups, soft_overlong_penalty
 from qed_lightning.rollout.base import Completion
 

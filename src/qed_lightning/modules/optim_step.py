@@ -24,6 +24,8 @@ import math
 import lightning as L
 import torch
 
+from qed_lightning.parallel.distributed import deepspeed_engine, is_deepspeed
+
 log = logging.getLogger(__name__)
 
 
@@ -82,7 +84,7 @@ class ManualStep:
         """Under DeepSpeed, write `grad_clip` into its config's `gradient_clipping`; call from `setup`, which runs
         before Lightning builds the engine (and Lightning keeps a value that is already there)."""
         strategy = self.module.trainer.strategy if self.module._trainer is not None else None
-        if type(strategy).__name__ == "DeepSpeedStrategy" and self.grad_clip > 0:
+        if is_deepspeed(strategy) and self.grad_clip > 0:
             strategy.config["gradient_clipping"] = self.grad_clip
 
     def before_pass(self, last: bool) -> None:
@@ -102,8 +104,7 @@ class ManualStep:
         engine.set_gradient_accumulation_boundary(last)
 
     def deepspeed_engine(self):
-        strategy = self.module.trainer.strategy if self.module._trainer is not None else None
-        return strategy.deepspeed_engine if type(strategy).__name__ == "DeepSpeedStrategy" else None
+        return deepspeed_engine(self.module.trainer.strategy if self.module._trainer is not None else None)
 
     def clip_and_step(self, opt, loss: float) -> float:
         """Clip the accumulated gradient, step (unless the loss or the norm is non-finite); returns the norm."""

@@ -50,14 +50,13 @@ from typing import Literal
 import torch
 
 from qed_lightning.data.chat import POLICY_PROMPT
-from qed_lightning.data.rl import ProofProblem
+from qed_lightning.data.records import ProofProblem
 from qed_lightning.modules.rubric_rl import RubricRLModule
 from qed_lightning.rc.loop import RCState, RCTrajectory, ReasoningCache
 from qed_lightning.rewards import RubricJudge
 from qed_lightning.rollout.base import RolloutEngine, SamplingConfig
-from qed_lightning.rollout.streaming_engine import StreamingRollouts
-from qed_lightning.rollout.sync import FrozenEngineCallback
-from qed_lightning.rollout.vllm_engine import SECOND_ENGINE_REFUSED, in_process
+from qed_lightning.rollout.callbacks import FrozenEngineCallback
+from qed_lightning.rollout.engines.vllm_engine import SECOND_ENGINE_REFUSED
 from qed_lightning.seeds import derive_sampling, derive_seed
 
 log = logging.getLogger(__name__)
@@ -176,7 +175,7 @@ class ReasoningCacheRLModule(RubricRLModule):
         if (summarizer is None) != (summarizer_model is None):
             problems.append("model.summarizer (a separate engine) and model.summarizer_model (its weights and tokenizer, e.g. "
                             "Qwen/Qwen3-4B-Instruct-2507) go together; leave both unset for the policy to summarize itself")
-        if summarizer is not None and torch.cuda.is_available() and in_process(summarizer) and in_process(engine):
+        if summarizer is not None and torch.cuda.is_available() and summarizer.in_process and engine.in_process:
             problems.append(f"model.summarizer: {SECOND_ENGINE_REFUSED}")
         if problems:
             raise ValueError("; ".join(problems))
@@ -255,13 +254,13 @@ class ReasoningCacheRLModule(RubricRLModule):
     def setup(self, stage: str) -> None:
         """Stage 2's checks, and the asynchronous layout's limits (see the module docstring)."""
         super().setup(stage)
-        if not isinstance(self.engine, StreamingRollouts):
+        if not self.engine.streams_groups:
             return
         problems = []
         if self.hparams.replay_ratio > 0:
             problems.append("model.replay_ratio > 0 is not supported with a streaming engine (the replay buffer is "
                             "read at sampling time, which the stream does ahead of the step); set it to 0")
-        if self.summarizer is not None and in_process(self.summarizer):
+        if self.summarizer is not None and self.summarizer.in_process:
             problems.append("model.summarizer is an in-process VLLMEngine, which the stream's threads cannot share; "
                             "serve the summarizer with VLLMServerEngine (sync: none) or leave it unset")
         if problems:

@@ -3,7 +3,7 @@ optimizer step, as a mixin of the RL module (it reads the module's hyperparamete
 
 - `completion_outputs` / `completion_stats`: the trainer's log-probs (and entropies) of the real completion tokens
   only, laid out as `layout` says (packed with varlen attention, padded rows, or shared prompt prefixes;
-  `rl/microbatch.py`), through the LM head a chunk at a time (`lm_head.py`);
+  `rl/microbatch.py`), through the LM head a chunk at a time (`model/lm_head.py`);
 - `compute_loss`: one micro-batch's loss (`rl.policy_loss`: clipped ratio against the sampler's log-probs, entropy
   bonus, optional k3 KL and importance-sampling correction), normalised by the step's global counts so that the
   gradient does not depend on the micro-batch split or the world size;
@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from qed_lightning.attention import packs_without_mask, varlen_kwargs
-from qed_lightning.lm_head import chunked_token_stats, final_hidden_states
-from qed_lightning.modules.phases import Phase
+from qed_lightning.model.attention import packs_without_mask, varlen_kwargs
+from qed_lightning.model.forward import completion_logits, shared_prefix_logits
+from qed_lightning.model.lm_head import chunked_token_stats, final_hidden_states
+from qed_lightning.phases import Phase
 from qed_lightning.rl import entropy_from_logits, policy_loss, token_logprobs
 from qed_lightning.rl.microbatch import (
-    completion_logits,
     pack_sequences,
     pad_sequences,
     pad_values,
@@ -31,7 +31,6 @@ from qed_lightning.rl.microbatch import (
     plan_shared_prefix,
     scatter_tokens,
     share_prefix,
-    shared_prefix_logits,
 )
 from qed_lightning.rollout.base import Completion
 
@@ -76,7 +75,7 @@ class PolicyGradientSteps:
         chosen = self.hparams.micro_batch_layout
         if chosen != "auto":
             return chosen
-        if self.varlen_attention:  # flash-style attention, detected by capability (qed_lightning.attention)
+        if self.varlen_attention:  # flash-style attention, detected by capability (qed_lightning.model.attention)
             return "packed"
         return "padded" if self.hparams.gradient_checkpointing else "shared_prefix"
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from qed_lightning.parallel.distributed import gather_objects
 from qed_lightning.rl import zero_advantage_fraction
 from qed_lightning.rollout.base import Completion
 
@@ -65,17 +66,6 @@ def reduce_op(key: str) -> str:
     if key in MAXED or key.startswith("time/") or key.endswith(("_max", "_max_s")):
         return "max"
     return "mean"
-
-
-def gather_objects(obj):
-    """Every rank's `obj`, in rank order (`[obj]` without an initialised process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def reduce_over_ranks(metrics: dict[str, float]) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """What an RL step shows while it runs and keeps when it is done: progress of its phases, and its rollout records.
 
 `report_progress` forwards the rollout engine's finished completions and the judge's finished grades into the current
-phase (`modules/phases.py`: "generate k/N", "grade k/N"), and the tokens generated and grades failed so far to the
+phase (`phases.py`: "generate k/N", "grade k/N"), and the tokens generated and grades failed so far to the
 phase listeners as `phase_stats(name, stats)` (what `QEDProgressBar` shows as tok/s and failures). `keep_rollouts`
 turns a step into rollout records (`report/records.py`), gathers every rank's to rank 0 and writes them.
 """
@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import lightning as L
 import torch
 
-from qed_lightning.modules.phases import Phase, StepPhases
-from qed_lightning.modules.rl_metrics import gather_objects
+from qed_lightning.parallel.distributed import gather_objects
+from qed_lightning.phases import Phase, StepPhases
 from qed_lightning.report.records import RolloutLog, rollout_records
 from qed_lightning.rewards import BaseJudge, Grade
 from qed_lightning.rollout.base import RolloutEngine

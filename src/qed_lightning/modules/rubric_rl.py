@@ -27,7 +27,7 @@ advantage, loss, step on a list of prompts) is what `ReasoningCacheRLModule` reu
 `sample_and_grade(batch)` (steps 1-2: generate and grade the batch, or take the stream's groups) and
 `stream_prompts(problem, release)` (the GRPO prompts a streamed problem becomes). Components:
 `engine` (`VLLMEngine`, `HFEngine`, ...) and `judge` (`RubricJudge` with any client) are injected by `class_path`.
-Timing: each named step runs in a phase of `self.phases` (`modules/phases.py`: "generate", "grade", "train"; the
+Timing: each named step runs in a phase of `self.phases` (`phases.py`: "generate", "grade", "train"; the
 "train" phase advances once per micro-batch), whose times are the `time/*_s` metrics and whose listeners may follow it.
 """
 
@@ -39,20 +39,21 @@ from typing import Literal
 import torch
 
 from qed_lightning.data.loading import ConfigError
-from qed_lightning.data.rl import ProofProblem
+from qed_lightning.data.records import ProofProblem
 from qed_lightning.modules.base import QEDModule
 from qed_lightning.modules.group_sampling import Groups, check_spares, fill_step, has_signal, shape_rewards, split_spares
 from qed_lightning.modules.optim_step import ManualStep
-from qed_lightning.modules.phases import Phase, StepPhases
 from qed_lightning.modules.rl_loss import PolicyGradientSteps
-from qed_lightning.modules.rl_metrics import gather_objects, reduce_over_ranks, rollout_table, table_metrics
+from qed_lightning.modules.rl_metrics import reduce_over_ranks, rollout_table, table_metrics
 from qed_lightning.modules.rl_records import keep_rollouts, report_progress
+from qed_lightning.parallel.distributed import gather_objects
+from qed_lightning.phases import Phase, StepPhases
 from qed_lightning.report.records import RolloutLog
 from qed_lightning.rewards import GradeRequest, RubricJudge
 from qed_lightning.rl import group_advantages_masked
 from qed_lightning.rl.losses import ISCorrection
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
-from qed_lightning.rollout.sync import WeightSyncCallback
+from qed_lightning.rollout.callbacks import WeightSyncCallback
 from qed_lightning.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
             attending to its cached keys/values); "auto" = packed with flash attention, else shared_prefix, or
             padded under gradient checkpointing. All give the same gradient.
         logits_chunk_tokens: completion tokens per LM-head chunk: log-probs and entropies come from the hidden
-            states a chunk at a time under checkpointing, never as `[n, T, V]` logits (qed_lightning.lm_head);
+            states a chunk at a time under checkpointing, never as `[n, T, V]` logits (qed_lightning.model.lm_head);
             0 = all logits of a micro-batch at once.
         clip_low/clip_high: ratio clip range [1 - clip_low, 1 + clip_high]. entropy_coef: entropy bonus.
         kl_coef: k3 KL weight against the frozen initial policy (0 = no reference model is loaded).
@@ -189,7 +190,7 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
                 f"max_model_len to at least {need}, or lower max_new_tokens / data.max_prompt_tokens.")
 
     def configure_callbacks(self):
-        return [WeightSyncCallback(self.engine, self.hparams.sync_interval), *self.engine.callbacks()]
+        return [WeightSyncCallback(self.engine, self.hparams.sync_interval, self.phases), *self.engine.callbacks()]
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -198,6 +199,11 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
 
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.hparams.model_name_or_path, dtype=self.model.dtype).eval()
             self.ref_model.requires_grad_(False)
+
+    @property
+    def group_size(self) -> int:
+        """Rollouts per prompt (G); part of the `RolloutHost` contract (`rollout.host`) the layouts call."""
+        return self.hparams.group_size
 
     # -- 1. sample -----------------------------------------------------------------------------------------------
 

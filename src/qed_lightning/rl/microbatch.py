@@ -20,7 +20,7 @@ Three layouts (`RubricRLModule(micro_batch_layout=...)`; "auto" picks by attenti
   no faster on CPU, so a micro-batch holds one prompt. Gradient checkpointing drops the cache (transformers forces
   `use_cache=False` in checkpointed layers), so "auto" then falls back to "padded".
 For "packed" and "padded", `gather_index` points, in the flattened `[B * (L - 1)]` next-token positions, at the
-position predicting each completion token. `completion_logits` gathers only the real completion positions, as a
+position predicting each completion token. `qed_lightning.model.forward.completion_logits` gathers only the real completion positions, as a
 flat `[N, D]` (N = real completion tokens, in the row-major order of the `[n, T]` mask), never the padded
 `[n, T_max, D]`: a ragged micro-batch (one 40k-token completion and 25 short ones) would pad every short one to 40k
 (~5 GB of hidden states at 4B scale, twice with backward). Per-token results go back onto the `[n, T]` grid (one
@@ -112,36 +112,6 @@ def share_prefix(prompts: Sequence[Sequence[int]], completions: Sequence[Sequenc
     return SharedPrefixBatch(torch.tensor([prompt], dtype=torch.long), ids, mask, list(members))
 
 
-def shared_prefix_logits(model, batch: SharedPrefixBatch, hidden: bool = False) -> torch.Tensor:
-    """Logits `[n, T, V]` predicting each completion token of `batch`, with the prompt run once (see the module
-    docstring); with `hidden`, the final hidden states `[n, T, H]` that predict them instead (for a chunked LM
-    head, `qed_lightning.lm_head`). `model` is a transformers causal LM (taking and returning `past_key_values`)."""
-    from qed_lightning.lm_head import final_hidden_states
-
-    device = next(model.parameters()).device
-    prompt = batch.prompt_ids.to(device)
-    ids = batch.input_ids.to(device)
-    n, width = ids.shape
-    if hidden:
-        states, head = final_hidden_states(model, input_ids=prompt, use_cache=True)
-        first = states[:, -1:]  # [1, 1, H] predicts completion token 0
-    else:
-        head = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        first = head.logits  # [1, 1, V]
-    cache = head.past_key_values
-    if cache is None:
-        raise RuntimeError("the model returned no key/value cache (gradient checkpointing on?); use "
-                           "micro_batch_layout 'padded' or 'packed'")
-    cache.batch_repeat_interleave(n)  # differentiable: every row's gradient flows back into the one prompt pass
-    position_ids = torch.arange(prompt.size(1), prompt.size(1) + width, device=device).expand(n, width)
-    kwargs = dict(input_ids=ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
-    if hidden:
-        rest = final_hidden_states(model, **kwargs)[0][:, :-1]  # the last position predicts nothing
-    else:  # logits_to_keep = the first width - 1 positions
-        rest = model(**kwargs, logits_to_keep=torch.arange(width - 1, device=device)).logits
-    return torch.cat([first.expand(n, 1, -1), rest], dim=1)
-
-
 def pad_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], members: list[int], pad_id: int = 0) -> PackedSequences:
     """One right-padded row per sequence (`[n, W]`, plain position ids); see the module docstring."""
     width = max(len(prompts[k]) + len(completions[k]) for k in members)
@@ -188,21 +158,6 @@ def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Seque
 def unpack(row_values: torch.Tensor, packed: PackedSequences) -> torch.Tensor:
     """`[B, L - 1]` per-position values -> `[n, T]` per-completion-token values (0 where masked)."""
     return row_values.reshape(-1)[packed.gather_index.to(row_values.device)] * packed.mask.to(row_values.device)
-
-
-def completion_logits(rows: torch.Tensor, input_ids: torch.Tensor, packed: PackedSequences) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows' values (logits or hidden states) `[N, D]` at the positions that predict the N real completion tokens,
-    and those tokens `[N]`, in the row-major order of `packed.mask` (`scatter_tokens` puts per-token results back on
-    the `[n, T]` grid). Only real positions are gathered: no `[n, T_max, D]` tensor (see the module docstring).
-    """
-    width = input_ids.size(1)
-    shifted = packed.gather_index[packed.mask.bool()]  # [N] positions in the shifted [B * (L - 1)] grid
-    if width < 2:
-        shifted = shifted[:0]
-    flat = (shifted // max(width - 1, 1)) * width + shifted % max(width - 1, 1)  # [N] the same positions in [B * L]
-    flat = flat.to(rows.device)
-    values = rows.reshape(-1, rows.size(-1)).index_select(0, flat)  # [N, D]
-    return values, input_ids.reshape(-1).index_select(0, flat.to(input_ids.device) + 1)
 
 
 def scatter_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ class RolloutEngine(ABC):
 
     Subclasses implement `generate` and `load_weights`; everything else has a no-op default. `max_model_len` is
     the longest prompt + completion the engine serves (None = no limit known), checked against the data before
-    training. `memory_handoff` says whether the engine shares the trainer's accelerator and hands memory back
+    training. `in_process` and `streams_groups` are capabilities a stage module may branch on. `memory_handoff` says whether the engine shares the trainer's accelerator and hands memory back
     and forth with it (see `rollout.handoff`); `shares_policy` that it generates with the trained module itself.
     """
 
@@ -100,6 +100,17 @@ class RolloutEngine(ABC):
     @property
     def shares_policy(self) -> bool:
         """True when the engine generates with the policy module being trained (nothing to push)."""
+        return False
+
+    @property
+    def in_process(self) -> bool:
+        """True when the engine runs vLLM inside this process (one per process: a second one, or another thread's
+        call, cannot share it); wrappers answer for the engine they wrap."""
+        return False
+
+    @property
+    def streams_groups(self) -> bool:
+        """True when the engine forms the training steps itself from a stream of graded groups (`group_stream`)."""
         return False
 
     @property
@@ -177,6 +188,10 @@ class WrappingEngine(RolloutEngine):
     @property
     def max_model_len(self) -> int | None:  # type: ignore[override]
         return self.engine.max_model_len
+
+    @property
+    def in_process(self) -> bool:
+        return self.engine.in_process
 
     def start(self, model: str | None = None) -> None:
         self.engine.start(model)

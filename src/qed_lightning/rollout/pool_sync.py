@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qed_lightning.rollout.sync import checkpoint_entries, full_shape, iter_full_parameters
+from qed_lightning.parallel.distributed import checkpoint_entries, full_shape, iter_full_parameters
 
 
 def write_safetensors(named_tensors: Iterable[tuple[str, Tensor]], out: Path | None, shard_bytes: int = 2**30) -> int:

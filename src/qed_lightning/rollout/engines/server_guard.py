@@ -1,7 +1,7 @@
 """Run a command (a vLLM server) in its own process group and take the whole group down when told to, or when the
 process that started the guard dies, even by SIGKILL.
 
-    python -m qed_lightning.rollout.server_guard [--grace-s 10] -- CMD ...
+    python -m qed_lightning.rollout.engines.server_guard [--grace-s 10] -- CMD ...
 
 `LocalVLLMPool` starts each server through this guard with `PR_SET_PDEATHSIG` set on the guard: when the trainer
 dies the guard gets SIGTERM and sends it to the server's group, then SIGKILL after `--grace-s`. The grace period is

@@ -55,7 +55,7 @@ def chunked_token_stats(states: Tensor, targets: Tensor, mask: Tensor, head: tor
                         entropy: bool, chunk_tokens: int) -> tuple[Tensor, Tensor | None]:
     """`token_logprobs` (and `entropy_from_logits`) of `head(states)`, without the `[N, V]` logits of every token.
 
-    states `[N, H]` (the states that predict the N real completion tokens, as `rl.microbatch.completion_logits`
+    states `[N, H]` (the states that predict the N real completion tokens, as `model.forward.completion_logits`
     gathers them), targets `[N]`, mask `[n, T]` (N ones, row-major). The head runs `chunk_tokens` states at a time
     under activation checkpointing. Returns `[n, T]` log-probs and `[n, T]` entropies (None unless `entropy`), 0 where
     masked, both differentiable, float32 or wider.

@@ -33,6 +33,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig, WrappingEngine
+from qed_lightning.rollout.host import PeekableLoader
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,8 @@ class AsyncRollouts(WrappingEngine):
 def _next_batch(trainer: L.Trainer):
     """The next step's batch if the training loader can tell it without consuming it (`peek()`, as the RL data
     module's `ProblemBatches`), else None."""
-    peek = getattr(trainer.train_dataloader, "peek", None)
-    return peek() if callable(peek) else None
+    loader = trainer.train_dataloader
+    return loader.peek() if isinstance(loader, PeekableLoader) else None
 
 
 class RolloutPrefetch(Callback):

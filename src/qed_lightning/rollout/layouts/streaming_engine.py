@@ -3,7 +3,8 @@
 `StreamingRollouts` wraps a generator that can be called from many threads at once and does not share the
 trainer's policy module (`LocalVLLMPool`, the layout's default; or a `VLLMServerEngine` pool). When training starts,
 its callback opens a `GroupStream` over the training data's order, bound to the module's hooks (`stream_prompts`,
-`sampling`, `grade_rollouts`): from then on generation and grading run in the background, and the module's
+`sampling`, `grade_rollouts`: the `RolloutHost` contract of `rollout.host`, checked there): from then on generation
+and grading run in the background, and the module's
 sampling step (`RubricRLModule.sample_and_grade`) takes each step's groups from the stream instead of generating
 its batch (the loader's batch only paces the steps: the stream reads the same order with its own cursor, saved in
 checkpoints by the callback). Weight pushes go to the generator as usual (`WeightSyncCallback`); the stream releases
@@ -18,7 +19,8 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from qed_lightning.rollout.base import RolloutEngine, WrappingEngine
-from qed_lightning.rollout.streaming import GroupStream
+from qed_lightning.rollout.host import check_host
+from qed_lightning.rollout.layouts.streaming import GroupStream
 
 
 class StreamingRollouts(WrappingEngine):
@@ -57,6 +59,10 @@ class StreamingRollouts(WrappingEngine):
     def group_stream(self) -> GroupStream | None:
         return self.stream
 
+    @property
+    def streams_groups(self) -> bool:
+        return True
+
     def close(self) -> None:
         self.close_stream()
         self.engine.close()
@@ -85,9 +91,10 @@ class StreamCallback(Callback):
         if not hasattr(loader, "problem_at"):
             raise ValueError("StreamingRollouts reads the training problems in the loader's order: use the RL data "
                              "module (ProofRLDataModule), whose loader has problem_at()")
-        stream = GroupStream(self.engine.engine, loader.batch_size, pl_module.hparams.group_size, self.engine.max_lag,
-                             source=loader.problem_at, expand=pl_module.stream_prompts, sampling=pl_module.sampling,
-                             grade=pl_module.grade_rollouts)
+        host = check_host(pl_module, "StreamingRollouts")
+        stream = GroupStream(self.engine.engine, loader.batch_size, host.group_size, self.engine.max_lag,
+                             source=loader.problem_at, expand=host.stream_prompts, sampling=host.sampling,
+                             grade=host.grade_rollouts)
         self.engine.open_stream(stream, self._restored, min_version=trainer.global_step)
         self._restored = None
 

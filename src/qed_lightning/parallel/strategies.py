@@ -89,7 +89,7 @@ def is_fully_sharded(model: torch.nn.Module) -> bool:
 
 def apply_fsdp2(model: torch.nn.Module, mesh, mp_policy=None) -> torch.nn.Module:
     """Shard `model` with FSDP2 over the 1-D `mesh`: each decoder layer, then the root (embeddings, norm, head).
-    `mp_policy` (`qed_lightning.precision.fsdp2_policy`): a `MixedPrecisionPolicy`, e.g. bf16 compute on the fp32
+    `mp_policy` (`qed_lightning.model.precision.fsdp2_policy`): a `MixedPrecisionPolicy`, e.g. bf16 compute on the fp32
     sharded parameters; None = compute in the parameters' dtype.
 
     Idempotent. Activation checkpointing is HF's own (`gradient_checkpointing_enable`, non-reentrant): it wraps each

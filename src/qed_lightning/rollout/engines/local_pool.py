@@ -41,8 +41,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from qed_lightning.parallel.distributed import broadcast_from_rank0, rank
 from qed_lightning.rollout.base import Completion, SamplingConfig
-from qed_lightning.rollout.server_engine import WORKER_EXTENSION, VLLMServerEngine, _rank, write_safetensors
+from qed_lightning.rollout.engines.server_engine import WORKER_EXTENSION, VLLMServerEngine, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,6 @@ def parse_cpus(spec: str) -> set[int]:
         lo, _, hi = part.strip().partition("-")
         out.update(range(int(lo), int(hi or lo) + 1))
     return out
-
-
-def _from_rank0(obj):
-    """Rank 0's `obj` on every rank (`obj` itself without a process group)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _free_port() -> int:
@@ -155,8 +147,8 @@ class LocalVLLMPool(VLLMServerEngine):
         logs = self.log_dir or self.sync_dir
         logs.mkdir(parents=True, exist_ok=True)
         urls = [self._launch(model, i, devices, logs / f"vllm_server_{i}.log")
-                for i, devices in enumerate(self.gpus or self.cpus)] if _rank() == 0 else []
-        self.url_entries = urls = _from_rank0(urls)  # one pool per node: rank 0 starts it, every rank uses it
+                for i, devices in enumerate(self.gpus or self.cpus)] if rank() == 0 else []
+        self.url_entries = urls = broadcast_from_rank0(urls)  # one pool per node: rank 0 starts it, every rank uses it
         try:
             super().start(model)
         except TimeoutError as err:
@@ -190,7 +182,7 @@ class LocalVLLMPool(VLLMServerEngine):
             cores = parse_cpus(devices)
             env.update(VLLM_CPU_OMP_THREADS_BIND=devices, VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gib),
                        OMP_NUM_THREADS=str(len(cores)))
-        guard = [sys.executable, "-m", "qed_lightning.rollout.server_guard", "--"]
+        guard = [sys.executable, "-m", "qed_lightning.rollout.engines.server_guard", "--"]
         with open(log_path, "w") as fh:
             proc = subprocess.Popen(guard + self._server_command(model, port, devices), stdout=fh,
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -284,7 +276,7 @@ class LocalVLLMPool(VLLMServerEngine):
         started = time.perf_counter()
         if self.client is None:
             raise RuntimeError("LocalVLLMPool.push_weights before start")
-        target = (self.sync_dir / f"v{version}").resolve() if _rank() == 0 else None
+        target = (self.sync_dir / f"v{version}").resolve() if rank() == 0 else None
         if target is not None:
             shutil.rmtree(target, ignore_errors=True)
         write_safetensors(named_tensors, target, self.shard_bytes)

@@ -1,6 +1,6 @@
 """Methods added to every worker of a vLLM rollout server, callable through `POST /collective_rpc`.
 
-Start the servers with `--worker-extension-cls qed_lightning.rollout.vllm_worker.QEDWorkerExtension` (vLLM's
+Start the servers with `--worker-extension-cls qed_lightning.rollout.engines.vllm_worker.QEDWorkerExtension` (vLLM's
 mechanism for RL frameworks; the package must be importable in the server's environment).
 """
 
@@ -14,7 +14,7 @@ class QEDWorkerExtension:
         """Re-run the tied lm_head's post-load processing after a `reload_weights` (see `_refresh_tied_lm_head`:
         on the CPU backend the head otherwise keeps a pre-packed copy of the old embeddings; a no-op on GPU for
         unquantized models). Returns True so the caller can tell the method exists."""
-        from qed_lightning.rollout.vllm_engine import _refresh_tied_lm_head
+        from qed_lightning.rollout.engines.vllm_engine import _refresh_tied_lm_head
 
         _refresh_tied_lm_head(self.model_runner.get_model())
         return True

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 
 import lightning as L
@@ -25,52 +24,18 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from qed_lightning.parallel.distributed import iter_full_parameters
+from qed_lightning.phases import StepPhases
 from qed_lightning.rollout.base import RolloutEngine
 from qed_lightning.rollout.handoff import free_training_memory
 
 log = logging.getLogger(__name__)
 
 
-def checkpoint_entries(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, local tensor) of every parameter and buffer a checkpoint holds, tied weights once (under the first name,
-    as `save_pretrained` does). Nothing is gathered."""
-    seen: set[int] = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            yield name, tensor
-
-
-def full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
-    """The full (unsharded) shape: a DTensor's global shape, a ZeRO-3 partition's `ds_shape` (its local shape is
-    `(0,)`), else the tensor's own."""
-    return tuple(getattr(tensor, "ds_shape", None) or tensor.shape)
-
-
-def iter_full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, full tensor) for every entry of `checkpoint_entries`, one at a time.
-
-    DTensor shards (FSDP2) are gathered per parameter with `full_tensor()`, DeepSpeed ZeRO-3 partitions with
-    `GatheredParameters` (a copy, since the gathered storage is released again); plain tensors are yielded as they
-    are. Every rank must walk the whole iterator (each gather is a collective).
-    """
-    for name, tensor in checkpoint_entries(model):
-        if hasattr(tensor, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([tensor]):
-                data = tensor.detach().clone()
-        else:
-            data = tensor.detach()
-            if hasattr(data, "full_tensor"):
-                data = data.full_tensor()
-        yield name, data
-
-
 class WeightSyncCallback(Callback):
     """Own the policy's `engine`: start it, hand memory over and push weights every `interval` steps, close it."""
 
-    def __init__(self, engine: RolloutEngine, interval: int = 1) -> None:
+    def __init__(self, engine: RolloutEngine, interval: int = 1, phases: StepPhases | None = None) -> None:
         if interval < 1:
             raise ValueError(f"weight sync interval must be >= 1, got {interval}")
         if interval > 1 and engine.sleep_discards_weights:
@@ -79,6 +44,7 @@ class WeightSyncCallback(Callback):
                              "model.sync_interval=1 or the engine's sleep_level: 1 (keeps a host copy)")
         self.engine = engine
         self.interval = interval
+        self.phases = phases  # the owning module's step phases (`RolloutHost.phases`), if it times its steps
         self.syncs = 0
         self.restored_step: int | None = None  # the global step of a checkpoint Lightning restored (fit or validate)
 
@@ -133,10 +99,7 @@ class WeightSyncCallback(Callback):
             return {}
         metrics = free_training_memory(pl_module, trainer.optimizers) if self.engine.memory_handoff else {}
         started = time.perf_counter()
-        # the RL modules' StepPhases (modules/phases.py, not imported: rollout/ sits below modules/): the progress bar
-        # shows "sync"
-        phases = getattr(pl_module, "phases", None)
-        with phases.phase("sync") if phases is not None else nullcontext():
+        with self.phases.phase("sync") if self.phases is not None else nullcontext():  # the progress bar shows "sync"
             times = self.engine.push_weights(iter_full_parameters(pl_module.model), step)
         self.syncs += 1
         metrics.update({"rollout/sync_time_s": time.perf_counter() - started, "rollout/wake_s": times.get("wake_s", 0.0),

@@ -10,7 +10,7 @@ Start every server of the pool with the trainer's starting weights and:
 
     VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server --model runs/sft/hf \\
         --logprobs-mode processed_logprobs --generation-config vllm --max-model-len 53248 --port 8000 \\
-        --worker-extension-cls qed_lightning.rollout.vllm_worker.QEDWorkerExtension
+        --worker-extension-cls qed_lightning.rollout.engines.vllm_worker.QEDWorkerExtension
 
 - `--logprobs-mode processed_logprobs` (required): log-probs under the sampling temperature, the convention of
   the trainer's `token_logprobs(..., temperature)`; the default (raw) is off by ~0.3 nats a token at T=0.8 (SPEC 7).
@@ -64,20 +64,13 @@ import httpx
 import torch
 from torch import Tensor
 
+from qed_lightning.parallel.distributed import barrier, rank, world_size
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
 from qed_lightning.rollout.pool_sync import PoolWeightSyncClient, full_parameter_source, write_safetensors
 
 log = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "qed_lightning.rollout.vllm_worker.QEDWorkerExtension"
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+WORKER_EXTENSION = "qed_lightning.rollout.engines.vllm_worker.QEDWorkerExtension"
 
 
 def resolve_urls(entries: list[str]) -> list[str]:
@@ -102,11 +95,6 @@ def resolve_urls(entries: list[str]) -> list[str]:
         else:
             urls.append(entry)
     return [u.rstrip("/").removesuffix("/v1") for u in urls]
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 class VLLMServerEngine(RolloutEngine):
@@ -188,7 +176,7 @@ class VLLMServerEngine(RolloutEngine):
         if self.client is not None:
             return
         self.urls = resolve_urls(self.url_entries)
-        self._rank, self._world = _rank(), _world()
+        self._rank, self._world = rank(), world_size()
         self.client = httpx.Client(timeout=self.timeout_s, limits=httpx.Limits(max_connections=self.max_concurrency))
         names = [self._wait_ready(url) for url in self.urls]
         self.model = self.model or names[0][0]
@@ -196,9 +184,9 @@ class VLLMServerEngine(RolloutEngine):
         if missing:
             raise ValueError(f"VLLMServerEngine: servers {missing} do not serve {self.model!r}")
         if self.reset_on_start and model and Path(model).is_dir() and self.sync == "checkpoint":
-            if _rank() == 0:
+            if rank() == 0:
                 self._reload_all(Path(model).resolve())
-            _barrier()
+            barrier()
         log.info("rollout pool ready: %d server(s) serving %s", len(self.urls), self.model)
 
     def attach(self, policy: torch.nn.Module, tokenizer) -> None:
@@ -301,11 +289,11 @@ class VLLMServerEngine(RolloutEngine):
             self._send_nccl()  # reads the attached policy; the iterator is left unread on every rank alike
         else:
             self._sync_checkpoint(iter(named_tensors))
-        _barrier()  # no rank samples from the pool before every server has the new weights
+        barrier()  # no rank samples from the pool before every server has the new weights
 
     def _sync_checkpoint(self, named_tensors: Iterator[tuple[str, Tensor]]) -> None:
         self._syncs += 1
-        target = (self.sync_dir / f"v{self._syncs}").resolve() if _rank() == 0 else None
+        target = (self.sync_dir / f"v{self._syncs}").resolve() if rank() == 0 else None
         if target is not None:
             shutil.rmtree(target, ignore_errors=True)  # a leftover of an earlier run must not mix in
         write_safetensors(named_tensors, target, self.shard_bytes)
@@ -360,6 +348,6 @@ class VLLMServerEngine(RolloutEngine):
             workers = [int(self.client.get(f"{url}/get_world_size").json()["world_size"]) for url in self.urls]
             pool = PoolWeightSyncClient([HTTPVLLMWeightSyncClient(url, timeout=self.timeout_s) for url in self.urls], workers)
             info = NCCLTrainerInitInfo(master_address=self.nccl_master_address, master_port=self.nccl_port,
-                                       world_size=1 + sum(workers), rank=_rank())
+                                       world_size=1 + sum(workers), rank=rank())
             self._sender = NCCLTrainerWeightTransferEngine.trainer_init(info, client=pool, source=full_parameter_source(self.policy))
         self._sender.send_weights()

@@ -43,8 +43,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig, WrappingEngine
-from qed_lightning.rollout.launch import EngineLaunch, current_launch, export_launch, tp_groups
+from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
+from qed_lightning.rollout.engines.launch import EngineLaunch, current_launch, export_launch, tp_groups
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,10 @@ class VLLMEngine(RolloutEngine):
         self.handoff_counts = {"sleep": 0, "wake": 0}
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    @property
+    def in_process(self) -> bool:
+        return True
 
     @property
     def memory_handoff(self) -> bool:
@@ -322,8 +326,3 @@ class VLLMEngine(RolloutEngine):
         self.handoff_counts["wake"] += 1
 
 
-def in_process(engine: RolloutEngine) -> bool:
-    """Whether `engine` (or the engine a wrapper such as `AsyncRollouts` wraps) is an in-process vLLM engine."""
-    while isinstance(engine, WrappingEngine):
-        engine = engine.engine
-    return isinstance(engine, VLLMEngine)

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qed_lightning.parallel import ProcessRanks, process_ranks
+from qed_lightning.parallel.distributed import is_distributed
+from qed_lightning.parallel.strategies import ProcessRanks, process_ranks
 
 EXTERNAL_LAUNCHER = "external_launcher"
 
@@ -91,7 +92,7 @@ def plan_launch(ranks: ProcessRanks, distributed: bool, cuda_device: int | None,
 
 def current_launch(tensor_parallel_size: int, seed: int) -> EngineLaunch:
     """`plan_launch` for this process, as its launcher and Lightning set it up."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    distributed = is_distributed()
     cuda = torch.cuda.current_device() if torch.cuda.is_available() else None
     return plan_launch(process_ranks(), distributed, cuda, tensor_parallel_size, seed)
 
