@@ -12,7 +12,8 @@ new `csv/version_N`, the first run's rollout records replaced), so before `fit`:
 - a lock file `<root>/.qed-run.lock` (host, pid, start time) is held for the run by global rank 0, so a second
   `qed-fit` on the same folder is refused with the holder named. A lock whose process is gone (same host) or whose
   heartbeat (the file's mtime, touched every `HEARTBEAT_S`) is older than `STALE_S` (another host: a killed node) is
-  stale and taken over with a log line.
+  stale and taken over with a log line; so is a lock of the same SLURM job (`SLURM_JOB_ID`: a requeued job keeps its
+  id, and may land on another node right after its first node died).
 
 `validate`, `test` and `predict` take no lock and refuse nothing: they only read a checkpoint (their metrics go to
 `<root>/<subcommand>/`, apart from the training curves).
@@ -88,6 +89,9 @@ class RunLock:
             return True
         if holder is None:
             return age > 5.0  # a lock being written this instant reads as empty; an older empty one is debris
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and holder.get("job") == job and holder.get("pid") != os.getpid():
+            return True  # this job's earlier incarnation: requeued after a pre-emption or a node failure
         if holder.get("host") == socket.gethostname():
             try:
                 os.kill(int(holder["pid"]), 0)
@@ -100,7 +104,8 @@ class RunLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "job": os.environ.get("SLURM_JOB_ID")}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

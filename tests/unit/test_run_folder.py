@@ -84,3 +84,15 @@ def test_the_job_wide_prompt_count_splits_over_processes_or_is_refused_with_the_
     with pytest.raises(ConfigError, match=r"data.prompts_per_step=6 is for the whole job .* 4 training processes: use "
                                           r"a multiple of 4 \(e.g. 4\)"):
         data.per_process()
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path, monkeypatch):
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node-17", "pid": 1, "started": "then", "job": "4242"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "999")  # another job: the lock is live
+    with pytest.raises(ConfigError, match=r"pid 1 on node-17"):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the same job, requeued onto this node
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["job"] == "4242"
+    lock.release()
