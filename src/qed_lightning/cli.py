@@ -38,7 +38,7 @@ from qed_lightning.callbacks.hparams import LogConfigCallback
 from qed_lightning.data.loading import ConfigError, DataError, debug_requested, exit_on_data_error
 from qed_lightning.logs import pop_verbose, setup_logging
 from qed_lightning.modules.base import QEDModule
-from qed_lightning.runfolder import RunLock, check_fit_folder, is_global_zero_process
+from qed_lightning.runfolder import RunLock, check_fit_folder, check_resume_checkpoint, is_global_zero_process
 
 # the folders the shipped stage configs export to, and the command that writes each (for a missing-model error)
 STAGE_EXPORTS = {
@@ -85,9 +85,13 @@ class QEDCLI(LightningCLI):
             try:
                 for dirpath in sorted(dirpaths) or [f"{root}/checkpoints"]:
                     check_fit_folder(Path(root), config.get("ckpt_path"), Path(dirpath))
+                    if config.get("ckpt_path"):
+                        check_resume_checkpoint(Path(dirpath), config["ckpt_path"])
             except ConfigError:
                 self._release()
                 raise
+        elif self.subcommand in ("validate", "test") and config.get("ckpt_path") not in (None, "last", "best"):
+            check_resume_checkpoint(Path(root) / "checkpoints", config["ckpt_path"])
 
     def instantiate_classes(self) -> None:
         try:

@@ -46,8 +46,17 @@ def checkpoints_in(folder: Path) -> list[Path]:
     return sorted((p for p in folder.glob("*.ckpt")), key=lambda p: p.stat().st_mtime)
 
 
+#: what a run writes under its folder, each a folder (a file in its place would fail the run after a step's work)
+RUN_FOLDERS = ("checkpoints", "rollouts", "csv", "hf")
+
+
 def check_fit_folder(root: Path, ckpt_path: str | None, dirpath: Path | None = None) -> None:
     """Refuse a fresh run on top of an old one, and a `--ckpt_path last` that would silently start from step 0."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"trainer.default_root_dir={root} is a file, not a folder: point it at a folder")
+    for name in RUN_FOLDERS:
+        if (root / name).exists() and not (root / name).is_dir():
+            raise ConfigError(f"{root / name} is a file where the run writes its {name}/ folder: move it away")
     ckpts = checkpoints_in(dirpath or root / "checkpoints")
     if ckpt_path is None and ckpts:
         raise ConfigError(
@@ -57,6 +66,55 @@ def check_fit_folder(root: Path, ckpt_path: str | None, dirpath: Path | None = N
         raise ConfigError(
             f"--ckpt_path last: {ckpts[0].parent} holds {len(ckpts)} checkpoint(s) but no last.ckpt, so Lightning would "
             f"start again from step 0; pass the one to resume, e.g. --ckpt_path {ckpts[-1]}")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step a checkpoint holds, reading no tensor (a file through mmap, a sharded folder's metadata; None
+    for a DeepSpeed folder, whose client state sits inside its own shards); raises what the reading raises (a
+    truncated or empty file: EOFError, RuntimeError, ...)."""
+    import torch
+
+    if path.is_dir():  # a sharded checkpoint (FSDP2/DCP): Lightning's metadata file beside the shards
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+        if not (path / _METADATA_FILENAME).exists() and (path / "latest").exists():
+            return None  # DeepSpeed: read by DeepSpeed itself, which names what is missing
+        meta = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+    else:
+        meta = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return int(meta["global_step"])
+
+
+def check_resume_checkpoint(folder: Path, ckpt_path: str) -> None:
+    """The checkpoint `--ckpt_path` names (`last`: the newest `last*.ckpt` in `folder`) must be readable. If not, the
+    error names it with its size and the newest readable checkpoint beside it. We do not fall back to that one
+    ourselves: an unreadable checkpoint despite atomic saves means a disk or copy problem worth a look, and resuming
+    from an older step redoes steps (and rewrites their rollout records); the user decides, with one flag."""
+    if ckpt_path == "last":
+        lasts = [p for p in checkpoints_in(folder) if p.name.startswith("last")]
+        if not lasts:
+            return  # a fresh start (checked by check_fit_folder)
+        path = lasts[-1]
+    else:
+        path = Path(ckpt_path)
+        if not path.exists():
+            raise ConfigError(f"--ckpt_path {ckpt_path}: no such checkpoint")
+    try:
+        checkpoint_step(path)
+    except Exception as err:  # noqa: BLE001 - any failure to read is the same news for the user
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+        readable = []
+        for other in reversed(checkpoints_in(path.parent)):
+            if other != path:
+                try:
+                    readable.append((other, checkpoint_step(other)))
+                    break
+                except Exception:  # noqa: BLE001
+                    continue
+        hint = (f"the newest readable checkpoint is {readable[0][0]} (step {readable[0][1]}): resume from it with "
+                f"--ckpt_path {readable[0][0]}" if readable else f"no other readable checkpoint is in {path.parent}")
+        raise ConfigError(f"--ckpt_path {ckpt_path}: {path} ({size:,} bytes) cannot be read "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}); {hint}") from err
 
 
 def is_global_zero_process() -> bool:

@@ -1,7 +1,8 @@
 """A run folder through `qed-fit` as a user meets it, on one demo SFT run: a second start while it trains is refused
 (the lock names the holder), a SIGKILL leaves a stale lock that the next start takes over, a fresh start into the
 used folder is refused with the two ways out, `--ckpt_path last` resumes at the checkpoint's step and finishes, and
-`--ckpt_path last` with checkpoints but no `last.ckpt` is refused naming the folder. And the one-line error for a
+`--ckpt_path last` with checkpoints but no `last.ckpt` is refused naming the folder, and an unreadable `last.ckpt`
+naming its size and the readable checkpoint beside it. And the one-line error for a
 stage's missing model folder, typed as a user types the paper config."""
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ def test_a_run_folder_is_locked_refused_when_used_and_resumed_at_its_step(tiny_m
     (root / "checkpoints" / "last.ckpt").rename(root / "checkpoints" / "step=15.ckpt")
     err = _refused(_command(tiny_model_dir, root, "--ckpt_path", "last"))
     assert f"{root / 'checkpoints'} holds 1 checkpoint(s) but no last.ckpt" in err
+    (root / "checkpoints" / "last.ckpt").write_bytes(b"")  # a torn copy: named, with the readable one beside it
+    err = _refused(_command(tiny_model_dir, root, "--ckpt_path", "last"))
+    assert f"last.ckpt (0 bytes) cannot be read" in err and f"step=15.ckpt (step {step + 5})" in err
 
 
 def test_a_stage_whose_model_folder_is_missing_says_so_in_one_line(tmp_path):

@@ -96,3 +96,29 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path
     lock.acquire()
     assert json.loads((tmp_path / LOCK_FILE).read_text())["job"] == "4242"
     lock.release()
+
+
+def test_an_unreadable_checkpoint_is_named_with_its_size_and_the_newest_readable_one(tmp_path):
+    import torch
+
+    from qed_lightning.runfolder import check_resume_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    torch.save({"global_step": 40, "state_dict": {}}, folder / "step=40.ckpt")
+    torch.save({"global_step": 45, "state_dict": {}}, folder / "step=45.ckpt")
+    (folder / "last.ckpt").write_bytes(b"")  # a copy that failed, a full disk: 0 bytes
+    with pytest.raises(ConfigError, match=r"last.ckpt \(0 bytes\) cannot be read .*newest readable checkpoint is "
+                                          r".*step=45.ckpt \(step 45\): resume from it with --ckpt_path .*step=45.ckpt"):
+        check_resume_checkpoint(folder, "last")
+    torch.save({"global_step": 50}, folder / "last.ckpt")
+    check_resume_checkpoint(folder, "last")  # readable: nothing to say
+    (folder / "torn.ckpt").write_bytes(open(folder / "step=40.ckpt", "rb").read()[:100])
+    with pytest.raises(ConfigError, match=r"torn.ckpt \(100 bytes\) cannot be read"):
+        check_resume_checkpoint(folder, str(folder / "torn.ckpt"))
+
+
+def test_a_file_where_the_run_writes_a_folder_is_refused_at_the_door(tmp_path):
+    (tmp_path / "rollouts").write_text("oops")
+    with pytest.raises(ConfigError, match=r"rollouts is a file where the run writes its rollouts/ folder"):
+        check_fit_folder(tmp_path, None)
