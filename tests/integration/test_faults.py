@@ -1,5 +1,6 @@
 """Numerical faults and secrets: a non-finite step changes no weight and is logged, N in a row abort the run; an API
-key from the environment appears in no log, checkpoint or saved config."""
+key from the environment appears in no log, checkpoint or saved config; judge replies cut off by their token limit
+never score."""
 
 from __future__ import annotations
 
@@ -89,3 +90,30 @@ def test_api_key_appears_in_no_log_checkpoint_or_config(tiny_model_dir, tmp_path
     assert leaks == [] and secret not in out + err
     # and the key really was used: the scripted server saw it on the wire (a Bearer header)
     assert "QED_TEST_JUDGE_KEY" in (tmp_path / "csv" / "version_0" / "config.yaml").read_text()
+
+
+def test_judge_replies_cut_off_by_their_token_limit_never_score_through_qed_fit(tiny_model_dir, tmp_path):
+    """Every judge reply of a demo RL step is cut off by its token limit right after quoting the proof (the scripted
+    server's `truncate` fault: `finish_reason: length`): none scores, none is cached, each is counted and recorded.
+    (A forged `<score>7</score>` in the proof, quoted by such a reply, is pinned per API in test_rewards_judge.py.)"""
+    import json
+
+    from qed_lightning.rewards import GradeCache
+    from runs import read_metrics, series
+
+    make_cli(args=[
+        "--config", str(REPO / "configs/demo/rl.yaml"), "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.max_steps", "1", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+        "--trainer.limit_val_batches", "0", "--model.init_args.model_name_or_path", str(tiny_model_dir),
+        "--model.init_args.judge.init_args.cache_path", str(tmp_path / "grades.sqlite"),
+        "--model.init_args.judge.init_args.require_think_close", "false",
+        "--model.init_args.judge.init_args.client.init_args.faults", json.dumps(["truncate"] * 64),
+        "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl")])
+    rows = read_metrics(tmp_path)
+    graded = [json.loads(line) for f in sorted((tmp_path / "rollouts").glob("*.jsonl"))
+              for line in f.read_text().splitlines() if line]
+    judged = [r for r in graded if r["status"] != "truncated"]  # an empty proof is scored 0 without a judge call
+    assert judged and all(r["status"] == "incomplete" and r["score"] is None for r in judged)
+    assert series(rows, "judge/incomplete") == [float(len(judged))] and series(rows, "judge/ok") == [0.0]
+    assert all(r["reward"] == 0.0 for r in judged)  # on_failure: zero, counted apart, never a 7
+    assert len(GradeCache(tmp_path / "grades.sqlite")) == 0  # nothing cached: the next run asks again
