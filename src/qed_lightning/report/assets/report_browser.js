@@ -96,7 +96,8 @@ function textBlock(title, body, {open = true, mono = true, cls = "", math = true
 
 function splitCompletion(rec) {
   const completion = rec.completion || "", cut = completion.lastIndexOf("</think>");
-  return {cut, thinking: cut >= 0 ? completion.slice(0, cut + 8) : (rec.proof ? "" : completion),
+  const whole = !(rec._cut && rec._cut.completion);  // a cut completion may have lost its </think>: show what is left
+  return {cut, thinking: cut >= 0 ? completion.slice(0, cut + 8) : (rec.proof && whole ? "" : completion),
     proof: rec.proof ?? (cut >= 0 ? completion.slice(cut + 8).trim() : "")};
 }
 
