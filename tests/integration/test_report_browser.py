@@ -1,7 +1,10 @@
 """A demo RL run seen from outside, through the real entry points: what `qed-fit` prints (quiet, one line per
 phase when the output is not a terminal), the rollout records it keeps, and the `qed-report` page of it and of a
 `qed-eval` folder, opened in a real headless Chromium (Debian's `chromium`, driven by Playwright): the curves and the
-rollouts are drawn, the score filter works, a rollout's proof is shown beside its rubric and judge reply."""
+rollouts are drawn, the score filter works, a rollout's proof is shown beside its rubric and judge reply. And a made-up
+paper-scale run (30 steps x 128 rollouts of ~30k characters): its page stays under the default 40 MB, says what it
+cut, and Chromium draws its curves (hover at any length, smoothing, one chart per loss kind), its sortable rows, its
+math (KaTeX, and back to source) and a GRPO group's samples side by side."""
 
 from __future__ import annotations
 
@@ -121,6 +124,8 @@ def test_report_opens_in_a_real_browser_and_its_score_filter_works(report, demo_
         assert page.locator("#curves svg.chart path.line").count() >= 6  # reward, loss, lengths, entropy, ...
         assert page.locator("#curves svg.scores rect").count() >= STEPS  # the judge's score distribution per step
         assert page.locator("#evals table.summary").count() == 2  # the evaluation's summary and per-problem tables
+        assert page.locator("#evals svg.bars rect.bar").count() >= 1  # its score histogram: bars over scores, not steps
+        assert page.locator("#evals svg.bars text.axis").text_content().startswith("score")
         assert page.locator("tr.rollout").count() == len(every)  # every training rollout and evaluation sample
         page.select_option("#filter-score", wanted)
         shown = page.locator("tr.rollout").evaluate_all("rows => rows.map(r => r.dataset.score)")
@@ -128,6 +133,7 @@ def test_report_opens_in_a_real_browser_and_its_score_filter_works(report, demo_
         page.select_option("#filter-step", str(record["step"]))
         first = page.locator("tr.rollout").first
         assert first.get_attribute("data-id") == f"0-{records.index(record)}"
+        page.locator("#math-toggle").uncheck()  # the texts as written (LaTeX as source)
         first.click()
         detail = page.locator("#detail")
         assert detail.locator("pre.proof").text_content() == (record["proof"] or "(empty)")
@@ -138,3 +144,110 @@ def test_report_opens_in_a_real_browser_and_its_score_filter_works(report, demo_
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+# ---- a paper-scale run, made up: the page stays bounded and Chromium draws it ---------------------------------------
+STEPS_BIG, GROUPS, G, METRIC_STEPS = 30, 16, 8, 500
+PROOF = "We show $x^2 + y^2 \\ge 2xy$ for all reals: $$ (x - y)^2 \\ge 0 .$$ Expanding gives the claim. "
+
+
+def _paper_scale_run(root: Path) -> Path:
+    """30 steps x 128 rollouts (16 groups of G=8) of ~30k-character completions (~160 MB of records, the size that
+    made a blank page), a 500-step metrics CSV and a DAPO config; beside it an SFT run (its own loss chart)."""
+    rl = root / "paper-rl"
+    (rl / "rollouts").mkdir(parents=True)
+    thinking = "<think>" + "Let me consider the cases one by one. " * 790 + "</think>\n"  # ~30k characters
+    for step in range(STEPS_BIG):
+        with open(rl / "rollouts" / f"step_{step:06d}.jsonl", "w", encoding="utf-8") as fh:
+            for i in range(GROUPS * G):
+                g, k = divmod(i, G)
+                score = (step + g + k) % 8
+                proof = f"[s{step} g{g} k{k}] " + PROOF * 120  # ~13k characters: cut
+                fh.write(json.dumps({"step": step, "problem_id": 1000 + g, "group": g, "sample": k, "problem": "Show P." * 60,
+                                     "rubric": "1. (7 pts) the AM-GM step. " * 80, "prompt": "Generate a rigorous proof. " * 60,
+                                     "completion": thinking + proof, "proof": proof, "score": score, "reward": score / 7,
+                                     "advantage": (score - 3.5) / 7, "status": "ok", "judge_reply": "Fine. " * 500 + f"<score>{score}</score>",
+                                     "finish_reason": "stop", "prompt_tokens": 400, "completion_tokens": 9000 + k,
+                                     "policy_version": step}) + "\n")
+    _csv(rl / "csv/version_0", "rollout/reward_mean,rollout/reward_std,train/loss,train/grad_norm,judge/score_7",
+         lambda s: f"{s / METRIC_STEPS:.4f},0.1,{0.01 * (-1) ** s:.4f},{1 + s % 7},{s / METRIC_STEPS:.3f}")
+    (rl / "csv/version_0/config.yaml").write_text("model:\n  class_path: qed_lightning.modules.RubricRLModule\n  init_args:\n"
+                                                  "    aggregation: token_mean\n")
+    sft = root / "paper-sft"
+    _csv(sft / "csv/version_0", "train/loss", lambda s: f"{2.5 - s / 400:.4f}")
+    (sft / "csv/version_0/config.yaml").write_text("model:\n  class_path: qed_lightning.modules.SFTModule\n")
+    return rl
+
+
+def _csv(folder: Path, header: str, row) -> None:
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_text(f"epoch,step,{header}\n" + "".join(f"0,{s},{row(s)}\n" for s in range(METRIC_STEPS)))
+
+
+def _browser(pw, profile: Path):
+    return pw.chromium.launch_persistent_context(  # a fresh profile folder (--user-data-dir)
+        str(profile), executable_path=CHROMIUM, headless=True, viewport={"width": 1400, "height": 1000},
+        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync"])
+
+
+def test_a_paper_scale_run_gives_a_bounded_page_that_chromium_draws(tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("no Chromium on this machine: install Debian's `chromium` (scripts/test.sh does: apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is in the dev extra: pip install -e '.[dev]'")
+    rl = _paper_scale_run(tmp_path)
+    out = tmp_path / "report.html"
+    proc = subprocess.run([sys.executable, "-m", "qed_lightning.report.cli", str(rl), str(tmp_path / "paper-sft"), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120, check=True)
+    assert proc.stdout == f"{out}\n"
+    assert "long texts are cut to 8,000 characters" in proc.stderr and "left out to keep the page under --max_mb 40" in proc.stderr
+    assert 30e6 < out.stat().st_size <= 40e6  # the default bound, filled: ~160 MB of records read
+    errors = []
+    with sync_api.sync_playwright() as pw:
+        browser = _browser(pw, tmp_path / "profile")
+        page = browser.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(out.as_uri())
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        assert errors == []
+        warnings = page.locator("#warnings .warning").all_inner_texts()
+        assert len(warnings) == 2 and "3,840 long texts are cut" in warnings[0] and "left out" in warnings[1]
+        # the curves: one loss chart per kind, the 500-step reward curve answers a hover at its last steps
+        titles = page.locator("#curves .card h3").all_inner_texts()
+        assert "Loss: SFT loss (token NLL)" in titles and "Loss: DAPO loss (token_mean)" in titles
+        reward = page.locator("#curves .card").filter(has_text="Reward (mean").locator("rect.overlay")
+        box = reward.bounding_box()
+        label = page.locator("#curves .card").filter(has_text="Reward (mean").locator("text.hover-label")
+        for at, near in ((box["width"] - 1, 499), (box["width"] / 2, 250)):
+            reward.hover(position={"x": at, "y": box["height"] / 2})
+            step = int(re.match(r"step (\d+)", label.text_content()).group(1))
+            assert abs(step - near) <= 3 and f"train: {step / METRIC_STEPS:.3g}" in label.text_content()  # reward = step/500
+        page.locator("#smoothing").fill("0.9")  # smoothing: the raw curve stays, faint, under the smoothed one
+        assert page.locator("#curves path.line.raw").count() >= 4
+        # the rows: every step keeps whole groups of 8
+        rows = page.locator("tr.rollout")
+        kept = int(page.locator("#row-count").inner_text().split(" of ")[1].split()[0])
+        assert kept % G == 0 and kept >= STEPS_BIG * G and rows.count() == 500  # the table lists the first 500
+        steps = {int(s) for s in page.locator("#filter-step option").all_inner_texts()[1:]}
+        assert steps == set(range(STEPS_BIG))
+        page.locator("#rollout-table th[data-key=score]").click()
+        page.locator("#rollout-table th[data-key=score]").click()  # descending
+        scores = [int(s) for s in rows.evaluate_all("rows => rows.slice(0, 80).map(r => r.dataset.score)")]
+        assert scores == sorted(scores, reverse=True) and scores[0] == 7
+        rows.first.click()
+        detail = page.locator("#detail")
+        assert "characters cut: the whole text is in rollouts/step_" in detail.locator("pre.proof").inner_text()
+        assert re.search(r"record rollouts/step_\d{6}\.jsonl:\d+", detail.locator(".facts").inner_text())
+        assert detail.locator("pre.proof .katex").count() > 10  # math rendered offline ...
+        page.locator("#math-toggle").uncheck()  # ... and back to its source
+        assert detail.locator("pre.proof .katex").count() == 0 and "$x^2 + y^2 \\ge 2xy$" in detail.locator("pre.proof").inner_text()
+        # the group: its 8 samples side by side, with their scores
+        page.locator("#show-group").click()
+        samples = page.locator("#group-view .group-sample")
+        assert samples.count() == G
+        boxes = [samples.nth(k).bounding_box() for k in range(2)]
+        assert boxes[0]["y"] == boxes[1]["y"] and boxes[1]["x"] > boxes[0]["x"]  # side by side
+        assert sorted(samples.evaluate_all("s => s.map(x => x.dataset.score)")) == sorted(
+            page.locator("#group-view h3").inner_text().split("scores ")[1].split())
+        page.screenshot(path=str(tmp_path / "paper.png"))
+        browser.close()

@@ -102,12 +102,17 @@ def test_load_run_tells_a_training_run_from_an_evaluation_and_refuses_other_fold
         load_run(tmp_path / "empty")
 
 
+def _element(page: str, name: str):
+    return json.loads(page.split(f'<script id="{name}" type="application/json">')[1].split("</script>")[0])
+
+
 def test_page_embeds_its_data_so_no_text_can_end_the_script(tmp_path):
     run = {"name": "r", "kind": "train", "path": "p", "metrics": {"x": [[0, float("nan")]]}, "config": "",
            "rollouts": [{"completion": "</script><script>alert(1)</script>", "step": 0}]}
-    page = render_report([run], title="a <b> title")
-    assert page.count("</script>") == 2  # the data element's and the code's own, nothing from the data
+    page = render_report([run], title="a <b> title", warnings=["cut"])
+    assert page.count("</script>") == 5  # three data elements, KaTeX and the page's code: nothing from the data
     assert "<title>a &lt;b&gt; title</title>" in page and "http://" not in page.split("<style>")[1].split("</style>")[0]
-    data = page.split('<script id="qed-data" type="application/json">')[1].split("</script>")[0]
-    assert json.loads(data)["runs"][0]["rollouts"][0]["completion"].startswith("</script>")
-    assert json.loads(data)["runs"][0]["metrics"]["x"] == [[0, None]]  # JSON has no NaN
+    assert _element(page, "qed-rollouts")[0][0]["completion"].startswith("</script>")
+    assert _element(page, "qed-metrics") == [{"x": [[0, None]]}]  # JSON has no NaN; the curves in their own element
+    data = _element(page, "qed-data")
+    assert data["warnings"] == ["cut"] and "rollouts" not in data["runs"][0] and "metrics" not in data["runs"][0]

@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from qed_lightning.report.records import read_rollouts
+from qed_lightning.report.bound import cut_texts, read_groups
 
 __all__ = ["RunNotFound", "load_run", "metric_versions", "read_metrics"]
 
@@ -63,12 +63,27 @@ def _config_text(root: Path, versions: list[Path]) -> str:
     return ""
 
 
-def _train_run(root: Path, name: str, per_step: int | None) -> dict[str, Any]:
+def _loss_kind(config: str) -> str:
+    """What `train/loss` measures in this run, from its config: SFT's token NLL, or the RL policy loss named by its
+    aggregation (`token_mean` is DAPO's); runs of different kinds get different loss charts."""
+    module = re.search(r"class_path:\s*\S*?(SFTModule|RubricRLModule|ReasoningCacheRLModule)\b", config)
+    if module and module.group(1) == "SFTModule":
+        return "SFT loss (token NLL)"
+    aggregation = re.search(r"^\s*aggregation:\s*(\S+)", config, re.M)
+    if module or aggregation:
+        agg = aggregation.group(1) if aggregation else "seq_sum_over_batch"
+        return "DAPO loss (token_mean)" if agg == "token_mean" else f"RL policy loss ({agg})"
+    return "loss"
+
+
+def _train_run(root: Path, name: str, per_step: int | None, max_chars: int | None) -> dict[str, Any]:
     versions = metric_versions(root)
     in_version = (root / "metrics.csv").is_file() and root.parent.name == "csv"  # <run>/csv/version_N was given
     run_root = root.parent.parent if in_version else root
-    return {"name": name, "kind": "train", "path": str(root), "metrics": read_metrics(root),
-            "config": _config_text(root, versions), "rollouts": read_rollouts(run_root, per_step)}
+    config = _config_text(root, versions)
+    rollouts, bounds = read_groups(run_root, per_step, max_chars)
+    return {"name": name, "kind": "train", "path": str(root), "metrics": read_metrics(root), "config": config,
+            "loss_kind": _loss_kind(config), "rollouts": rollouts, "bounds": bounds}
 
 
 def _eval_samples(root: Path) -> list[dict[str, Any]]:
@@ -92,25 +107,31 @@ def _per_problem(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for k, v in sorted(groups.items())]
 
 
-def _eval_run(root: Path, name: str) -> dict[str, Any]:
+def _eval_run(root: Path, name: str, max_chars: int | None) -> dict[str, Any]:
     summary = json.loads((root / "summary.json").read_text(encoding="utf-8")) if (root / "summary.json").is_file() else {}
     samples = _eval_samples(root)
+    per_problem = _per_problem(samples)
+    cut = sum(cut_texts(s, max_chars, f"samples.jsonl (problem {s['problem_id']}, sample {s['sample']})") for s in samples)
     return {"name": name, "kind": "eval", "path": str(root), "summary": summary, "rollouts": samples,
-            "per_problem": _per_problem(samples), "metrics": {}, "config": ""}
+            "per_problem": per_problem, "metrics": {}, "config": "",
+            "bounds": {"records": len(samples), "kept": len(samples), "texts_cut": cut}}
 
 
-def load_run(path: str | Path, name: str | None = None, per_step: int | None = 64) -> dict[str, Any]:
-    """A run folder as a dict: name, kind ("train" or "eval"), path, metrics, config, rollouts (and for evaluations
-    summary and per_problem). `per_step` caps the rollout records read per step (None = all)."""
+def load_run(path: str | Path, name: str | None = None, per_step: int | None = 64,
+             max_chars: int | None = None) -> dict[str, Any]:
+    """A run folder as a dict: name, kind ("train" or "eval"), path, metrics, config, rollouts, bounds (what was
+    read, kept and cut: `qed_lightning.report.bound`), for training runs loss_kind, and for evaluations summary and
+    per_problem. `per_step` caps the rollout records per step, whole groups kept (None = all); `max_chars` cuts
+    each long text (None = whole)."""
     root = Path(path)
     name = name or root.name
     if not root.is_dir():
         raise RunNotFound(f"{path}: no such folder; pass a qed-fit run folder (its trainer.default_root_dir) or a "
                           "qed-eval output_dir")
     if (root / "summary.json").is_file() or (root / "samples.jsonl").is_file():
-        return _eval_run(root, name)
+        return _eval_run(root, name, max_chars)
     if metric_versions(root) or (root / "rollouts").is_dir():
-        return _train_run(root, name, per_step)
+        return _train_run(root, name, per_step, max_chars)
     raise RunNotFound(f"{path}: neither a training run (no csv/version_*/metrics.csv, no rollouts/) nor an evaluation "
                       "folder (no summary.json or samples.jsonl); pass the run's trainer.default_root_dir or a qed-eval "
                       "output_dir")

@@ -4,8 +4,10 @@
     qed-export CKPT OUT --base runs/sft/hf          # config + tokenizer from another folder than the run's model
     qed-export CKPT OUT --eval_summary runs/eval/imo/summary.json --push_to_hub me/qed-nano-rl
 
-Beside the weights goes a `README.md` model card (`qed_lightning.tools.model_card`): the stage, the model it started from,
-data, judge, steps, and the evaluation summary when given. `--push_to_hub REPO` uploads the folder with
+Beside the weights goes a `README.md` model card (`qed_lightning.tools.model_card`, built with huggingface_hub's
+`ModelCardData`): the stage, the model it started from and the hub model at the start of its chain, data, judge,
+steps, framework versions, and the evaluation summary when it scored this export. The folder's files are readable by
+the group (some writers leave 0600). `--push_to_hub REPO` uploads the folder with
 huggingface_hub's `HfApi.create_repo` + `upload_folder` (needs network and a token, `HF_TOKEN` or `hf auth login`;
 untested here, where no hub is reachable).
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -116,9 +119,10 @@ def _dtype_of(path: Path, kind: str, state: dict | None) -> torch.dtype:
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, base: str | None = None, run_config: str | Path | None = None,
-                      eval_summary: str | Path | None = None) -> Path:
+                      eval_summary: str | Path | None = None, repo_id: str | None = None) -> Path:
     """Write `ckpt`'s model weights as a HF folder `out` (config and tokenizer from `base`) with its model card
-    (`write_card`); returns `out`."""
+    (`write_card`; `repo_id`: the Hub repo it goes to, which an evaluation summary may name); returns `out`. Its
+    files are readable by the group (`share_with_group`)."""
     from transformers import AutoTokenizer
 
     path, out = Path(ckpt), Path(out)
@@ -143,21 +147,37 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, base: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    write_card(out, meta, Path(ckpt), run_config, eval_summary)
+    write_card(out, meta, Path(ckpt), run_config, eval_summary, repo_id)
+    share_with_group(out)
     log.info("exported %s (step %s) to %s", ckpt, meta.get("global_step"), out)
     return out
 
 
+def share_with_group(folder: Path) -> None:
+    """Give the folder's files the mode a plain `open` gives under the umask, and group read in any case: some
+    writers (safetensors, tempfile-renamed files) leave 0600, which hides a shared model from the team."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        wanted = (0o777 if path.is_dir() else 0o666) & ~umask | (0o050 if path.is_dir() else 0o040)
+        os.chmod(path, path.stat().st_mode & ~0o777 | wanted)
+
+
 def write_card(out: Path, meta: dict, ckpt: Path, run_config: str | Path | None = None,
-               eval_summary: str | Path | None = None) -> Path:
-    """`out/README.md`: the model card of the checkpoint `ckpt` (its run's config.yaml found unless given)."""
-    from qed_lightning.tools.model_card import card_facts, find_run_config, load_card_inputs, render_model_card
+               eval_summary: str | Path | None = None, repo_id: str | None = None) -> Path:
+    """`out/README.md`: the model card of the checkpoint `ckpt` (its run's config.yaml found unless given). An
+    evaluation summary of another model than this one (`out` or `repo_id`) is left out, with a warning."""
+    from qed_lightning.tools.model_card import build_model_card, card_facts, eval_matches, find_run_config, load_card_inputs
 
     config_path = Path(run_config) if run_config else find_run_config(ckpt)
     config, summary = load_card_inputs(config_path, Path(eval_summary) if eval_summary else None)
-    facts = card_facts(meta, config)
+    if summary is not None and not eval_matches(summary, out, repo_id):
+        log.warning("--eval_summary %s scored model %r, not this export (%s%s): left out of the model card; run qed-eval "
+                    "--model %s and pass that summary", eval_summary, summary.get("model"), out,
+                    f" or {repo_id}" if repo_id else "", out)
+        summary = None
     path = out / "README.md"
-    path.write_text(render_model_card(out.name, facts, summary), encoding="utf-8")
+    build_model_card(repo_id or out.name, card_facts(meta, config), summary).save(path)
     return path
 
 
@@ -179,13 +199,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="HF folder to write (config, safetensors, tokenizer)")
     parser.add_argument("--base", default=None, help="model folder for config and tokenizer (default: the run's model_name_or_path)")
     parser.add_argument("--run_config", default=None, help="the run's config.yaml for the model card (default: found beside the checkpoint)")
-    parser.add_argument("--eval_summary", default=None, help="a qed-eval summary.json to put in the model card")
+    parser.add_argument("--eval_summary", default=None,
+                        help="a qed-eval summary.json of this export (its `model` is OUT_DIR or the --push_to_hub repo) "
+                             "to put in the model card; one of another model is left out with a warning")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO", help="upload the folder to this Hub model repo (needs network)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("-v", "--verbose", action="store_true", help="every library's log lines")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    out = export_checkpoint(args.checkpoint, args.out_dir, args.base, args.run_config, args.eval_summary)
+    out = export_checkpoint(args.checkpoint, args.out_dir, args.base, args.run_config, args.eval_summary, args.push_to_hub)
     if args.push_to_hub:
         log.info("uploaded to %s", push_to_hub(out, args.push_to_hub, args.private))
 
