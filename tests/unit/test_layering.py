@@ -182,3 +182,11 @@ def test_framework_free_modules_import_no_framework():
             f"print(sorted(k for k in {FRAMEWORKS!r} if k in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", f"{modules} pulled in {out.stdout.strip()}"
+
+
+def test_tiny_tokenizer_reads_the_repos_pinned_samples():
+    """`qed-make-tiny` trains its tokenizer on the repo's sample files, found relative to its own file; a move of the
+    module must not make it fall back silently to the embedded corpus (every tiny-model number would change)."""
+    from qed_lightning.tools.tiny import CORPUS_FILES, _repo_samples
+
+    assert [Path(p).name for p in _repo_samples()] == list(CORPUS_FILES)

@@ -69,7 +69,7 @@ CORPUS_FILES = ("fineproofs_sft.jsonl", "fineproofs_rl.jsonl", "imo_proofbench.j
 
 
 def _repo_samples() -> list[str]:
-    root = Path(__file__).resolve().parents[2] / "data" / "samples"
+    root = Path(__file__).resolve().parents[3] / "data" / "samples"  # src/qed_lightning/tools/tiny.py -> repo
     return [str(root / name) for name in CORPUS_FILES if (root / name).exists()]
 
 
