@@ -18,14 +18,21 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(("config", "judge"), [("imo_proofbench", ProofBenchJudge), ("proofbench", RubricJudge)])
 def test_eval_configs_carry_the_papers_protocol(config, judge, monkeypatch, tmp_path):
     monkeypatch.setenv("QED_GRADER_URL", "https://grader.invalid/v1beta/openai")
-    _, evaluator, _ = make_evaluator(["--config", str(REPO / f"configs/eval/{config}.yaml"), "--output_dir", str(tmp_path)])
+    # the model's own generation config decides the sampling, as in the reference's released evaluation config
+    # (Qwen3-4B-Thinking-2507's values; only that file is needed to build the evaluator)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.95,
+                                                              "top_k": 20}))
+    _, evaluator, _ = make_evaluator(["--config", str(REPO / f"configs/eval/{config}.yaml"), "--output_dir",
+                                      str(tmp_path / "out"), "--model", str(model)])
     assert isinstance(evaluator.judge, judge)
     client = evaluator.judge.client
     assert (client.model_name, client.base_url, client.api_key_env) == (
         "gemini-3-pro-preview", "https://grader.invalid/v1beta/openai", "GEMINI_API_KEY")
     assert (client.max_tokens, client.max_concurrency) == (130_000, 32)
     sampling = evaluator.sampling
-    assert (sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k) == (229_376, 0.8, 1.0, -1)
+    assert (sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k) == (229_376, 0.6, 0.95, 20)
     assert evaluator.engine.max_model_len == 229_376 + 32_768
     if judge is ProofBenchJudge:  # the 0/1/6/7 bands: a reply of 3 out of 7 counts as the partial-credit 1
         assert evaluator.judge.banding and evaluator.judge.parse("<points>3 out of 7</points>") == 1
