@@ -122,9 +122,11 @@ def run_stage(stage: str, work: Path, devices: int, layout: str, env: dict[str, 
     log = work / "logs" / f"{stage}.log"
     print(f"[rehearse] {stage}: {' '.join(Path(a).name if a.startswith(str(BIN)) else a for a in cmd)}", flush=True)
     started = time.monotonic()
+    # several training processes on a small CPU machine: one OpenMP thread each, or they spin against each other
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if devices > 1 else {}
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=work, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **env})
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **threads, **env})
     seconds = time.monotonic() - started
     missing = [p for p in OUTPUTS[stage] if not (work / p).exists()]
     if proc.returncode or missing:
