@@ -23,3 +23,23 @@ PY
 report=$(.venv/bin/qed-report runs/demo-sft runs/demo-rl --out runs/demo-report.html)
 echo "[demo] report of both runs (curves, every rollout with its judge reply): $report"
 echo "[demo] open it in a browser: file://$(realpath "$report")"
+# last: the judge audit (callbacks.JudgeAudit in configs/demo/rl.yaml), the number that says whether the reward is real
+.venv/bin/python - <<'PY'
+from qed_lightning.report import read_metrics
+
+metrics = read_metrics("runs/demo-rl")
+gaps, train, audit = (metrics.get(f"audit/{k}", []) for k in ("gap", "train_score_mean", "score_mean"))
+if not gaps:
+    print("[demo] audit: no audit/gap was logged (is JudgeAudit in configs/demo/rl.yaml?)")
+else:
+    q = max(len(gaps) // 4, 1)
+    mean = lambda pts: sum(v for _, v in pts) / len(pts)
+    print(f"[demo] audit: training judge {mean(train[:q]):.3f} -> {mean(train[-q:]):.3f}, audit judge "
+          f"{mean(audit[:q]):.3f} -> {mean(audit[-q:]):.3f} on the same rollouts; gap (train - audit) "
+          f"{mean(gaps[:q]):+.3f} -> {mean(gaps[-q:]):+.3f} (first and last {q} of {len(gaps)} audited steps)")
+    print("[demo] audit: the training reward rose while a second judge's score of the same rollouts fell: the policy "
+          "learned to please the training judge (strings of vowels), not to write proofs. That is reward hacking; "
+          "read the disagreements in the report (rollouts, filter audit: disagree)."
+          if mean(gaps[-q:]) > mean(gaps[:q]) + 0.3 else
+          "[demo] audit: the gap did not open: the two judges still agree on these rollouts.")
+PY

@@ -140,6 +140,17 @@ def test_report_opens_in_a_real_browser_and_its_score_filter_works(report, demo_
         assert detail.locator("pre.rubric").text_content() == record["rubric"]
         assert detail.locator("pre.reply").text_content() == (record["judge_reply"] or "(empty)")
         assert f"problem {record['problem_id']}" in detail.locator(".facts").inner_text()
+        # the judge audit (the demo config audits each step with a second scripted judge): its chart, and the filter
+        # of the disagreements (|train - audit| >= 2 points) shows exactly those records
+        assert page.locator('#curves svg.chart[aria-label^="Judge audit"] path.line').count() >= 3
+        page.select_option("#filter-score", "")
+        page.select_option("#filter-step", "")
+        page.select_option("#filter-audit", "disagree")
+        apart = [f"0-{i}" for i, r in enumerate(records) if r.get("audit_score") is not None and r["score"] is not None
+                 and abs(r["score"] - r["audit_score"]) >= 2]
+        assert page.locator("tr.rollout").evaluate_all("rows => rows.map(r => r.dataset.id)") == apart[:500]
+        page.select_option("#filter-audit", "audited")
+        assert page.locator("tr.rollout").count() == sum(r.get("audit_score") is not None for r in records) > 0
         shot = tmp_path / "report.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()

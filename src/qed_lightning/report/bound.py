@@ -25,10 +25,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from qed_lightning.report.records import read_audit
+
 __all__ = ["TEXT_FIELDS", "cut_text", "cut_texts", "fit_groups", "group_key", "json_size", "pick_groups", "read_groups"]
 
 #: the fields a record may hold long text in
-TEXT_FIELDS = ("completion", "proof", "judge_reply", "prompt", "rubric", "problem", "state")
+TEXT_FIELDS = ("completion", "proof", "judge_reply", "audit_reply", "prompt", "rubric", "problem", "state")
 _STEP_FILE = re.compile(r"step_(\d+)\.jsonl$")
 
 
@@ -103,10 +105,12 @@ def read_groups(root: str | Path, per_step: int | None = 64, max_chars: int | No
     stats = {"records": 0, "kept": 0, "texts_cut": 0}
     for path in _step_files(root):
         groups: dict[tuple, list[dict]] = defaultdict(list)
+        audit = read_audit(root, int(_STEP_FILE.search(path.name).group(1)))  # the judge audit's side file, by index
         with open(path, encoding="utf-8") as fh:
             for line_no, line in enumerate(fh, start=1):
                 if line.strip():
                     record = json.loads(line)
+                    record.update(audit.get(line_no - 1, {}))
                     record["_line"] = line_no
                     groups[group_key(record)].append(record)
         members = list(groups.values())

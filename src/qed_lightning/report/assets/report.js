@@ -1,6 +1,9 @@
 // qed-report, part 4 of 4: the curves section, evaluations, configs, the header and its warnings; draws the page.
 const CHARTS = [
   {title: "Reward (mean, band = std)", lines: [{key: "rollout/reward_mean", band: "rollout/reward_std", label: "train"}, {key: "val/reward_mean", label: "val"}]},
+  {title: "Judge audit: training judge vs audit judge on the same samples", lines: [{key: "audit/train_score_mean", label: "training judge"}, {key: "audit/score_mean", label: "audit judge"}, {key: "audit/gap", label: "gap (train - audit)"}],
+    note: "A gap that opens while the training reward rises is the sign of reward hacking (callbacks.JudgeAudit); filter the rollouts by audit: disagree."},
+  {title: "Hack signals (flags only: the audit decides)", lines: [{key: "signal/length_drift", label: "length drift"}, {key: "signal/repetition", label: "repeated 3-grams"}, {key: "signal/flat_groups", label: "flat groups"}, {key: "signal/saturated", label: "saturated"}]},
   {title: "Response length (tokens)", lines: [{key: "rollout/response_len_mean", label: "mean"}, {key: "rollout/response_len_max", label: "max"}]},
   {title: "Truncated share", lines: [{key: "rollout/truncated_frac", label: "train"}, {key: "val/truncated_frac", label: "val"}]},
   {title: "Entropy", lines: [{key: "train/entropy"}]},
@@ -38,7 +41,7 @@ function renderCurves() {
   const grid = el("div", {class: "grid"});
   for (const spec of CHARTS.slice(0, 1)) { const s = seriesOf(spec); if (s.length) grid.append(lineChart(spec.title, s)); }
   grid.append(...lossCharts(runs));
-  for (const spec of CHARTS.slice(1)) { const s = seriesOf(spec); if (s.length) grid.append(lineChart(spec.title, s)); }
+  for (const spec of CHARTS.slice(1)) { const s = seriesOf(spec); if (s.length) grid.append(lineChart(spec.title, s, {note: spec.note})); }
   for (const [run] of runs) { const bars = scoreBars(run); if (bars) grid.append(bars); }
   const keys = [...new Set(runs.flatMap(([r]) => Object.keys(r.metrics)))].sort();
   const old = document.getElementById("metric-pick");

@@ -5,18 +5,27 @@ const ROWS = DATA.runs.flatMap((run, r) => (run.rollouts || []).map((rec, i) => 
 const groupOf = (rec) => [rec._run, rec.step, rec.group, rec.problem_id, rec.cycle, rec.scaffold].map(String).join("|");
 const GROUPS = new Map();
 for (const rec of ROWS) { const k = groupOf(rec); if (!GROUPS.has(k)) GROUPS.set(k, []); GROUPS.get(k).push(rec); }
-const FILTERS = {run: "", step: "", problem: "", score: "", status: "", text: ""};
+const FILTERS = {run: "", step: "", problem: "", score: "", status: "", audit: "", text: ""};
 const VIEW = {sort: null, desc: false, rec: null, group: null};
 const keyOf = (rec) => ({run: String(rec._run), step: rec.step === null || rec.step === undefined ? "eval" : String(rec.step),
   problem: String(rec.problem_id), score: rec.score === null || rec.score === undefined ? "none" : String(rec.score), status: String(rec.status)});
 const COLUMNS = [["run", (r) => DATA.runs[r._run].name], ["step", (r) => r.step], ["problem", (r) => r.problem_id], ["#", (r) => r.sample],
-  ["score", (r) => r.score], ["reward", (r) => r.reward], ["advantage", (r) => r.advantage], ["status", (r) => r.status],
+  ["score", (r) => r.score], ["audit", (r) => r.audit_score], ["reward", (r) => r.reward], ["advantage", (r) => r.advantage], ["status", (r) => r.status],
   ["tokens", (r) => r.completion_tokens], ["finish", (r) => r.finish_reason]];
 
 function filterSelect(name, label, values, describe = (v) => v) {
   const s = el("select", {id: `filter-${name}`, "aria-label": label}, el("option", {value: "", text: `${label}: all`}),
     ...values.map((v) => el("option", {value: v, text: describe(v)})));
   s.addEventListener("change", () => { FILTERS[name] = s.value; renderTable(); });
+  return s;
+}
+// the judge audit (callbacks.JudgeAudit): records a second judge regraded; a disagreement is 2 or more points apart
+const audited = (rec) => rec.audit_score !== null && rec.audit_score !== undefined;
+const disagrees = (rec) => audited(rec) && rec.score !== null && rec.score !== undefined && Math.abs(rec.score - rec.audit_score) >= 2;
+function auditSelect() {
+  const s = el("select", {id: "filter-audit", "aria-label": "audit"}, el("option", {value: "", text: "audit: all"}),
+    el("option", {value: "audited", text: "audited"}), el("option", {value: "disagree", text: "disagree (|train - audit| >= 2)"}));
+  s.addEventListener("change", () => { FILTERS.audit = s.value; renderTable(); });
   return s;
 }
 const uniq = (f) => [...new Set(ROWS.map((r) => keyOf(r)[f]))].sort((a, b) => (Number(a) - Number(b)) || a.localeCompare(b));
@@ -29,7 +38,7 @@ function renderBrowser() {
   host.append(el("div", {class: "filters"},
     filterSelect("run", "run", uniq("run"), (v) => DATA.runs[Number(v)].name), filterSelect("step", "step", uniq("step")),
     filterSelect("problem", "problem", uniq("problem")), filterSelect("score", "score", uniq("score")),
-    filterSelect("status", "status", uniq("status")), text),
+    filterSelect("status", "status", uniq("status")), ROWS.some(audited) ? auditSelect() : null, text),
   el("p", {id: "row-count", class: "note"}),
   el("div", {class: "browser"}, el("div", {class: "table-wrap"}, el("table", {id: "rollout-table"})), el("div", {id: "detail", class: "detail"},
     el("p", {class: "empty", text: "Select a rollout to read its proof, rubric and judge reply."}))),
@@ -40,8 +49,10 @@ function renderBrowser() {
 function matches(rec) {
   const k = keyOf(rec);
   for (const f of ["run", "step", "problem", "score", "status"]) if (FILTERS[f] && k[f] !== FILTERS[f]) return false;
+  if (FILTERS.audit === "audited" && !audited(rec)) return false;
+  if (FILTERS.audit === "disagree" && !disagrees(rec)) return false;
   if (!FILTERS.text) return true;
-  return [rec.completion, rec.judge_reply, rec.problem, rec.prompt].some((t) => t && t.toLowerCase().includes(FILTERS.text));
+  return [rec.completion, rec.judge_reply, rec.audit_reply, rec.problem, rec.prompt].some((t) => t && t.toLowerCase().includes(FILTERS.text));
 }
 
 // numbers before text, blanks last whichever the direction
@@ -73,7 +84,8 @@ function renderTable() {
     const k = keyOf(rec);
     const tr = el("tr", {class: `rollout status-${rec.status}`, "data-score": k.score, "data-step": k.step, "data-id": rec._id},
       el("td", {text: DATA.runs[rec._run].name}), el("td", {text: k.step}), el("td", {text: k.problem}),
-      el("td", {text: rec.sample ?? ""}), el("td", {class: "score", text: k.score}), el("td", {class: "reward", text: fmt(rec.reward)}),
+      el("td", {text: rec.sample ?? ""}), el("td", {class: "score", text: k.score}),
+      el("td", {class: disagrees(rec) ? "audit disagree" : "audit", text: rec.audit_score ?? ""}), el("td", {class: "reward", text: fmt(rec.reward)}),
       el("td", {text: rec.advantage === undefined ? "" : fmt(rec.advantage)}), el("td", {text: rec.status}),
       el("td", {text: rec.completion_tokens ?? ""}), el("td", {text: rec.finish_reason || ""}));
     tr.addEventListener("click", () => select(rec));
@@ -105,7 +117,7 @@ function showDetail(rec) {
   VIEW.rec = rec;
   const {cut, thinking, proof} = splitCompletion(rec), group = GROUPS.get(groupOf(rec)) || [rec];
   const facts = [["run", DATA.runs[rec._run].name], ["step", rec.step ?? "eval"], ["problem", rec.problem_id], ["source", rec.source],
-    ["score", rec.score ?? "none"], ["reward", fmt(rec.reward)], ["advantage", fmt(rec.advantage)], ["status", rec.status],
+    ["score", rec.score ?? "none"], ["audit score", rec.audit_score], ["audit status", rec.audit_status], ["reward", fmt(rec.reward)], ["advantage", fmt(rec.advantage)], ["status", rec.status],
     ["finish", rec.finish_reason], ["tokens", rec.completion_tokens], ["policy version", rec.policy_version], ["cycle", rec.cycle],
     ["scaffold", rec.scaffold], ["judge cache", rec.judge_cached ? "hit" : null], ["record", rec._at]].filter(([, v]) => v !== undefined && v !== null && v !== "");
   const cutNote = rec._cut ? el("p", {class: "cut-note", text: `Cut to fit the page: ${Object.entries(rec._cut).map(([f, n]) =>
@@ -116,7 +128,8 @@ function showDetail(rec) {
     rec.state ? textBlock("RC state summary", rec.state, {open: false, mono: false}) : null);
   const right = el("div", {class: "col"},
     textBlock("Rubric", rec.rubric || (rec.step === null ? "(evaluation samples do not record the grading guidelines)" : ""), {mono: false, cls: "rubric"}),
-    textBlock("Judge reply", rec.judge_reply, {cls: "reply"}), rec.problem ? textBlock("Problem", rec.problem, {open: false, mono: false}) : null);
+    textBlock("Judge reply", rec.judge_reply, {cls: "reply"}),
+    audited(rec) ? textBlock("Audit judge reply", rec.audit_reply, {cls: "audit-reply"}) : null, rec.problem ? textBlock("Problem", rec.problem, {open: false, mono: false}) : null);
   const compare = group.length > 1 ? el("button", {id: "show-group", type: "button", text: `Compare the group (${group.length} samples)`,
     onclick: () => showGroup(group)}) : null;
   document.getElementById("detail").replaceChildren(
