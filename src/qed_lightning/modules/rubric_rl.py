@@ -50,6 +50,7 @@ from qed_lightning.parallel.distributed import gather_objects
 from qed_lightning.phases import Phase, StepPhases
 from qed_lightning.report.records import RolloutLog
 from qed_lightning.rewards import GradeRequest, RubricJudge
+from qed_lightning.rewards.terms import RewardTerm, RewardTerms
 from qed_lightning.rl import group_advantages_masked
 from qed_lightning.rl.losses import ISCorrection
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
@@ -140,6 +141,7 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         overlong_penalty: float = 1.0,
         mask_truncated: bool = False,
         rollout_log: str = "all",
+        reward_terms: list[RewardTerm] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(model_name_or_path, **kwargs)  # QEDModule's arguments (jsonargparse reads them through kwargs)
@@ -166,6 +168,10 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         try:
             self.rollout_records = RolloutLog(rollout_log, seed)
         except ValueError as err:
+            problems.append(str(err))
+        try:
+            self.reward_terms = RewardTerms(reward_terms)  # each dotted path imported now: errors at the door
+        except ConfigError as err:
             problems.append(str(err))
         if problems:
             raise ConfigError("; ".join(problems))
@@ -265,6 +271,10 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         stream's grading calls it in its threads)."""
         hp = self.hparams
         rewards, valid, grades = self.compute_rewards(problems, rollouts)
+        if self.reward_terms:  # the configured extra terms, weighted, on top of the judge's reward
+            n = len(rollouts) // len(problems)
+            extra = self.reward_terms.values([problems[i // n] for i in range(len(rollouts))], rollouts)
+            rewards = rewards + torch.tensor(extra, dtype=rewards.dtype)
         groups = shape_rewards(Groups(problems, rollouts, rewards, valid, grades), hp.max_new_tokens,
                                hp.overlong_buffer, hp.overlong_penalty)
         return groups.rewards, valid, grades
@@ -335,6 +345,7 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         table = torch.cat(gather_objects(rollout_table(rollouts, rewards, valid, grades)))
         metrics = table_metrics(table, self.hparams.group_size, version)
         metrics.update(self.judge.pop_metrics())
+        metrics.update(self.reward_terms.pop_metrics())
         metrics.update(self.phases.metrics())
         tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
         seconds = sum(self.phases.seconds.get(name, 0.0) for name in ("generate", "grade", "wait", "train"))
