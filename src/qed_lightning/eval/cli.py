@@ -77,8 +77,11 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     name, evaluator, extra = make_evaluator(args)
     try:
         if name == "agreement":
-            return evaluator.agreement(extra["human_grades"], extra.get("human_columns"))
-        return evaluator.run()
+            summary = evaluator.agreement(extra["human_grades"], extra.get("human_columns"))
+        else:
+            summary = evaluator.run()
+        log.info("run folder: %s", evaluator.output_dir.resolve())
+        return summary
     finally:
         evaluator.close()
 
@@ -92,9 +95,7 @@ def main(args: list[str] | None = None) -> None:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # `class_path: my_mod.MyScaffold` from the current directory, as qed-fit
     with exit_on_data_error("qed-eval", debug):
-        summary = run(args)
-    if isinstance(summary, dict) and summary.get("output_dir"):
-        log.info("run folder: %s", os.path.abspath(str(summary["output_dir"])))
+        run(args)
 
 
 if __name__ == "__main__":
