@@ -26,17 +26,18 @@ the signal, saves `last.ckpt` at the step boundary (in the configured `ModelChec
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 
-from jsonargparse import Namespace
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
 from qed_lightning.callbacks.hparams import LogConfigCallback
 from qed_lightning.data.loading import ConfigError, DataError, debug_requested, exit_on_data_error
-from qed_lightning.logs import pop_verbose, setup_logging
+from qed_lightning.logs import is_quiet, pop_verbose, setup_logging
 from qed_lightning.modules.base import QEDModule
 from qed_lightning.runfolder import RunLock, check_fit_folder, check_resume_checkpoint, is_global_zero_process
 
@@ -50,6 +51,8 @@ STAGE_EXPORTS = {
 }
 
 SUBCOMMANDS = {"fit", "validate", "test", "predict"}
+
+log = logging.getLogger(__name__)
 
 
 class QEDCLI(LightningCLI):
@@ -67,6 +70,8 @@ class QEDCLI(LightningCLI):
         root = str(trainer.get("default_root_dir") or "runs")
         if self.subcommand is not None:  # a run, not a CLI built for inspection (`run=False`)
             check_model_paths(config)
+        if is_quiet() and trainer.get("enable_model_summary") is None:
+            trainer["enable_model_summary"] = False  # the parameter table is for -v; `loaded X (N parameters)` stays
         complete_loggers(trainer, root, "csv" if self.subcommand in (None, "fit") else self.subcommand)
         dirpaths = set()
         for callback in trainer.get("callbacks") or []:
@@ -92,6 +97,20 @@ class QEDCLI(LightningCLI):
                 raise
         elif self.subcommand in ("validate", "test") and config.get("ckpt_path") not in (None, "last", "best"):
             check_resume_checkpoint(Path(root) / "checkpoints", config["ckpt_path"])
+
+    def parse_arguments(self, parser, args) -> None:
+        """A parse error (a typo in a key) as one `ConfigError` line with a did-you-mean (`config_hints`), instead
+        of jsonargparse's usage text and its listing of every Union subtype it tried."""
+        from qed_lightning.config_hints import parse_error
+
+        parser.exit_on_error = False
+        for sub in getattr(parser, "_subcommands_action", None) and parser._subcommands_action.choices.values() or []:
+            sub.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:  # usage-error status 2, as jsonargparse's own exit, without the usage text
+            sys.stderr.write(f"qed-fit: error: {parse_error(str(err), parser)}\n")
+            raise SystemExit(2) from None
 
     def instantiate_classes(self) -> None:
         try:
@@ -195,6 +214,11 @@ def _with_default_subcommand(args: list[str]) -> list[str]:
 def make_cli(args: list[str] | None = None, run: bool = True) -> QEDCLI:
     """Build the CLI (tests call this with `args=` to run the real entry point in-process)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the data modules load lazily (qed_lightning.data); imported here, they are subclasses jsonargparse knows by
+    # their short name (`--data.help SFTDataModule`, `class_path: ProofRLDataModule`)
+    import qed_lightning.data.rl  # noqa: F401
+    import qed_lightning.data.sft  # noqa: F401
+
     argv = None  # None: LightningCLI reads sys.argv (the console script), which `main` has completed with "fit"
     if args is not None:
         argv = _with_default_subcommand(list(args))
@@ -221,8 +245,21 @@ def main() -> None:
     setup_logging(verbose)
     debug = debug_requested(args)
     sys.argv = sys.argv[:1] + _with_default_subcommand(args)
+    import_from_cwd()
     with exit_on_data_error("qed-fit", debug):
-        make_cli()
+        cli = make_cli()
+    trainer = getattr(cli, "trainer", None)
+    if trainer is not None and cli.subcommand is not None and trainer.is_global_zero:
+        sys.stdout.flush()  # the progress bar's last frame (stdout) before the last line
+        log.info("run folder: %s", Path(trainer.default_root_dir).resolve())
+
+
+def import_from_cwd() -> None:
+    """The current directory on `sys.path`, so `--model.class_path my_mod.MyModule` and reward-term paths
+    (`my_terms.length_penalty`) import a file of the directory the command runs in without PYTHONPATH, as
+    TRL's scripts do (a console script's sys.path holds its own bin folder, not the working directory)."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 if __name__ == "__main__":

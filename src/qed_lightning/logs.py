@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import TextIO
 
-__all__ = ["KNOWN_HARMLESS", "pop_verbose", "setup_logging"]
+__all__ = ["KNOWN_HARMLESS", "is_quiet", "pop_verbose", "setup_logging"]
 
 _OURS = str(Path(__file__).resolve().parent)
 
@@ -44,10 +44,24 @@ KNOWN_HARMLESS: tuple[tuple[str, str], ...] = (
     (r"no pre-optimization state was saved", "RL checkpoints hold the weights after the step, which resume expects"),
     (r"does not have many workers which may be a bottleneck", "our loaders hold prompts in memory"),
     (r"The number of training batches .* is smaller than the logging interval", "short demo runs"),
+    (r"Setting accelerator to CPU", "DeepSpeed's import-time probe on a machine without a GPU; we chose the device"),
+    (r"Reset SSM cache type", "vLLM's CPU platform on a model without Mamba layers"),
 )
+#: loggers that libraries give their own handler and `propagate = False` when first imported (DeepSpeed's
+#: "Setting accelerator to CPU"): a filter on the logger itself applies whatever handler they add later
+_SELF_HANDLED = ("DeepSpeed",)
 _HARMLESS = re.compile("|".join(f"(?:{pattern})" for pattern, _ in KNOWN_HARMLESS))
 #: a library's INFO lines that a user of a run wants to see (that a resume really restored its checkpoint)
 _USEFUL = re.compile(r"Restoring states from the checkpoint|Restored all states from the checkpoint|`Trainer.fit` stopped")
+
+
+_quiet = False
+
+
+def is_quiet() -> bool:
+    """Whether the command-line run is in quiet mode (no `-v`, no `QED_LOG_LEVEL`): progress bars and summaries
+    that only libraries print (vLLM's weight-loading bar, Lightning's model summary) are switched off then."""
+    return _quiet
 
 
 def _is_ours(record: logging.LogRecord) -> bool:
@@ -112,7 +126,9 @@ def _quiet_libraries() -> None:
 def setup_logging(verbose: bool = False, stream: TextIO | None = None) -> int | None:
     """Configure the root logger for a command-line run (see the module docstring), writing to `stream` (default
     stderr); returns the level asked for (None = quiet mode). Safe to call twice: the previous handler is replaced."""
+    global _quiet
     level = _level(verbose)
+    _quiet = level is None
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "_qed", False)]:
         root.removeHandler(handler)
@@ -132,6 +148,12 @@ def setup_logging(verbose: bool = False, stream: TextIO | None = None) -> int | 
         for own in list(lib.handlers):
             lib.removeHandler(own)
         lib.propagate = True
+    for name in _SELF_HANDLED:
+        lib = logging.getLogger(name)
+        for old in [f for f in lib.filters if isinstance(f, QuietFilter)]:
+            lib.removeFilter(old)
+        if level is None:
+            lib.addFilter(QuietFilter())
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per judge request otherwise
     logging.captureWarnings(True)
     return level

@@ -16,6 +16,15 @@ Generation advances as rollouts finish (vLLM reports finished requests), so roll
 Besides the three phase events, the bar accepts `phase_stats(name, stats)`: `{"tokens": n}` (generated tokens so far)
 and `{"failed": n}` (judge failures so far), which the RL module forwards from the engine and the judge.
 
+In log mode it also writes one line per optimizer step with the step's main metrics, as TRL and verl print them
+(`step_line`), and one line per validation pass:
+
+    [step 3] reward 0.41 ± 0.12 · loss -0.031 · grad_norm 0.82 · len 24.0 · trunc 1.00 · lr 3.0e-03 · judge_fail 0 · 0.4 s
+    [step 4] validation: val/reward_mean 0.38 in 0.9 s
+
+The bar shows no `v_num` (the run folder is printed at the end of `qed-fit`), and an RL run's bar is labelled
+"RL steps" rather than "Epoch N" (an RL run's epochs are passes over the prompt set, which say nothing).
+
 It also fixes Lightning's label for step-bounded runs: a run bounded by `max_steps` alone has `max_epochs = -1`, so
 Lightning's "Epoch {e}/{max_epochs - 1}" read "Epoch 1/-2"; the bound is dropped then.
 """
@@ -29,7 +38,7 @@ import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 from typing_extensions import override
 
-__all__ = ["QEDProgressBar", "phase_line"]
+__all__ = ["QEDProgressBar", "phase_line", "step_line"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,44 @@ def phase_line(name: str, completed: int, total: int | None, seconds: float | No
     return " · ".join(parts)
 
 
+#: the step line's fields: (label, metric keys tried in order, format)
+STEP_FIELDS = (
+    ("loss", ("train/loss", "train_loss", "loss"), "{:.4g}"),
+    ("grad_norm", ("train/grad_norm",), "{:.3g}"),
+    ("len", ("rollout/response_len_mean",), "{:.1f}"),
+    ("trunc", ("rollout/truncated_frac",), "{:.2f}"),
+)
+
+
+def step_line(step: int, metrics: dict[str, float], lr: float | None, seconds: float) -> str:
+    """One optimizer step's main metrics on one line (log mode); fields a stage does not log are left out.
+
+    >>> step_line(3, {"rollout/reward_mean": 0.41, "rollout/reward_std": 0.12, "train/loss": -0.0312,
+    ...               "train/grad_norm": 0.824, "rollout/response_len_mean": 24.0, "rollout/truncated_frac": 1.0,
+    ...               "judge/error": 1.0, "judge/parse_fail": 0.0}, 3e-3, 0.42)
+    '[step 3] reward 0.41 ± 0.12 · loss -0.0312 · grad_norm 0.824 · len 24.0 · trunc 1.00 · lr 3.0e-03 · judge_fail 1 · 0.4 s'
+    >>> step_line(7, {"train/loss": 2.5}, None, 1.25)
+    '[step 7] loss 2.5 · 1.2 s'
+    """
+    from qed_lightning.rewards.judge import FAILED
+
+    parts = []
+    if "rollout/reward_mean" in metrics:
+        std = metrics.get("rollout/reward_std")
+        parts.append(f"reward {metrics['rollout/reward_mean']:.2f}" + (f" ± {std:.2f}" if std is not None else ""))
+    for label, keys, fmt in STEP_FIELDS:
+        key = next((k for k in keys if k in metrics), None)
+        if key is not None:
+            parts.append(f"{label} {fmt.format(float(metrics[key]))}")
+    if lr is not None:
+        parts.append(f"lr {lr:.1e}")
+    failures = [metrics[f"judge/{name}"] for name in FAILED if f"judge/{name}" in metrics]
+    if failures:
+        parts.append(f"judge_fail {sum(failures):.0f}")
+    parts.append(f"{seconds:.1f} s")
+    return f"[step {step}] " + " · ".join(parts)
+
+
 class QEDProgressBar(RichProgressBar):
     """`RichProgressBar` (same arguments) that also shows the RL step's phase; see the module docstring."""
 
@@ -64,8 +111,12 @@ class QEDProgressBar(RichProgressBar):
         super().__init__(*args, **kwargs)
         self._phase_task = None
         self._phase: dict = {}
+        self._step_start = 0.0
+        self._val_start = 0.0
 
     def _get_train_description(self, current_epoch: int) -> str:
+        if self._trainer is not None and getattr(self._trainer.lightning_module, "phases", None) is not None:
+            return "RL steps"  # an RL module (it has step phases): epochs are passes over the prompts, not progress
         description = super()._get_train_description(current_epoch)
         max_epochs = self.trainer.max_epochs
         if max_epochs is not None and max_epochs < 0:
@@ -80,6 +131,43 @@ class QEDProgressBar(RichProgressBar):
         phases = pl_module.phases if isinstance(pl_module, RubricRLModule) else None  # SFT has no phases
         if trainer.is_global_zero and phases is not None and self not in phases.listeners:
             phases.listeners.append(self)
+
+    @override
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the run's folder is printed at the end of qed-fit
+        return metrics
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._step_start = time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.interactive or not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        optimizers = trainer.optimizers
+        lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else None
+        log.info(step_line(trainer.global_step, metrics, lr, time.perf_counter() - self._step_start))
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_start(trainer, pl_module)
+        self._val_start = time.perf_counter()
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self.interactive or not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        shown = {k: float(v) for k, v in trainer.callback_metrics.items()
+                 if k.startswith("val/") and ("reward_mean" in k or k.endswith("loss")) and getattr(v, "numel", lambda: 1)() == 1}
+        values = ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items()))
+        log.info("[step %d] validation: %s%.1f s", trainer.global_step, f"{values} in " if values else "",
+                 time.perf_counter() - self._val_start)
 
     @property
     def interactive(self) -> bool:

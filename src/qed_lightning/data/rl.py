@@ -79,7 +79,8 @@ class ProofRLDataModule(L.LightningDataModule):
     Args:
         path: hub id (e.g. "lm-provers/FineProofs-RL") or a local .jsonl/.json/.parquet file.
         tokenizer: linked to the model's `model_name_or_path` by `qed-fit`.
-        subset: hub config name. split: hub split.
+        subset: hub config name.
+        split: hub split.
         columns: map of our fields ("problem", "rubrics", "source", "reward_mean", "scores") onto the file's columns.
         prompts_per_step: problems per RL step for the whole job (each gets `group_size` rollouts), split evenly over
             the data-parallel processes: the step's batch is `prompts_per_step x group_size` sequences on any node

@@ -13,6 +13,7 @@ The schema is `Evaluator.__init__` (jsonargparse): components (benchmark, judge,
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
 from typing import Any
@@ -24,6 +25,8 @@ from qed_lightning.eval.runner import Evaluator
 from qed_lightning.logs import pop_verbose, setup_logging
 
 __all__ = ["build_parser", "main", "make_evaluator", "run"]
+
+log = logging.getLogger(__name__)
 
 SUBCOMMANDS = {"evaluate": "generate, grade and report (the default)",
                "agreement": "grade human-graded samples with the judge and report agreement"}
@@ -74,8 +77,11 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     name, evaluator, extra = make_evaluator(args)
     try:
         if name == "agreement":
-            return evaluator.agreement(extra["human_grades"], extra.get("human_columns"))
-        return evaluator.run()
+            summary = evaluator.agreement(extra["human_grades"], extra.get("human_columns"))
+        else:
+            summary = evaluator.run()
+        log.info("run folder: %s", evaluator.output_dir.resolve())
+        return summary
     finally:
         evaluator.close()
 
@@ -86,6 +92,8 @@ def main(args: list[str] | None = None) -> None:
     args, verbose = pop_verbose(list(sys.argv[1:] if args is None else args))
     setup_logging(verbose)
     debug = debug_requested(args)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `class_path: my_mod.MyScaffold` from the current directory, as qed-fit
     with exit_on_data_error("qed-eval", debug):
         run(args)
 

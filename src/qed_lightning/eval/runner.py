@@ -27,6 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
+from qed_lightning.data.loading import ConfigError
 from qed_lightning.eval import report
 from qed_lightning.eval.agreement import judge_agreement, load_human_grades
 from qed_lightning.eval.benchmarks import Benchmark, EvalProblem
@@ -109,7 +110,7 @@ class Evaluator:
             problems.append(f"engine.init_args.model={engine_model!r} differs from model={model!r}; leave the engine's "
                             "model unset (the evaluator passes `model` to it)")
         if problems:
-            raise ValueError("qed-eval: " + "; ".join(problems) + ".")
+            raise ConfigError("; ".join(problems) + ".")  # qed-eval prints it on one line (exit status 2)
         from qed_lightning.rollout.engines.vllm_engine import VLLMEngine
 
         self.model, self.benchmark, self.judge = model, benchmark, judge

@@ -122,14 +122,23 @@ def summary_metrics(trajectories: list[RCTrajectory], timings: dict[str, float])
 class ReasoningCacheRLModule(RubricRLModule):
     """Reasoning-cache RL (stage 3). See the module docstring for the algorithm.
 
-    Args (and `RubricRLModule`'s, passed through `**kwargs`):
+    `RubricRLModule`'s arguments (`group_size`, `clip_low`, ...) pass through `**kwargs`.
+
+    Args:
+        model_name_or_path: hub id or local folder of the policy; also the data's tokenizer (linked).
+        engine: rollout engine component of the policy.
+        judge: reward component, a `RubricJudge`; grades against the original problem and rubric.
         cycles: RC cycles per problem (K); states s_0..s_K.
         states_per_trajectory: states trained on per trajectory (m), sampled without replacement.
-        reasoning_prompt / summary_prompt: packaged RC template names or template paths.
+        reasoning_prompt: packaged RC reasoning template name or a template path.
+        summary_prompt: packaged RC summary template name or a template path.
         summarizer: a separate frozen engine for the summaries (paper: Qwen3-4B-Instruct-2507); None = the policy
             summarizes itself through `engine`.
         summarizer_model: the separate summarizer's weights and tokenizer (required with `summarizer`).
-        summarizer_temperature/top_p/top_k/max_new_tokens: the summarizer's sampling.
+        summarizer_temperature: the summarizer's sampling temperature.
+        summarizer_top_p: the summarizer's nucleus sampling.
+        summarizer_top_k: the summarizer's top-k sampling.
+        summarizer_max_new_tokens: the summarizer's token budget per summary.
         grade_trajectory_turns: also grade the trajectory's own attempts (logged as `rc/turn_*`, never trained on).
         replay_size: states of earlier steps kept for replay (0 = no buffer).
         replay_ratio: share of a step's trained states drawn from the buffer.

@@ -50,6 +50,7 @@ from qed_lightning.parallel.distributed import gather_objects
 from qed_lightning.phases import Phase, StepPhases
 from qed_lightning.report.records import RolloutLog
 from qed_lightning.rewards import GradeRequest, RubricJudge
+from qed_lightning.rewards.terms import RewardTerm, RewardTerms
 from qed_lightning.rl import group_advantages_masked
 from qed_lightning.rl.losses import ISCorrection
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
@@ -60,42 +61,53 @@ log = logging.getLogger(__name__)
 
 
 class RubricRLModule(PolicyGradientSteps, QEDModule):
-    """Rubric-reward GRPO (stage 2). See the module docstring for the algorithm.
+    """Rubric-reward GRPO (stage 2). See the module docstring for the algorithm; `QEDModule`'s arguments
+    (`model_name_or_path`, `optimizer`, `lr_scheduler`, `dtype`, ...) pass through `**kwargs`.
 
-    Args (and `QEDModule`'s, passed through `**kwargs`):
-        engine: rollout engine component. judge: reward component (a `RubricJudge`).
-        group_size: rollouts per prompt (G). temperature/top_p/top_k/max_new_tokens: sampling.
+    Args:
+        model_name_or_path: hub id or local folder of the policy; also the data's tokenizer (linked).
+        engine: rollout engine component (`VLLMEngine`, `HFEngine`, `VLLMServerEngine`, ...).
+        judge: reward component, a `RubricJudge` with any judge client.
+        group_size: rollouts per prompt (G); the advantage is a reward minus its group's mean.
+        temperature: sampling temperature; the trainer divides its logits by the same T.
+        top_p: nucleus sampling (1.0 = off; other values bias the importance ratio).
+        top_k: top-k sampling (-1 = off; other values bias the importance ratio).
+        max_new_tokens: completion budget per rollout.
         micro_batch_tokens: token budget of one forward/backward pass.
         micro_batch_layout: how a micro-batch goes through the model (rl/microbatch.py): "packed" (one row, varlen
             flash attention), "padded" (right-padded rows), "shared_prefix" (each prompt once, its G completions
             attending to its cached keys/values); "auto" = packed with flash attention, else shared_prefix, or
             padded under gradient checkpointing. All give the same gradient.
         logits_chunk_tokens: completion tokens per LM-head chunk: log-probs and entropies come from the hidden
-            states a chunk at a time under checkpointing, never as `[n, T, V]` logits (qed_lightning.model.lm_head);
-            0 = all logits of a micro-batch at once.
-        clip_low/clip_high: ratio clip range [1 - clip_low, 1 + clip_high]. entropy_coef: entropy bonus.
+            states a chunk at a time under checkpointing, never as `[n, T, V]` logits; 0 = all logits at once.
+        clip_low: lower ratio clip: the ratio is clipped to [1 - clip_low, 1 + clip_high].
+        clip_high: upper ratio clip: the ratio is clipped to [1 - clip_low, 1 + clip_high].
+        entropy_coef: weight of the entropy bonus.
         kl_coef: k3 KL weight against the frozen initial policy (0 = no reference model is loaded).
-        aggregation: "seq_sum_over_batch" (paper), "token_mean", "seq_mean_token_mean", "dr_grpo".
-        advantage_scale: "none" (paper) or "std". grad_clip: max norm of the exact step gradient (of -(1/B) sum L;
-            0 = off, the default). The reference clips DeepSpeed's gradient, divided by its accumulation count and
-            averaged over ranks: its 0.3 is 19.2 here for stage 2 and 76.8 for stage 3 (derivation in
-            configs/rl.yaml). So the paper's number only makes sense with that scale factor: 0.3 on our exact gradient
-            would clip 64x (stage 2) or 256x (stage 3) tighter than the paper, which is why the default is no clipping
-            and the paper configs set the scaled value.
-        is_correction: importance-sampling correction of the sampler/trainer gap: "none" (paper), "tis" (truncated:
-            a token's weight is min(rho, is_cap)) or "mask" (tokens with rho outside [1/is_cap, is_cap] leave the
-            objective); `train/is_frac` is the share of tokens it touched. is_cap: the cap (> 1).
+        aggregation: loss aggregation: "seq_sum_over_batch" (paper), "token_mean" (DAPO), "seq_mean_token_mean"
+            (GRPO) or "dr_grpo".
+        advantage_scale: "none" (paper: r - mean) or "std" (divided by the group's std).
+        grad_clip: max norm of the exact step gradient (of -(1/B) sum L; 0 = off, the default). The reference's 0.3
+            clips DeepSpeed's gradient, divided by its accumulation count and averaged over ranks: 19.2 here for
+            stage 2 and 76.8 for stage 3 (derivation in configs/rl.yaml); 0.3 here would clip 64x tighter.
+        is_correction: importance-sampling correction of the sampler/trainer gap: "none" (paper), "tis" (a token's
+            weight is min(rho, is_cap)) or "mask" (tokens with rho outside [1/is_cap, is_cap] leave the objective).
+        is_cap: the cap of `is_correction` (> 1).
         sync_interval: optimizer steps between weight pushes to the engine.
         max_nonfinite_steps: consecutive steps with a non-finite loss/gradient (skipped) before the run aborts.
-        val_samples: rollouts per problem in the validation pass. seed: sampling seed base.
-        skip_flat_groups: dynamic sampling (DAPO): train only on groups whose rewards differ, refilling the step from
-            the batch's spares (`data.spare_prompts_per_step`, which bounds the extra generations).
-        overlong_buffer / overlong_penalty: DAPO's soft overlong penalty: the reward falls linearly by up to
-            `overlong_penalty` over the last `overlong_buffer` tokens of `max_new_tokens` (0 = off).
+        val_samples: rollouts per problem in the validation pass.
+        seed: sampling seed base (each prompt's seed is derived from it, the step and the problem).
+        skip_flat_groups: dynamic sampling (DAPO): train only on groups whose rewards differ, refilling the step
+            from the batch's spares (`data.spare_prompts_per_step`, which bounds the extra generations).
+        overlong_buffer: DAPO's soft overlong penalty: the reward falls linearly by up to `overlong_penalty` over
+            the last `overlong_buffer` tokens of `max_new_tokens` (0 = off).
+        overlong_penalty: the most the soft overlong penalty takes off a reward.
         mask_truncated: leave completions that hit `max_new_tokens` out of the loss (they stay in the baseline).
-        rollout_log: which rollouts each step keeps in `<run>/rollouts/step_NNNNNN.jsonl` (prompt, completion, graded
-            proof, score, advantage, judge reply...; `report/records.py`, read by `qed-report`): "all", "sample:N"
-            (N per step, a seeded draw) or "off". At paper scale "all" is ~150 MB a step of 49k-token rollouts.
+        rollout_log: which rollouts each step keeps in `<run>/rollouts/step_NNNNNN.jsonl` (read by `qed-report`):
+            "all", "sample:N" (N per step, a seeded draw) or "off". At paper scale "all" is ~150 MB a step.
+        reward_terms: extra reward terms added to the judge's reward, each a plain function named by dotted path
+            with a weight, e.g. `[{fn: my_terms.length_penalty, weight: -0.1}]`; each term's mean is logged as
+            `reward/<name>` (`qed_lightning.rewards.terms`, docs/extending.md).
     """
 
     def __init__(
@@ -129,6 +141,7 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         overlong_penalty: float = 1.0,
         mask_truncated: bool = False,
         rollout_log: str = "all",
+        reward_terms: list[RewardTerm] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(model_name_or_path, **kwargs)  # QEDModule's arguments (jsonargparse reads them through kwargs)
@@ -155,6 +168,10 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         try:
             self.rollout_records = RolloutLog(rollout_log, seed)
         except ValueError as err:
+            problems.append(str(err))
+        try:
+            self.reward_terms = RewardTerms(reward_terms)  # each dotted path imported now: errors at the door
+        except ConfigError as err:
             problems.append(str(err))
         if problems:
             raise ConfigError("; ".join(problems))
@@ -254,6 +271,10 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         stream's grading calls it in its threads)."""
         hp = self.hparams
         rewards, valid, grades = self.compute_rewards(problems, rollouts)
+        if self.reward_terms:  # the configured extra terms, weighted, on top of the judge's reward
+            n = len(rollouts) // len(problems)
+            extra = self.reward_terms.values([problems[i // n] for i in range(len(rollouts))], rollouts)
+            rewards = rewards + torch.tensor(extra, dtype=rewards.dtype)
         groups = shape_rewards(Groups(problems, rollouts, rewards, valid, grades), hp.max_new_tokens,
                                hp.overlong_buffer, hp.overlong_penalty)
         return groups.rewards, valid, grades
@@ -324,6 +345,7 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         table = torch.cat(gather_objects(rollout_table(rollouts, rewards, valid, grades)))
         metrics = table_metrics(table, self.hparams.group_size, version)
         metrics.update(self.judge.pop_metrics())
+        metrics.update(self.reward_terms.pop_metrics())
         metrics.update(self.phases.metrics())
         tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
         seconds = sum(self.phases.seconds.get(name, 0.0) for name in ("generate", "grade", "wait", "train"))

@@ -55,8 +55,13 @@ class SFTModule(QEDModule):
     """
 
     def __init__(self, model_name_or_path: str, loss_chunk_tokens: int = 1024, **kwargs) -> None:
-        """Args: `loss_chunk_tokens`, labelled positions per LM-head chunk of the loss (see the module docstring;
-        0 = every position's logits at once), and `QEDModule`'s, passed through `**kwargs`."""
+        """`QEDModule`'s arguments pass through `**kwargs`.
+
+        Args:
+            model_name_or_path: hub id or local folder of the model; also the data's tokenizer (linked).
+            loss_chunk_tokens: labelled positions per LM-head chunk of the loss (see the module docstring; 0 = every
+                position's logits at once).
+        """
         super().__init__(model_name_or_path, **kwargs)
         if loss_chunk_tokens < 0:
             raise ValueError(f"model.loss_chunk_tokens must be >= 0 (0 = no chunking), got {loss_chunk_tokens}")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from qed_lightning.data.loading import ConfigError, debug_requested, exit_on_data_error
 from qed_lightning.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,16 @@ PREFIX = "model."
 
 def checkpoint_kind(path: Path) -> str:
     """"dcp", "deepspeed" or "file"."""
+    if not path.exists():
+        raise ConfigError(f"checkpoint: {path} does not exist (a run's checkpoints are in <default_root_dir>/checkpoints, "
+                          "e.g. runs/rl/checkpoints/last.ckpt)")
     if path.is_file():
         return "file"
     if (path / ".metadata").exists():
         return "dcp"
     if (path / "latest").exists() or (path / "checkpoint").is_dir():
         return "deepspeed"
-    raise ValueError(f"{path} is neither a checkpoint file, a distributed checkpoint (no .metadata) nor a DeepSpeed "
+    raise ConfigError(f"checkpoint: {path} is neither a checkpoint file, a distributed checkpoint (no .metadata) nor a DeepSpeed "
                      "checkpoint directory (no `latest`)")
 
 
@@ -205,11 +209,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--push_to_hub", default=None, metavar="REPO", help="upload the folder to this Hub model repo (needs network)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("-v", "--verbose", action="store_true", help="every library's log lines")
+    parser.add_argument("--debug", action="store_true", help="the traceback of an error (or QED_DEBUG=1)")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    out = export_checkpoint(args.checkpoint, args.out_dir, args.base, args.run_config, args.eval_summary, args.push_to_hub)
+    with exit_on_data_error("qed-export", args.debug or debug_requested([])):
+        out = export_checkpoint(args.checkpoint, args.out_dir, args.base, args.run_config, args.eval_summary, args.push_to_hub)
     if args.push_to_hub:
         log.info("uploaded to %s", push_to_hub(out, args.push_to_hub, args.private))
+    log.info("exported to %s", Path(out).resolve())
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from qed_lightning.logs import is_quiet
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
 from qed_lightning.rollout.engines.launch import EngineLaunch, current_launch, export_launch, tp_groups
 
@@ -221,6 +222,7 @@ class VLLMEngine(RolloutEngine):
             kwargs["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
         if not cuda:  # whole prefills only: see the module docstring
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(self.max_model_len, 4096))
+        kwargs["use_tqdm_on_load"] = not is_quiet()  # "Loading safetensors checkpoint shards" bar only with -v
         kwargs.update(self.llm_kwargs)
         return kwargs
 
