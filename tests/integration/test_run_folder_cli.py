@@ -86,3 +86,16 @@ def test_a_stage_whose_model_folder_is_missing_says_so_in_one_line(tmp_path):
     assert "model.init_args.model_name_or_path: runs/sft/hf does not exist (it is written when stage 1, " \
            "`qed-fit --config configs/sft.yaml` ends" in err
     assert len(err.strip().splitlines()) == 1  # the error, with the --debug hint on its line
+
+
+@pytest.mark.parametrize("cmd, expected", [
+    (["qed-export", "no/such.ckpt", "out"], "qed-export: error: "),
+    (["qed-eval", "--config", str(REPO / "configs/eval/demo.yaml"), "--n", "0"], "qed-eval: error: "),
+    (["qed-fit", "--config", str(REPO / "configs/demo/rl.yaml"), "--trainer.max_stepz", "3"], "did you mean"),
+    (["qed-fit", "--config", str(REPO / "configs/demo/rl.yaml"), "--model.init_args.gruop_size", "3"],
+     "did you mean group_size?"),
+], ids=["export-missing-checkpoint", "eval-settings-guard", "fit-typo-top-level", "fit-typo-in-a-component"])
+def test_the_other_commands_refuse_in_one_line(cmd, expected, tmp_path):
+    err = _refused([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], cwd=tmp_path)
+    lines = err.strip().splitlines()
+    assert expected in lines[-1] and sum("error" in line for line in lines) == 1, err  # the error is its own one line
