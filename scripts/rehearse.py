@@ -36,6 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGES = ("sft", "rl", "validate", "rc", "eval")
+LAUNCH_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
+                    "MASTER_PORT"}
 LAYOUTS = ("colocated", "one_node_async", "pipeline_rl")
 #: how scripts/slurm/vllm_pool.sbatch starts a pool member, plus what a CPU server needs
 POOL_FLAGS = ["--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
@@ -124,9 +126,11 @@ def run_stage(stage: str, work: Path, devices: int, layout: str, env: dict[str, 
     started = time.monotonic()
     # several training processes on a small CPU machine: one OpenMP thread each, or they spin against each other
     threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if devices > 1 else {}
+    # a user's fresh shell: no rank or rendezvous variables left over from whatever started this script
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=work, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **threads, **env})
+                              env={**base, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **threads, **env})
     seconds = time.monotonic() - started
     missing = [p for p in OUTPUTS[stage] if not (work / p).exists()]
     if proc.returncode or missing:

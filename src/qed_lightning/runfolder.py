@@ -118,12 +118,18 @@ def check_resume_checkpoint(folder: Path, ckpt_path: str) -> None:
 
 
 def is_global_zero_process() -> bool:
-    """Whether this process will be global rank 0 (read from the launcher's environment, before any process group)."""
+    """Whether this process will be global rank 0 (read from the launcher's environment, before any process group).
+
+    A non-zero local or node rank settles it first: Lightning's own launcher re-runs the command for ranks > 0 with
+    `LOCAL_RANK` set and nothing else, so a `RANK=0` left in the environment by something earlier (an in-process
+    vLLM engine exports it) must not make every child believe it is rank 0. Then the launchers' global ranks."""
+    for key in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        if os.environ.get(key) not in (None, "", "0"):
+            return False
     for key in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
         if os.environ.get(key) not in (None, ""):
             return os.environ[key] == "0"
-    # Lightning's own launcher re-runs the command for ranks > 0 with LOCAL_RANK (and NODE_RANK) set
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    return True
 
 
 class RunLock:

@@ -11,9 +11,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+#: rank and rendezvous variables an in-process vLLM engine of an earlier test exports into this process; a child
+#: that inherits LOCAL_RANK makes Lightning believe its processes are launched externally, and it waits for ranks
+#: nobody starts
+LAUNCH_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
+                    "MASTER_PORT"}
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """This environment, offline, one OpenMP thread per process (the ranks share 2 cores), plus `extra`."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    """This environment less any rank variables, offline, one OpenMP thread per process (the ranks share 2 cores),
+    plus `extra`."""
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    return {**base, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "OMP_NUM_THREADS": "1", **extra}
 
 

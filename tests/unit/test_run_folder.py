@@ -122,3 +122,22 @@ def test_a_file_where_the_run_writes_a_folder_is_refused_at_the_door(tmp_path):
     (tmp_path / "rollouts").write_text("oops")
     with pytest.raises(ConfigError, match=r"rollouts is a file where the run writes its rollouts/ folder"):
         check_fit_folder(tmp_path, None)
+
+
+@pytest.mark.parametrize("env, zero", [
+    ({}, True),
+    ({"LOCAL_RANK": "1"}, False),  # Lightning's launcher, rank 1
+    ({"RANK": "0", "LOCAL_RANK": "1"}, False),  # ... with a RANK=0 left over in the parent's environment
+    ({"RANK": "8", "LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # torchrun, second node
+    ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+    ({"SLURM_PROCID": "3"}, False),
+    ({"SLURM_PROCID": "0"}, True),
+])
+def test_which_process_takes_the_run_lock(env, zero, monkeypatch):
+    from qed_lightning.runfolder import is_global_zero_process
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert is_global_zero_process() is zero
