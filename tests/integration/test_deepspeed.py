@@ -8,7 +8,7 @@ the same global batch (so the same `DistributedSampler` order, see test_distribu
 RL: one step of 2 ranks x 2 prompts x G=2 against 1 x 4 prompts, with 1 micro-batch per rank and with 4 (a budget of
 one token: every sequence alone). SGD at lr 10, so the update is the clipped gradient itself (Adam's first step,
 about lr x sign(g), would hide a wrong gradient scale); `grad_clip` 0.3 is below the gradient norm, so DeepSpeed's
-clipping is compared with ours too. Without `ManualStep.before_pass` this test fails with 4 micro-batches: ZeRO-2
+clipping is compared with ours too. Without `PolicyUpdate.before_pass` this test fails with 4 micro-batches: ZeRO-2
 (a boundary at every pass) and ZeRO-3 (its micro-step never advances: our passes bypass `DeepSpeedEngine.forward`)
 both keep only the last micro-batch's gradient (measured: a gradient norm of 1.64 against 2.41).
 SFT: 2 steps of 2 ranks x 2 rows against 1 x 4 rows, same losses and weights.

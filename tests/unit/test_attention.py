@@ -69,14 +69,14 @@ def test_rl_packed_layout_passes_the_packer_boundaries(tiny_model_dir):
                 Completion([8, 9], [24], [0.0], "stop", ""),
                 Completion([10, 11, 12, 13], [25, 26], [0.0] * 2, "stop", "")]
     varlen = _rl(tiny_model_dir, NAME, "auto")
-    assert varlen.layout == "packed"  # chosen by capability
+    assert varlen.policy_update.layout == "packed"  # chosen by capability
     padded = _rl(tiny_model_dir, "sdpa", "padded")
     padded.model.load_state_dict(varlen.model.state_dict())
     CALLS.clear()
-    logp, ent, mask = varlen.completion_stats(rollouts, [0, 1, 2], entropy=True)
+    logp, ent, mask = varlen.policy_update.token_stats(rollouts, [0, 1, 2], entropy=True)
     # every layer got the packer's boundaries: sequences of 3+4, 2+1, 4+2 tokens
     assert CALLS == [[0, 7, 10, 16]] * varlen.model.config.num_hidden_layers
-    want_logp, want_ent, want_mask = padded.completion_stats(rollouts, [0, 1, 2], entropy=True)
+    want_logp, want_ent, want_mask = padded.policy_update.token_stats(rollouts, [0, 1, 2], entropy=True)
     assert torch.equal(mask, want_mask)
     torch.testing.assert_close(logp, want_logp, atol=1e-5, rtol=0)
     torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=0)

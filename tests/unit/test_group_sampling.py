@@ -126,7 +126,7 @@ def _module(monkeypatch, **kwargs):
     module = RubricRLModule("unused", engine=_Engine(), judge=_Judge(), group_size=G, max_new_tokens=4,
                             rollout_log="off", **kwargs)
     trained: list = []
-    monkeypatch.setattr(module, "optimize", lambda rollouts, adv, mask, progress=None: trained.append((rollouts, adv, mask)) or {})
+    monkeypatch.setattr(module.policy_update, "run", lambda rollouts, adv, mask, loss_fn, progress=None: trained.append((rollouts, adv, mask)) or {})
     return module, trained
 
 

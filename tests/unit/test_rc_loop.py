@@ -292,7 +292,7 @@ def _module(tiny_tokenizer, monkeypatch, **kwargs):
                                     states_per_trajectory=2, seed=1, **kwargs)
     module.tokenizer = tiny_tokenizer
     logged: list[dict] = []
-    monkeypatch.setattr(module, "optimize", lambda rollouts, advantages, valid, progress=None: {"train/loss": 0.0})
+    monkeypatch.setattr(module.policy_update, "run", lambda rollouts, advantages, valid, loss_fn, progress=None: {"train/loss": 0.0})
     monkeypatch.setattr(module, "log_step", lambda metrics, batch_size: logged.append(metrics))
     return module, policy, logged
 

@@ -61,13 +61,13 @@ def test_grad_clip_goes_to_deepspeed_and_its_norm_is_logged():
     module.setup("fit")
     assert module._trainer.strategy.config["gradient_clipping"] == 0.3
     opt = _Optimizer()
-    assert module.optim_step.clip_and_step(opt, loss=1.0) == 2.5  # no p.grad anywhere: the norm comes from DeepSpeed
+    assert module.policy_update.clip_and_step(opt, loss=1.0) == 2.5  # no p.grad anywhere: the norm comes from DeepSpeed
     assert opt.steps == 1
 
 
 def test_non_finite_steps_under_deepspeed_abort_after_the_limit():
     module = _module(norm=float("nan"), max_nonfinite_steps=2)
     opt = _Optimizer()
-    module.optim_step.clip_and_step(opt, loss=1.0)  # counted (DeepSpeed has applied it: it cannot be skipped from outside)
+    module.policy_update.clip_and_step(opt, loss=1.0)  # counted (DeepSpeed has applied it: it cannot be skipped from outside)
     with pytest.raises(FloatingPointError, match="2 consecutive non-finite steps"):
-        module.optim_step.clip_and_step(opt, loss=1.0)
+        module.policy_update.clip_and_step(opt, loss=1.0)

@@ -1,7 +1,7 @@
 """Measurements 1, 2, 3 and 6 of the GPU check (see the package docstring), in-process, at a `Scale`.
 
 Every measurement goes through the training code itself (`SFTModule.lm_loss`, `RubricRLModule.compute_loss` and
-`completion_stats`) on a random-weight Qwen3 built from its config (nothing downloaded), with fp32 weights and bf16
+`PolicyUpdate.token_stats`) on a random-weight Qwen3 built from its config (nothing downloaded), with fp32 weights and bf16
 autocast, i.e. the paper configs' precision. Attention is sdpa (flash-attn is not on the GPU machine): a packed SFT
 row costs sdpa a dense block-diagonal mask, so the paper-scale memory uses single-sequence rows (causal, no mask),
 which is what varlen flash attention holds per sequence.
@@ -249,8 +249,8 @@ def logprob_gap(scale: Scale) -> dict:
     members = list(range(len(rollouts)))
     with torch.no_grad():
         with torch.autocast(scale.device, dtype=torch.bfloat16):
-            trainer, _, mask = module.completion_stats(rollouts, members)
-        exact = module.completion_stats(rollouts, members)[0]
+            trainer, _, mask = module.policy_update.token_stats(rollouts, members)
+        exact = module.policy_update.token_stats(rollouts, members)[0]
         half = copy.deepcopy(model).to(torch.bfloat16)
         sampler = torch.zeros_like(trainer)
         for row, r in enumerate(rollouts):

@@ -105,7 +105,7 @@ def budget_for(rollouts: list[Completion], micro_batches: int) -> int:
 def master_weights(module: RubricRLModule) -> dict[str, Tensor]:
     """The trainable weights the optimizer updates, full and on CPU: DeepSpeed's fp32 master copy, FSDP2's fp32
     shards gathered, or the parameters themselves."""
-    engine = module.optim_step.deepspeed_engine()
+    engine = module.policy_update.deepspeed_engine()
     out = {}
     for name, p in module.model.named_parameters():
         if engine is not None:

@@ -10,7 +10,8 @@ One optimizer step = sample, grade, advantage, loss, step:
    packed micro-batches (`micro_batch_tokens`) whose gradients accumulate to exactly the full-step gradient;
 5. step: gradient-norm clipping, optimizer and LR schedule; the engine receives the new weights
    (`WeightSyncCallback`, returned by `configure_callbacks`).
-Steps 1-3 are here; 4-5 live in `modules/rl_loss.py` (`PolicyGradientSteps`, a mixin of this module).
+Steps 1-3 and the objective of step 4 (`compute_loss`) are here; the micro-batch loop and the optimizer step are
+one object, `modules/policy_update.py` (`PolicyUpdate`), which the module builds and calls with its objective.
 
 Where we differ from the paper: the paper generates asynchronously on separate GPUs, up to ~1 step off-policy.
 Colocated (the default layout), each step here is on-policy unless `sync_interval > 1`; the ratio rho corrects
@@ -42,8 +43,7 @@ from qed_lightning.data.loading import ConfigError
 from qed_lightning.data.records import ProofProblem
 from qed_lightning.modules.base import QEDModule
 from qed_lightning.modules.group_sampling import Groups, check_spares, fill_step, has_signal, shape_rewards, split_spares
-from qed_lightning.modules.optim_step import ManualStep
-from qed_lightning.modules.rl_loss import PolicyGradientSteps
+from qed_lightning.modules.policy_update import PolicyUpdate
 from qed_lightning.modules.rl_metrics import reduce_over_ranks, rollout_table, table_metrics
 from qed_lightning.modules.rl_records import keep_rollouts, report_progress
 from qed_lightning.parallel.distributed import gather_objects
@@ -51,7 +51,8 @@ from qed_lightning.phases import Phase, StepPhases
 from qed_lightning.report.records import RolloutLog
 from qed_lightning.rewards import GradeRequest, RubricJudge
 from qed_lightning.rewards.terms import RewardTerm, RewardTerms
-from qed_lightning.rl import group_advantages_masked
+from qed_lightning.rl import group_advantages_masked, policy_loss
+from qed_lightning.rl.microbatch import pad_values
 from qed_lightning.rl.losses import ISCorrection
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
 from qed_lightning.rollout.callbacks import WeightSyncCallback
@@ -60,7 +61,7 @@ from qed_lightning.seeds import derive_seed
 log = logging.getLogger(__name__)
 
 
-class RubricRLModule(PolicyGradientSteps, QEDModule):
+class RubricRLModule(QEDModule):
     """Rubric-reward GRPO (stage 2). See the module docstring for the algorithm; `QEDModule`'s arguments
     (`model_name_or_path`, `optimizer`, `lr_scheduler`, `dtype`, ...) pass through `**kwargs`.
 
@@ -179,7 +180,9 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         self.judge = judge
         self.ref_model = None
         self.automatic_optimization = False
-        self.optim_step = ManualStep(self, grad_clip, max_nonfinite_steps)  # clipping, step, non-finite counter
+        # steps 4-5 (micro-batch loop, clipping, optimizer step, non-finite counter): one object, see policy_update.py
+        self.policy_update = PolicyUpdate(self, micro_batch_layout, micro_batch_tokens, logits_chunk_tokens, temperature,
+                                          grad_clip, max_nonfinite_steps)
         self.phases = StepPhases()  # the step's named, timed phases (reset per step; listeners may watch them)
         self.last_rollouts: list[dict] = []  # the last step's kept rollout records (RolloutTable logs samples of them)
 
@@ -188,9 +191,9 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
     def setup(self, stage: str) -> None:
         """Errors at the door: every prompt plus the completion budget must fit the engine's context. Under DeepSpeed,
         hand `grad_clip` to DeepSpeed (this hook runs before the engine is built): ZeRO keeps gradients in its own
-        partitioned buffers, so `p.grad` is None and only DeepSpeed can clip them (`optim_step`)."""
+        partitioned buffers, so `p.grad` is None and only DeepSpeed can clip them (`policy_update`)."""
         super().setup(stage)  # strategy and precision checks
-        self.optim_step.hand_grad_clip_to_deepspeed()
+        self.policy_update.hand_grad_clip_to_deepspeed()
         limit = self.engine.max_model_len
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         check_spares(getattr(getattr(datamodule, "hparams", None), "spare_prompts_per_step", 0), self.hparams.skip_flat_groups)
@@ -250,6 +253,32 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         valid = torch.tensor([g.reward is not None for g in grades])
         return rewards, valid, grades
 
+    # -- 4. loss (the objective of one micro-batch; `PolicyUpdate` runs the micro-batches and the step) -------------
+
+    def compute_loss(self, rollouts: list[Completion], advantages: torch.Tensor, members: list[int],
+                     totals: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch (`members` index `rollouts`) and its detached metrics: the clipped ratio against
+        the sampler's log-probs, entropy bonus, optional k3 KL and importance-sampling correction (`rl.policy_loss`),
+        normalised by the step's global counts `totals`. Override to change the objective."""
+        hp = self.hparams
+        update = self.policy_update
+        logp, entropy, mask = update.token_stats(rollouts, members, entropy=hp.entropy_coef > 0)  # [n, T] each
+        old = pad_values([r.logprobs for r in rollouts], members, mask.size(1)).to(self.device)
+        ref = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref = update.token_stats(rollouts, members, self.ref_model)[0]
+        loss, metrics = policy_loss(
+            logp, old, advantages[members].to(self.device), mask, num_sequences=totals["sequences"],
+            clip_low=hp.clip_low, clip_high=hp.clip_high, aggregation=hp.aggregation, entropy=entropy,
+            entropy_coef=hp.entropy_coef, ref_logprobs=ref, kl_coef=hp.kl_coef, num_tokens=totals["tokens"],
+            max_len=totals["max_len"], is_correction=hp.is_correction, is_cap=hp.is_cap,
+        )
+        diff = (logp.detach() - old).abs() * mask
+        metrics["logprob_diff_sum"] = diff.sum()
+        metrics["logprob_diff_max"] = diff.max()
+        return loss, metrics
+
     # -- the step, as a list of named steps ----------------------------------------------------------------------
 
     def training_step(self, batch: list[ProofProblem], batch_idx: int) -> None:
@@ -292,7 +321,8 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         with self.phases.phase("train") as progress:
             advantages = group_advantages_masked(rewards, valid, hp.group_size, scale=hp.advantage_scale)  # 3. advantage
             self.engine.sleep()
-            metrics = self.optimize(rollouts, advantages, groups.loss_mask(hp.mask_truncated), progress)  # 4. loss + 5. step
+            metrics = self.policy_update.run(rollouts, advantages, groups.loss_mask(hp.mask_truncated),  # 4. loss
+                                             self.compute_loss, progress)  # + 5. step
         self.record_rollouts(groups.problems, rollouts, grades, rewards, valid, advantages, version)  # 6. records
         metrics.update(self.step_metrics(rollouts, rewards, valid, grades, version))  # 7. metrics
         metrics.update(extra)
