@@ -87,7 +87,7 @@ def test_shared_prefix_refuses_mixed_prompts():
 
 
 def test_chunked_token_stats_match_full_logits_in_value_and_gradient(tiny_model_dir):
-    from qed_lightning.model.lm_head import chunked_token_stats, final_hidden_states
+    from qed_lightning.model.forward import chunked_token_stats, final_hidden_states
     from qed_lightning.rl import entropy_from_logits
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from qed_lightning.data.chat import IGNORE_INDEX, TokenizedExample, tokenize_conversation
 from qed_lightning.data.packing import collate_rows, first_fit_decreasing, pack_row
-from qed_lightning.model.lm_head import chunked_lm_loss
+from qed_lightning.model.forward import chunked_lm_loss
 from qed_lightning.modules.sft import packed_lm_loss
 
 

@@ -153,8 +153,8 @@ class QEDModule(L.LightningModule):
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
         """The decoder's final (normed) hidden states `[B, L, H]` of a packed batch, for losses that apply the LM head
-        themselves (`qed_lightning.model.lm_head`); same varlen handling as `forward`."""
-        from qed_lightning.model.lm_head import final_hidden_states
+        themselves (`qed_lightning.model.forward`); same varlen handling as `forward`."""
+        from qed_lightning.model.forward import final_hidden_states
 
         return self._packed_call(input_ids, position_ids,
                                  lambda **kw: final_hidden_states(self.model, **kw, use_cache=False)[0], lengths)

@@ -4,7 +4,7 @@
 the module's override point); the update owns everything between that and new weights:
 - the micro-batch layout, resolved once (`micro_batch_layout`, "auto" by the attention backend's capability): packed
   rows with varlen attention, padded rows, or shared prompt prefixes (`rl/microbatch.py` plans and packs,
-  `model/forward.py` and `model/lm_head.py` run the model, a chunk of the LM head at a time);
+  `model/forward.py` runs the model, a chunk of the LM head at a time);
 - `token_stats`: the trainer's log-probs (and entropies) of the real completion tokens only, which the objective
   compares with the sampler's;
 - step-wide counts over all ranks (`totals`), so each micro-batch's loss is normalised as one process would be and
@@ -37,8 +37,12 @@ import lightning as L
 import torch
 
 from qed_lightning.model.attention import packs_without_mask, varlen_kwargs
-from qed_lightning.model.forward import completion_logits, shared_prefix_logits
-from qed_lightning.model.lm_head import chunked_token_stats, final_hidden_states
+from qed_lightning.model.forward import (
+    chunked_token_stats,
+    completion_logits,
+    final_hidden_states,
+    shared_prefix_logits,
+)
 from qed_lightning.parallel.distributed import deepspeed_engine, is_deepspeed
 from qed_lightning.phases import Phase
 from qed_lightning.rl import entropy_from_logits, token_logprobs

@@ -171,7 +171,8 @@ class RubricRLModule(QEDModule):
         except ValueError as err:
             problems.append(str(err))
         try:
-            self.reward_terms = RewardTerms(reward_terms)  # each dotted path imported now: errors at the door
+            # each dotted path imported now: errors at the door; None when no term is configured
+            self.reward_terms = RewardTerms(reward_terms) if reward_terms else None
         except ConfigError as err:
             problems.append(str(err))
         if problems:
@@ -300,7 +301,7 @@ class RubricRLModule(QEDModule):
         stream's grading calls it in its threads)."""
         hp = self.hparams
         rewards, valid, grades = self.compute_rewards(problems, rollouts)
-        if self.reward_terms:  # the configured extra terms, weighted, on top of the judge's reward
+        if self.reward_terms is not None:  # the configured extra terms, weighted, on top of the judge's reward
             n = len(rollouts) // len(problems)
             extra = self.reward_terms.values([problems[i // n] for i in range(len(rollouts))], rollouts)
             rewards = rewards + torch.tensor(extra, dtype=rewards.dtype)
@@ -375,7 +376,8 @@ class RubricRLModule(QEDModule):
         table = torch.cat(gather_objects(rollout_table(rollouts, rewards, valid, grades)))
         metrics = table_metrics(table, self.hparams.group_size, version)
         metrics.update(self.judge.pop_metrics())
-        metrics.update(self.reward_terms.pop_metrics())
+        if self.reward_terms is not None:
+            metrics.update(self.reward_terms.pop_metrics())
         metrics.update(self.phases.metrics())
         tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
         seconds = sum(self.phases.seconds.get(name, 0.0) for name in ("generate", "grade", "wait", "train"))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from qed_lightning.data.chat import IGNORE_INDEX
-from qed_lightning.model.lm_head import chunked_lm_loss
+from qed_lightning.model.forward import chunked_lm_loss
 from qed_lightning.modules.base import QEDModule
 
 

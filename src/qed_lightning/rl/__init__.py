@@ -11,7 +11,7 @@ from qed_lightning.rl.advantages import (
     group_advantages_masked,
     zero_advantage_fraction,
 )
-from qed_lightning.rl.logprobs import entropy_from_logits, shift_for_causal_lm, token_logprobs
+from qed_lightning.rl.losses import entropy_from_logits, shift_for_causal_lm, token_logprobs
 from qed_lightning.rl.losses import AGGREGATIONS, Aggregation, k3_kl, policy_loss
 from qed_lightning.rl.overlong import soft_overlong_penalty
 
