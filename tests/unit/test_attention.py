@@ -12,9 +12,11 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 from qed_lightning.model.attention import packs_without_mask, segment_lengths, varlen_kwargs
 from qed_lightning.modules import RubricRLModule, SFTModule
-from qed_lightning.rewards import JudgeClient, RubricJudge
+from qed_lightning.rewards import RubricJudge
 from qed_lightning.rollout import HFEngine
 from qed_lightning.rollout.base import Completion
+
+from fakes import NoClient
 
 NAME = "qed_test_varlen"  # no "flash" in it: a name test would miss it
 CALLS: list[list[int]] = []
@@ -37,13 +39,6 @@ AttentionInterface.register(NAME, _varlen_attention)
 AttentionMaskInterface.register(NAME, flash_attention_mask)
 
 
-class _NoClient(JudgeClient):
-    model_name = "none"
-
-    async def complete(self, prompt: str) -> str:
-        raise AssertionError("not called")
-
-
 def test_capability_detection_and_boundaries_by_hand():
     from transformers import Qwen3Config
 
@@ -58,7 +53,7 @@ def test_capability_detection_and_boundaries_by_hand():
 
 
 def _rl(tiny, attn, layout):
-    module = RubricRLModule(str(tiny), engine=HFEngine(), judge=RubricJudge(_NoClient()), attn_implementation=attn,
+    module = RubricRLModule(str(tiny), engine=HFEngine(), judge=RubricJudge(NoClient()), attn_implementation=attn,
                             micro_batch_layout=layout, temperature=0.8)
     module.configure_model()
     return module

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from eval_fakes import FakeEngine, FakeJudgeClient, FakeTokenizer
+from fakes import FakeEngine, FakeJudgeClient, FakeTokenizer
 
 from qed_lightning.eval import IMOProofBench, ProofBenchEvalCallback
 from qed_lightning.rewards import ProofBenchJudge

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from eval_fakes import FakeJudgeClient, proof_in
+from fakes import FakeJudgeClient, proof_in
 
 from qed_lightning.eval.benchmarks import EvalProblem, without_self_evaluation
 from qed_lightning.eval.metrics import ProofScore

@@ -7,7 +7,7 @@ import itertools
 import json
 
 import pytest
-from eval_fakes import FakeEngine, FakeJudgeClient, FakeTokenizer, proof_in
+from fakes import FakeEngine, FakeJudgeClient, FakeTokenizer, proof_in
 
 from qed_lightning.eval import Evaluator, IMOProofBench
 from qed_lightning.eval.store import JsonlLog, SampleStore, check_manifest

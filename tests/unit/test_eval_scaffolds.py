@@ -4,7 +4,7 @@ generate-verify-refine loop's rounds and early stop."""
 from __future__ import annotations
 
 import pytest
-from eval_fakes import FakeEngine, FakeTokenizer
+from fakes import FakeEngine, FakeTokenizer
 
 from qed_lightning.eval.scaffolds import DirectScaffold, GenerateVerifyRefine, ReasoningCacheScaffold
 from qed_lightning.rollout.base import SamplingConfig

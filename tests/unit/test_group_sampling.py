@@ -10,9 +10,10 @@ from qed_lightning.data.records import ProofProblem
 from qed_lightning.modules import RubricRLModule
 from qed_lightning.modules.group_sampling import Groups, fill_step, has_signal, shape_rewards, split_spares
 from qed_lightning.rewards import Grade, RubricJudge
-from qed_lightning.rewards.clients import JudgeClient
 from qed_lightning.rl import flat_groups, soft_overlong_penalty
 from qed_lightning.rollout.base import Completion, RolloutEngine
+
+from fakes import NoClient
 
 G = 2
 # problem index -> the rewards of its G rollouts (a group with two different rewards has signal)
@@ -100,18 +101,11 @@ class _Engine(RolloutEngine):
         raise AssertionError("not in this test")
 
 
-class _NoClient(JudgeClient):
-    model_name = "none"
-
-    async def complete(self, prompt: str) -> str:
-        raise AssertionError("never called")
-
-
 class _Judge(RubricJudge):
     """Grades rollout j of problem i with REWARDS[i][j] * 7."""
 
     def __init__(self) -> None:
-        super().__init__(_NoClient())
+        super().__init__(NoClient())
 
     def grade(self, requests):
         out = []

@@ -17,9 +17,10 @@ from qed_lightning.modules import ReasoningCacheRLModule
 from qed_lightning.modules.rc_rl import cycle_rewards, sample_state_indices, summary_metrics
 from qed_lightning.rc import ReasoningCache, run_reasoning_cache
 from qed_lightning.rewards import Grade, RubricJudge
-from qed_lightning.rewards.clients import JudgeClient
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
 from qed_lightning.seeds import derive_seed
+
+from fakes import NoClient
 
 P1 = r"Prove that $\frac{a}{b} + \frac{b}{a} \ge 2$ for positive reals {a, b}."
 P2 = "Prove that there are infinitely many primes."
@@ -267,18 +268,11 @@ def test_cycle_rewards_and_improvement():
 # -- the module: which states are trained on and what the judge sees -----------------------------------------------
 
 
-class _NoClient(JudgeClient):
-    model_name = "none"
-
-    async def complete(self, prompt: str) -> str:
-        raise AssertionError("the capturing judge never calls a client")
-
-
 class CapturingJudge(RubricJudge):
     """Records every GradeRequest; scores 7 for a sample of a group (the response ends with ' #j'), else 0."""
 
     def __init__(self) -> None:
-        super().__init__(_NoClient())
+        super().__init__(NoClient())
         self.requests = []
 
     def grade(self, requests):

@@ -6,15 +6,10 @@ import pytest
 
 from qed_lightning.modules import RubricRLModule
 from qed_lightning.parallel import DeepSpeedStrategy
-from qed_lightning.rewards import JudgeClient, RubricJudge
+from qed_lightning.rewards import RubricJudge
 from qed_lightning.rollout import HFEngine
 
-
-class _NoClient(JudgeClient):
-    model_name = "none"
-
-    async def complete(self, prompt: str) -> str:
-        raise AssertionError("not called")
+from fakes import NoClient
 
 
 class _Engine:  # deepspeed.DeepSpeedEngine's part that the module uses
@@ -50,7 +45,7 @@ class _Optimizer:
 
 
 def _module(norm: float, **kwargs) -> RubricRLModule:
-    module = RubricRLModule("unused", engine=HFEngine(), judge=RubricJudge(_NoClient()), grad_clip=0.3, **kwargs)
+    module = RubricRLModule("unused", engine=HFEngine(), judge=RubricJudge(NoClient()), grad_clip=0.3, **kwargs)
     module._trainer = _Trainer(_DeepSpeed(norm))
     module.lr_schedulers = lambda: None
     return module

@@ -4,21 +4,16 @@ the RL modules implement it; engine capabilities pass through wrappers."""
 import pytest
 
 from qed_lightning.modules import RubricRLModule
-from qed_lightning.rewards import JudgeClient, RubricJudge
+from qed_lightning.rewards import RubricJudge
 from qed_lightning.rollout import AsyncRollouts, HFEngine, StreamingRollouts
 from qed_lightning.rollout.engines.vllm_engine import VLLMEngine
 from qed_lightning.rollout.host import PeekableLoader, RolloutHost, check_host
 
-
-class _NoClient(JudgeClient):
-    model_name = "none"
-
-    async def complete(self, prompt: str) -> str:
-        raise AssertionError("not called")
+from fakes import NoClient
 
 
 def test_rubric_rl_module_is_a_rollout_host():
-    module = RubricRLModule("unused", engine=HFEngine(), judge=RubricJudge(_NoClient()), group_size=3)
+    module = RubricRLModule("unused", engine=HFEngine(), judge=RubricJudge(NoClient()), group_size=3)
     assert check_host(module, "StreamingRollouts") is module
     assert isinstance(module, RolloutHost)
     assert module.group_size == 3

@@ -12,7 +12,7 @@ TESTS = Path(__file__).resolve().parents[1]
 def test_test_file_basenames_are_unique():
     seen: dict[str, list[str]] = defaultdict(list)
     for path in TESTS.rglob("*.py"):
-        if path.name.startswith("test_") or path.name in {"runs.py", "eval_fakes.py"}:
+        if path.name.startswith("test_") or path.name in {"runs.py", "fakes.py"}:
             seen[path.name].append(str(path.relative_to(TESTS)))
     clashes = {name: paths for name, paths in seen.items() if len(paths) > 1}
     assert not clashes, f"test modules share a basename (pytest cannot import both): {clashes}"

@@ -1,4 +1,5 @@
-"""Model-free stand-ins shared by the tests/unit/test_eval_*.py files: a tokenizer, a scripted engine, a judge client."""
+"""Model-free stand-ins shared by the unit tests (the one home of test fakes): a tokenizer, a scripted engine, a judge
+client with canned replies, and `NoClient`, a judge client for modules whose judge is never called."""
 
 from __future__ import annotations
 
@@ -67,3 +68,12 @@ def proof_in(prompt: str) -> str:
     from qed_lightning.testing.judge_rules import proof_section
 
     return proof_section(prompt)
+
+
+class NoClient(JudgeClient):
+    """A judge client for a module built only to test its other parts: any call to it is a test bug."""
+
+    model_name = "none"
+
+    async def complete(self, prompt: str) -> str:
+        raise AssertionError("NoClient was asked to grade: this test's judge must not be called")
