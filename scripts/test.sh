@@ -18,4 +18,4 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
     || echo "[test] could not install chromium: the browser test will be skipped"
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 tests "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 tests "$@"

@@ -473,7 +473,15 @@ def test_engine_judge_reply_cut_at_max_tokens_is_incomplete(tiny_tokenizer):
 def test_circuit_breaker_pauses_while_the_judge_is_down_then_regrades(server, make_judge):
     judge = make_judge(max_down_s=30.0, probe_interval_s=0.2)
     server.down = True
-    threading.Timer(0.5, lambda: setattr(server, "down", False)).start()  # back after ~0.5 s
+
+    def back_once_tripped() -> None:  # the judge answers again only once the breaker has tripped (whatever the load)
+        deadline = time.monotonic() + 20
+        while judge.counters["outages"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # a probe or two fail first
+        server.down = False
+
+    threading.Thread(target=back_once_tripped, daemon=True).start()
     grades = judge.grade([req("QED QED"), req("QED")])
     # no zero rewards from an outage: both were regraded once the judge answered again
     assert [(g.status, g.score) for g in grades] == [("ok", 2), ("ok", 1)]
