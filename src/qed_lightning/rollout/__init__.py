@@ -1,6 +1,14 @@
-"""Rollout engines (vLLM, transformers, a vLLM server pool, a pool started on this node) behind one lifecycle
-(`RolloutEngine`), the overlap wrapper, the streaming layout, and the callbacks that drive them
-(`WeightSyncCallback`, `FrozenEngineCallback`)."""
+"""Rollout engines behind one lifecycle (`RolloutEngine`), the layouts that schedule them, and the callbacks that
+drive them (`WeightSyncCallback`, `FrozenEngineCallback`).
+
+Which to pick (docs/scaling.md has the numbers):
+- one process or one node, colocated (the default): `VLLMEngine` (in-process vLLM, sleeps while the trainer steps);
+  `HFEngine` where vLLM cannot run (tests, a debugger);
+- generation on other GPUs of the node, overlapped with training: `LocalVLLMPool` (this job starts the servers)
+  under `StreamingRollouts` (`configs/layout/one_node_async.yaml`: groups stream in and are graded as they come);
+- servers started elsewhere (other nodes, `scripts/slurm/vllm_pool.sbatch`): `VLLMServerEngine`, under
+  `StreamingRollouts` or `AsyncRollouts` (`configs/layout/pipeline_rl.yaml`: the next batch prefetched whole).
+"""
 
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
 from qed_lightning.rollout.callbacks import FrozenEngineCallback, WeightSyncCallback

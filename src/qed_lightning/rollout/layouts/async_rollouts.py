@@ -18,6 +18,14 @@ sample has exactly one version and the lag is exact. The next step's prompts com
 unaffected); at the end of a pass there is none, and the next epoch's first step generates synchronously.
 The prefetched job is keyed by its prompts, sampling and group size: any other request (validation, a
 reasoning-cache cycle) is served synchronously after it and leaves it in place.
+
+Why this and the streaming layout (`layouts/streaming.py`) both exist, though both bound the lag: this one prefetches
+the loader's next batch whole and grades it in the step, so a step holds exactly the batch the sequential layout
+would (same prompts, same seeds; a checkpoint needs nothing beyond the loader's), and the engine is called from one
+thread. The stream grades in its own threads and trains on the first complete groups, which needs a thread-safe
+generator and a ledger of submitted groups in every checkpoint. A stream whose release is one batch would give this
+layout's schedule but not its simplicity; this one is kept for exact comparisons with the sequential layout and for
+generators that are not thread-safe.
 """
 
 from __future__ import annotations
