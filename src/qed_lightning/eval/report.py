@@ -142,6 +142,7 @@ def print_audit(audit: dict[str, Any], title: str, console: Console | None = Non
     else:
         spearman = "undefined" if audit["spearman"] is None else f"{audit['spearman']:.2f}"
         table.add_row(f"{audit['samples']}", f"{audit['failed']}", f"{audit['judge_score_mean']:.3f}",
-                      f"{audit['audit_score_mean']:.3f}", f"{audit['gap']:+.3f}", f"{100 * audit['agree_within_1']:.1f}",
+                      f"{audit['audit_score_mean']:.3f}", f"{audit['gap']:+.3f}",
+                      f"{100 * audit['agree_within_1']:.1f}",
                       f"{audit['mae']:.2f}", spearman)
     console.print(table)
