@@ -49,12 +49,13 @@ def environment(device: str) -> dict:
     return env
 
 
-def save_model(shape: dict, out: Path, device: str) -> Path:
-    """The random-weight model the strategy runs load (with a small tokenizer: its ids are never decoded)."""
+def save_model(shape: dict, out: Path) -> Path:
+    """The random-weight model the strategy runs load (with a small tokenizer: its ids are never decoded), built on
+    the CPU: this process keeps no GPU memory while the strategies' processes run."""
     from qed_lightning.gpu_check.measure import qwen3
     from qed_lightning.tools.tiny import _EMBEDDED_CORPUS, build_tokenizer
 
-    qwen3(shape, device).save_pretrained(out)
+    qwen3(shape, "cpu").save_pretrained(out)
     build_tokenizer([_EMBEDDED_CORPUS], 300).save_pretrained(out)
     return out
 
@@ -96,11 +97,12 @@ def strategies(scale, out: Path, deadline: float, results: dict, save) -> None:
     the no-strategy one."""
     import torch
 
-    model = save_model(scale.rl_shape, out / "rl_model", scale.device)
+    model = save_model(scale.rl_shape, out / "rl_model")
     budgets = scale.strategy_budgets
     for i, name in enumerate(STRATEGIES):
         part = out / f"rl_{name}.json"
-        part.unlink(missing_ok=True)
+        for stale in (part, part.with_suffix(".sketch.pt")):  # a rerun in the same folder compares fresh numbers
+            stale.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "qed_lightning.gpu_check.rl_step", "--strategy", name, "--model", str(model),
                "--device", scale.device, "--out", str(part), "--prompt-tokens", str(scale.prompt_tokens),
                "--lengths", *map(str, scale.rl_completions), "--chunk", str(scale.chunk)]
@@ -166,7 +168,7 @@ def run_section(name: str, scale, out: Path, results: dict, deadline: float, sav
     if name == "strategies":
         results["strategies"] = {}
         strategies(scale, out, deadline, results["strategies"], save)
-        bad = [n for n, r in results["strategies"].items() if r["status"] != "ok"]
+        bad = [f"{n} {r['status']}" for n, r in results["strategies"].items() if r["status"] != "ok"]
         return {"status": "failed" if bad else "ok", "budget_s": budget, "allowed_s": round(allowed, 1),
                 "used_s": round(time.perf_counter() - started, 1),
                 **({"error": "not ok: " + ", ".join(bad)} if bad else {})}
