@@ -1,11 +1,16 @@
-"""The offline GPU check: six measurements of the training code on one GPU, written as one JSON (see
+"""The offline GPU check: seven measurements of the training code on one GPU, written as one JSON (see
 `qed_lightning.gpu_check` for what each measures and how).
 
     bash scripts/gpu_check.sh                       # on the GPU machine (installs the wheels in .whl/ first)
     python scripts/gpu_check.py --dry-run --out X   # the same code with tiny shapes on CPU (tested in the suite)
+    bash scripts/gpu_check.sh --sections strategies --budget zero3=120   # rerun a cut part with more time
 
-The JSON is rewritten after every section, so a run cut short keeps what it measured. Exit status: 0 when every
-section ran and every check in `checks` holds, 1 otherwise, 2 without a CUDA device (and no --dry-run).
+Time: every section has a budget (`Scale.budgets`, printed first; the strategies one per strategy) and runs in
+processes of its own, killed when it is past its time: a section may use what the ones before it left, never the
+budgets of the ones after it, so the whole run ends within the cap (480 s on the GPU) with every section reported:
+ok, skipped (with the reason), cut (with its budget) or failed. The JSON is rewritten after every section and
+strategy. Exit status: 0 when no section was cut or failed and every check in `checks` holds, 1 otherwise, 2
+without a CUDA device (and no --dry-run).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +26,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("gemm", "sft", "memory", "strategies", "logprob_gap")
+SECTIONS = ("gemm", "sft", "memory", "strategies", "logprob_gap", "flash_attn")
 STRATEGIES = ("none", "fsdp2", "zero2", "zero3", "pure_bf16")
 
 
@@ -43,35 +49,69 @@ def environment(device: str) -> dict:
     return env
 
 
-def save_model(shape: dict, out: Path, device: str) -> Path:
-    """The random-weight model the strategy runs load (with a small tokenizer: its ids are never decoded)."""
+def save_model(shape: dict, out: Path) -> Path:
+    """The random-weight model the strategy runs load (with a small tokenizer: its ids are never decoded), built on
+    the CPU: this process keeps no GPU memory while the strategies' processes run."""
     from qed_lightning.gpu_check.measure import qwen3
     from qed_lightning.tools.tiny import _EMBEDDED_CORPUS, build_tokenizer
 
-    qwen3(shape, device).save_pretrained(out)
+    qwen3(shape, "cpu").save_pretrained(out)
     build_tokenizer([_EMBEDDED_CORPUS], 300).save_pretrained(out)
     return out
 
 
-def strategies(scale, out: Path, timeout: float, results: dict, save) -> None:
-    """Measurements 4-5 into `results`: one subprocess per strategy (`qed_lightning.gpu_check.rl_step`), `save()`
-    after each, then the strategies' updates compared with the no-strategy one."""
+def run_bounded(cmd: list[str], log: Path, seconds: float) -> tuple[str, float]:
+    """Run `cmd` (output to `log`) for at most `seconds`: ("ok" | "cut" | "exit N", seconds used). A cut process is
+    killed with its whole process group (DeepSpeed's and Lightning's helpers too), which frees its GPU memory."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=max(seconds, 0.1))
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:  # past its time, or this script interrupted (the outer `timeout`): nothing left behind
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    used = time.perf_counter() - started
+    return ("cut" if code is None else "ok" if code == 0 else f"exit {code}"), used
+
+
+def outcome(status: str, log: Path, budget: float, allowed: float, used: float) -> dict:
+    """What a section or strategy reports of its run besides its numbers."""
+    out = {"status": status if status in ("ok", "cut") else "failed", "budget_s": budget,
+           "allowed_s": round(allowed, 1), "used_s": round(used, 1)}
+    if status != "ok":
+        out["log_tail"] = log.read_text(errors="replace")[-2000:]
+        if status != "cut":
+            out["error"] = status
+    return out
+
+
+def strategies(scale, out: Path, deadline: float, results: dict, save) -> None:
+    """Measurements 4-5 into `results`: one subprocess per strategy (`qed_lightning.gpu_check.rl_step`), each within
+    its budget plus what the ones before it left, `save()` after each, then the strategies' updates compared with
+    the no-strategy one."""
     import torch
 
-    model = save_model(scale.rl_shape, out / "rl_model", scale.device)
-    env = {**os.environ, "DS_ACCELERATOR": scale.device, "TOKENIZERS_PARALLELISM": "false"}
-    for name in STRATEGIES:
+    model = save_model(scale.rl_shape, out / "rl_model")
+    budgets = scale.strategy_budgets
+    for i, name in enumerate(STRATEGIES):
         part = out / f"rl_{name}.json"
+        for stale in (part, part.with_suffix(".sketch.pt")):  # a rerun in the same folder compares fresh numbers
+            stale.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "qed_lightning.gpu_check.rl_step", "--strategy", name, "--model", str(model),
                "--device", scale.device, "--out", str(part), "--prompt-tokens", str(scale.prompt_tokens),
                "--lengths", *map(str, scale.rl_completions), "--chunk", str(scale.chunk)]
-        with open(out / f"rl_{name}.log", "w") as log:
-            try:
-                code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
-            except subprocess.TimeoutExpired:
-                code = "timeout"
-        results[name] = json.loads(part.read_text()) if code == 0 else {
-            "error": code, "log_tail": (out / f"rl_{name}.log").read_text(errors="replace")[-2000:]}
+        allowed = max(deadline - sum(budgets[n] for n in STRATEGIES[i + 1:]) - time.perf_counter(), 0.0)
+        log = out / f"rl_{name}.log"
+        status, used = run_bounded(cmd, log, allowed)
+        report = outcome(status, log, budgets[name], allowed, used)
+        results[name] = {**json.loads(part.read_text()), **report} if status == "ok" else report
+        print(f"gpu_check:   strategy {name}: {describe(results[name])}", flush=True)
         save()
     reference = out / "rl_none.sketch.pt"
     for name, result in results.items():
@@ -79,6 +119,19 @@ def strategies(scale, out: Path, timeout: float, results: dict, save) -> None:
         if "rl" in result and sketch.exists() and reference.exists():
             a, b = torch.load(sketch), torch.load(reference)
             result["rl"]["update_rel_diff_vs_none"] = float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def describe(report: dict) -> str:
+    """One line of a section's or strategy's time: used against its budget (and what it was allowed)."""
+    times = f"{report['used_s']} s of its {report['budget_s']} s budget ({report['allowed_s']} s allowed)"
+    if report["status"] == "cut":
+        return (f"CUT at {report['used_s']} s (budget {report['budget_s']} s, {report['allowed_s']} s allowed; "
+                "see its log)")
+    if report["status"] == "skipped":
+        return f"skipped ({report['reason']}) in {times}"
+    if report["status"] == "ok":
+        return f"ok in {times}"
+    return f"FAILED ({report['error'].strip().splitlines()[-1]}) in {times}"
 
 
 def checks(results: dict) -> dict:
@@ -91,7 +144,7 @@ def checks(results: dict) -> dict:
         if chunk and full and r.get("peak_gib") is not None and full.get("peak_gib") is not None:
             out[f"sft_{row}_chunked_peak_below_full"] = r["peak_gib"] < full["peak_gib"]
     for name, r in results.get("strategies", {}).items():
-        if "error" in r:
+        if r.get("status") != "ok":
             out[f"{name}_ran"] = False
             continue
         changed = r["precision"]["changed_fraction"]
@@ -105,20 +158,34 @@ def checks(results: dict) -> dict:
     return out
 
 
-def run_section(name: str, scale, out: Path, results: dict, timeout: float, save) -> None:
+def run_section(name: str, scale, out: Path, results: dict, deadline: float, save) -> dict:
+    """Section `name` into `results[name]`, in subprocesses that end by `deadline` (`time.perf_counter()`); returns
+    its outcome (status, budget, time allowed and used)."""
     from qed_lightning.gpu_check import measure
 
-    if name == "gemm":
-        results["gemm"] = measure.gemm(scale)
-    elif name == "sft":
-        results["sft"] = measure.sft(scale, results.get("gemm", {}).get("tflops") or measure.gemm(scale)["tflops"])
-    elif name == "memory":
-        results["memory"] = measure.memory(scale)
-    elif name == "strategies":
+    budget, allowed = scale.budgets[name], max(deadline - time.perf_counter(), 0.0)
+    started = time.perf_counter()
+    if name == "strategies":
         results["strategies"] = {}
-        strategies(scale, out, timeout, results["strategies"], save)
-    elif name == "logprob_gap":
-        results["logprob_gap"] = measure.logprob_gap(scale)
+        strategies(scale, out, deadline, results["strategies"], save)
+        bad = [f"{n} {r['status']}" for n, r in results["strategies"].items() if r["status"] != "ok"]
+        return {"status": "failed" if bad else "ok", "budget_s": budget, "allowed_s": round(allowed, 1),
+                "used_s": round(time.perf_counter() - started, 1),
+                **({"error": "not ok: " + ", ".join(bad)} if bad else {})}
+    if name == "flash_attn" and (reason := measure.flash_unavailable(scale.device)):
+        results[name] = {"skipped": reason}
+        return {"status": "skipped", "reason": reason, "budget_s": budget, "allowed_s": round(allowed, 1),
+                "used_s": round(time.perf_counter() - started, 1)}
+    part, log = out / f"{name}.json", out / f"{name}.log"
+    part.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "qed_lightning.gpu_check.measure", name, "--device", scale.device,
+           "--out", str(part)]
+    if name == "sft" and results.get("gemm", {}).get("tflops"):
+        cmd += ["--gemm-tflops", str(results["gemm"]["tflops"])]
+    status, used = run_bounded(cmd, log, allowed)
+    if status == "ok":
+        results[name] = json.loads(part.read_text())
+    return outcome(status, log, budget, allowed, used)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/gpu_check/results.json", help="the JSON of results")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU: checks the code, measures nothing")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--strategy-timeout", type=float, default=150.0, help="seconds per strategy subprocess")
+    parser.add_argument("--budget", nargs="+", default=[], metavar="NAME=SECONDS",
+                        help="another time budget for a section or a strategy (e.g. zero3=90 to rerun one cut)")
     args = parser.parse_args(argv)
+    started = time.perf_counter()  # the cap counts from here (torch's import included)
     import torch
 
     from qed_lightning.gpu_check.measure import CPU, GPU
@@ -136,26 +205,71 @@ def main(argv: list[str] | None = None) -> int:
     if scale.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --dry-run for the CPU version of the check)", file=sys.stderr)
         return 2
+    try:
+        scale = with_budgets(scale, args.budget)
+    except ValueError as error:
+        parser.error(str(error))
+    plan = {name: scale.budgets[name] for name in args.sections}
+    if sum(plan.values()) > scale.cap:
+        parser.error(f"the sections' budgets add up to {sum(plan.values())} s, past the {scale.cap:.0f} s cap")
+    print(f"gpu_check: time budget {sum(plan.values())} s of the {scale.cap:.0f} s cap: "
+          + ", ".join(f"{name} {seconds} s" for name, seconds in plan.items()), flush=True)
+    if "strategies" in plan:
+        print("gpu_check:   strategies: model saving, then " + ", ".join(
+            f"{name} {scale.strategy_budgets[name]} s" for name in STRATEGIES), flush=True)
     path = Path(args.out).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    results: dict = {"environment": environment(scale.device), "dry_run": args.dry_run, "seconds": {}, "errors": {}}
+    results: dict = {"environment": environment(scale.device), "dry_run": args.dry_run, "cap_s": scale.cap,
+                     "sections": {}}
 
     def save() -> None:
         results["checks"] = checks(results)
         path.write_text(json.dumps(results, indent=1))
 
-    for name in args.sections:
-        started = time.perf_counter()
+    names, sections_start = list(plan), time.perf_counter()
+    results["setup_s"] = round(sections_start - started, 1)
+    print(f"gpu_check: set up in {results['setup_s']} s of the cap's spare {scale.cap - sum(plan.values()):.0f} s",
+          flush=True)
+    for i, name in enumerate(names):
+        # a section may use what the ones before it left, never the budgets of the ones after it
+        deadline = sections_start + sum(plan[n] for n in names[: i + 1])
+        section_start = time.perf_counter()
         try:
-            run_section(name, scale, path.parent, results, args.strategy_timeout, save)
+            report = run_section(name, scale, path.parent, results, deadline, save)
         except Exception:  # one section failing must not lose the others' numbers
-            results["errors"][name] = traceback.format_exc()[-3000:]
-        results["seconds"][name] = round(time.perf_counter() - started, 1)
+            report = {"status": "failed", "budget_s": plan[name],
+                      "allowed_s": round(max(deadline - section_start, 0), 1),
+                      "used_s": round(time.perf_counter() - section_start, 1), "error": traceback.format_exc()[-3000:]}
+        results["sections"][name] = report
         save()
-        print(f"gpu_check: {name} done in {results['seconds'][name]} s", flush=True)
-    ok = not results["errors"] and all(results["checks"].values())
-    print(f"gpu_check: {'ok' if ok else 'FAILED'}; results in {path}", flush=True)
+        print(f"gpu_check: {name}: {describe(report)}", flush=True)
+    failed = [n for n, r in results["sections"].items() if r["status"] not in ("ok", "skipped")]
+    ok = not failed and all(results["checks"].values())
+    print(f"gpu_check: {'ok' if ok else 'FAILED'} in {time.perf_counter() - started:.0f} s of the "
+          f"{scale.cap:.0f} s cap{'; not ok: ' + ', '.join(failed) if failed else ''}; results in {path}", flush=True)
     return 0 if ok else 1
+
+
+def with_budgets(scale, overrides: list[str]):
+    """`scale` with the `NAME=SECONDS` budgets of `--budget` (a strategy's changes its section's by the same)."""
+    import dataclasses
+
+    budgets, strategy_budgets = dict(scale.budgets), dict(scale.strategy_budgets)
+    for item in overrides:
+        name, _, value = item.partition("=")
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ValueError(f"--budget {item}: expected NAME=SECONDS") from None
+        if name in strategy_budgets:
+            budgets["strategies"] += seconds - strategy_budgets[name]
+            strategy_budgets[name] = seconds
+        elif name in budgets:
+            budgets[name] = seconds
+        else:
+            raise ValueError(f"--budget {item}: no section or strategy {name!r} (one of "
+                             f"{', '.join([*budgets, *strategy_budgets])})")
+    return dataclasses.replace(scale, budgets=budgets, strategy_budgets=strategy_budgets)
 
 
 if __name__ == "__main__":

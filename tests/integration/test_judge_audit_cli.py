@@ -1,6 +1,7 @@
 """The judge audit through `qed-fit`: the demo RL config on the tiny model with `JudgeAudit` set to stop. One run
 serves every check (the suite is slow): audit metrics logged at the audited steps, rollout records carrying both
-grades (joined from the audit side files), and the stop policy (checkpoint, evidence, the run ends early)."""
+grades (joined from the audit side files), the cheap signals, and the stop policy (checkpoint, evidence, the run
+ends early)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from qed_lightning.cli import make_cli
 from qed_lightning.report import load_run
 from qed_lightning.report.records import read_rollouts
+from qed_lightning.rewards.audit import char_repetition
 from runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,7 +75,12 @@ def test_audit_logs_joins_records_and_stops_with_evidence(tiny_model_dir, tmp_pa
         # the audit judge (spaces counted) really graded the same completions
         assert all(r["audit_score"] == min(7, r["proof"].count(" ")) for r in both)
     assert "audit/gap_trend" in audits[1] and any("signal/length_drift" in r for r in rows)
+    # the cheap signals, from the step's kept records: character repetition as `rewards.audit` computes it
+    first = [r for r in records if r["step"] == 0]
+    signal = next(r for r in rows if int(r["step"]) == 0 and "signal/char_repetition" in r)["signal/char_repetition"]
+    expected = sum(char_repetition(r.get("proof") or r.get("completion") or "") for r in first) / len(first)
+    assert signal == pytest.approx(expected, abs=1e-6)
     # the report joins the side files too
     run = load_run(root, per_step=None)
     assert sum(r.get("audit_score") is not None for r in run["rollouts"]) >= 12
-    assert "audit/score_mean" in run["metrics"]
+    assert "audit/score_mean" in run["metrics"] and "signal/char_repetition" in run["metrics"]

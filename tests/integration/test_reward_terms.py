@@ -1,16 +1,20 @@
 """Extra reward terms through `qed-fit` (in-process): plain functions of this module named by dotted path, weighted,
-added to the judge's reward and logged as `reward/<name>`; a bad path is one line naming the key."""
+added to the judge's reward and logged as `reward/<name>`; a bad path is one line naming the key. And the `qed-fit`
+console script run from a directory holding `my_mod.py` (a module subclass) and `my_terms.py` (a term): both import
+from the current directory without PYTHONPATH, as TRL's scripts do."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from qed_lightning.cli import make_cli
 from qed_lightning.data.loading import ConfigError
-from runs import read_metrics, series
+from runs import read_metrics, series, subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 CALLS: list[tuple[list, list]] = []
@@ -60,3 +64,25 @@ def test_a_bad_term_path_is_one_line_naming_the_key(tiny_model_dir, tmp_path):
         make_cli(args=_args(tiny_model_dir, tmp_path, "[{fn: no_such_mod.term}]"))
     with pytest.raises(ConfigError, match=r"model\.reward_terms\[0\]\.fn: module '.*' has no 'nope'"):
         make_cli(args=_args(tiny_model_dir, tmp_path / "b", f"[{{fn: {__name__}.nope}}]"))
+
+
+def test_class_path_and_term_paths_import_from_the_current_directory(tiny_model_dir, tmp_path):
+    """Cheap: the run stops at the module's construction, on a second term whose module imported but has no such
+    function; reaching that error needs `my_mod.MyRL` resolved and built and `my_terms.bonus` imported, all from the
+    current directory (the error would name `my_terms` as not importable otherwise)."""
+    (tmp_path / "my_mod.py").write_text(
+        "from qed_lightning.modules import RubricRLModule\n\n\n"
+        "class MyRL(RubricRLModule):\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        print('MyRL built from', __file__, flush=True)\n"
+        "        super().__init__(*args, **kwargs)\n")
+    (tmp_path / "my_terms.py").write_text("def bonus(problems, rollouts):\n    return [1.0] * len(rollouts)\n")
+    root = tmp_path / "run"
+    args = _args(tiny_model_dir, root, "[{fn: my_terms.bonus}, {fn: my_terms.nope}]")
+    env = subprocess_env(PYTHONPATH=str(REPO / "src"))  # the package only: the cwd is not on it
+    proc = subprocess.run([str(Path(sys.executable).parent / "qed-fit"), "fit", *args, "--model.class_path",
+                           "my_mod.MyRL"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"MyRL built from {tmp_path / 'my_mod.py'}" in proc.stdout
+    assert "model.reward_terms[1].fn: module 'my_terms' has no 'nope'" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

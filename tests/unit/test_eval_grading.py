@@ -74,6 +74,11 @@ def test_a_judge_that_needs_a_reference_is_refused_for_a_rubric_benchmark(tmp_pa
         Evaluator(model="m", benchmark=ProofBench(str(samples_dir / "proofbench.jsonl")), judge=judge,
                   output_dir=str(tmp_path))
     assert "reference_solution" in str(err.value)
+    audit, _ = _judge(ProofBenchJudge)  # the audit judge is checked the same way, and named as such
+    with pytest.raises(ValueError, match="the audit_judge ProofBenchJudge needs") as err:
+        Evaluator(model="m", benchmark=ProofBench(str(samples_dir / "proofbench.jsonl")), judge=_judge(RubricJudge)[0],
+                  audit_judge=audit, output_dir=str(tmp_path))
+    assert "the judge " not in str(err.value)
 
 
 def test_agreement_with_the_bundled_human_grades(samples_dir, tmp_path):

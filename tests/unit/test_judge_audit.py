@@ -3,8 +3,10 @@ alarm on a stand-in trainer (the real run is in tests/integration/test_judge_aud
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +14,9 @@ import pytest
 from qed_lightning.callbacks import JudgeAudit
 from qed_lightning.report.records import RolloutLog, read_rollouts
 from qed_lightning.rewards import Grade
-from qed_lightning.rewards.audit import GapPolicy, agreement, flagged, hack_signals, spearman
+from qed_lightning.rewards.audit import GapPolicy, agreement, char_repetition, flagged, hack_signals, spearman
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_agreement_numbers_by_hand():
@@ -59,6 +63,26 @@ def test_cheap_signals_flag_a_hack_but_only_flag():
     assert s["signal/repetition"] == 0.75
     assert s["signal/flat_groups"] == 1.0 and s["signal/saturated"] == 1.0
     assert flagged(s) == ["signal/length_drift", "signal/repetition", "signal/flat_groups", "signal/saturated"]
+
+
+def test_character_repetition_sees_runs_inside_words_that_word_ngrams_miss():
+    """The demo's hack writes strings of vowels: one long "word" has no repeated word 3-gram, but zlib removes
+    nearly all of it; the bundled SFT rows' proofs and reasoning (natural text and LaTeX, 300-1,400 characters) stay
+    well below the limit."""
+    vowels = [{"group": 0, "problem_id": 0, "score": 7, "completion_tokens": 60, "proof": "aaaaeeeeiiiioooouuuu" * 12},
+              {"group": 0, "problem_id": 0, "score": 6, "completion_tokens": 60, "proof": "uoiea" * 40 + " so done"}]
+    s = hack_signals(vowels, first_length=60.0)
+    assert s["signal/repetition"] == 0.0 and s["signal/char_repetition"] > 0.85  # measured 0.89
+    assert flagged(s) == ["signal/char_repetition"]
+    proofs = []
+    for line in (REPO / "data/samples/fineproofs_sft.jsonl").read_text().splitlines():
+        proofs += [v for v in json.loads(line).values() if isinstance(v, str) and len(v) > 300]
+    shares = [char_repetition(p) for p in proofs]
+    assert len(shares) >= 20 and 0.2 < min(shares) and max(shares) < 0.7  # measured 0.31-0.57
+    natural = [{"group": i, "problem_id": i, "score": 3, "completion_tokens": 60, "proof": p}
+               for i, p in enumerate(proofs)]
+    assert "signal/char_repetition" not in flagged(hack_signals(natural, None))
+    assert char_repetition("") == 0.0 and char_repetition("short") == 0.0  # zlib's overhead: nothing removed
 
 
 class _Judge:

@@ -19,8 +19,8 @@ Design:
 - Policy: when the gap exceeds `max_gap` in `patience` consecutive audits, `on_gap="warn"` logs a WARNING with the
   evidence (step, gap, the most disagreeing samples); `on_gap="stop"` also saves a checkpoint through the trainer
   (`<run>/checkpoints/audit-stop-step=N.ckpt`), writes the evidence to `<run>/audit/alarm.json` and stops the run.
-- Cheap signals beside it, every step, from all kept records (`signal/*`: length drift, repeated 3-grams, flat
-  groups, saturated scores), flagged with a WARNING past their limits. Statistical detectors alone give false
+- Cheap signals beside it, every step, from all kept records (`signal/*`: length drift, repeated 3-grams,
+  character repetition, flat groups, saturated scores), flagged with a WARNING past their limits. Statistical detectors alone give false
   positives (a concise policy drifts in length, a solved problem saturates), so they only flag: the audit judge's
   gap decides the alarm.
 Only global rank 0 audits; the stop decision is broadcast so every rank saves and stops together.

@@ -128,3 +128,21 @@ def print_agreement(metrics: dict[str, float], title: str, console: Console | No
     table.add_row(f"{metrics['n']:.0f}", f"{metrics['mae']:.2f}", f"{100 * metrics['bucket_accuracy']:.1f}",
                   f"{metrics['advantage_mae']:.2f}", f"{100 * metrics['failure_rate']:.1f}")
     console.print(table)
+
+
+def print_audit(audit: dict[str, Any], title: str, console: Console | None = None) -> None:
+    """Two judges' agreement on the same samples (`Evaluator.audit`) as a rich table."""
+    console = console or Console(width=140)
+    table = Table(title=title)
+    for header in ("samples", "audit failed", "judge mean", "audit mean", "gap", "within 1 pt %", "MAE (points)",
+                   "Spearman"):
+        table.add_column(header, justify="right")
+    if "mae" not in audit:  # nothing both judges scored
+        table.add_row(f"{audit['samples']}", f"{audit['failed']}", *["-"] * 6)
+    else:
+        spearman = "undefined" if audit["spearman"] is None else f"{audit['spearman']:.2f}"
+        table.add_row(f"{audit['samples']}", f"{audit['failed']}", f"{audit['judge_score_mean']:.3f}",
+                      f"{audit['audit_score_mean']:.3f}", f"{audit['gap']:+.3f}",
+                      f"{100 * audit['agree_within_1']:.1f}",
+                      f"{audit['mae']:.2f}", spearman)
+    console.print(table)

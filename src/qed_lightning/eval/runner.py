@@ -14,11 +14,18 @@ Grading: a trailing "Self Evaluation"-style section is cut from the proof before
 evaluator puts at `<output_dir>/grades.sqlite` when the judge has none. A judge failure is reported as such
 (`failure_rate`), scored as the judge's `on_failure` says, and regraded on the next run (`regrade_failures`).
 Samples record the judge they were graded by; switching the judge regrades stored generations without regenerating.
+
+A second judge (`audit_judge`, any judge config, e.g. a stronger model or another prompt) grades the same samples the
+judge scored after the report; their agreement (`rewards.audit.agreement`: both judges' mean score / 7, the gap,
+the share within one point, the mean absolute difference in points, Spearman's rank correlation, null when
+undefined) goes to `summary.json` under `audit`, a table, and `audit.jsonl` (both grades and the audit's reply per
+sample). Its grades go through its own grade cache (`<output_dir>/audit_grades.sqlite` unless it has one).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import replace
@@ -33,6 +40,7 @@ from qed_lightning.eval.agreement import judge_agreement, load_human_grades
 from qed_lightning.eval.benchmarks import Benchmark, EvalProblem
 from qed_lightning.eval.scaffolds import DirectScaffold, Scaffold, sampling_settings
 from qed_lightning.eval.store import JsonlLog, SampleKey, SampleStore, check_manifest, sample_key
+from qed_lightning.rewards.audit import agreement
 from qed_lightning.rewards.cache import GradeCache
 from qed_lightning.rewards.judge import BaseJudge
 from qed_lightning.rollout.base import RolloutEngine, SamplingConfig
@@ -90,21 +98,25 @@ class Evaluator:
         batch_size: samples per scaffold call; each finished chunk is written before the next starts.
         regrade_failures: on a rerun, ask the judge again about samples whose grading failed.
         plot: write `scores.png`.
+        audit_judge: a second judge that grades the same samples; its agreement with `judge` is reported (module
+            docstring). None (the default): no audit.
     """
 
     def __init__(self, model: str, benchmark: Benchmark, judge: BaseJudge, engine: RolloutEngine | None = None,
                  scaffold: Scaffold | None = None, n: int = 4, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, max_new_tokens: int = 49152, output_dir: str = "runs/eval", seed: int = 0,
-                 batch_size: int = 256, regrade_failures: bool = True, plot: bool = True) -> None:
+                 batch_size: int = 256, regrade_failures: bool = True, plot: bool = True,
+                 audit_judge: BaseJudge | None = None) -> None:
         problems = [f"{name} must be >= 1, got {value}" for name, value in
                     (("n", n), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)) if value < 1]
         if temperature is not None and temperature < 0:
             problems.append(f"temperature must be >= 0, got {temperature}")
-        missing = sorted(set(judge.request_fields) - benchmark.provides)
-        if missing:
-            problems.append(f"the judge {type(judge).__name__} needs {missing}, which {benchmark.name} does not provide; "
-                            "grade IMO-ProofBench with qed_lightning.rewards.ProofBenchJudge and rubric benchmarks "
-                            "(ProofBench, FineProofs-RL-test) with qed_lightning.rewards.RubricJudge")
+        for key, one in (("judge", judge), ("audit_judge", audit_judge)):
+            missing = sorted(set(one.request_fields) - benchmark.provides) if one is not None else []
+            if missing:
+                problems.append(f"the {key} {type(one).__name__} needs {missing}, which {benchmark.name} does not "
+                                "provide; grade IMO-ProofBench with qed_lightning.rewards.ProofBenchJudge and rubric "
+                                "benchmarks (ProofBench, FineProofs-RL-test) with qed_lightning.rewards.RubricJudge")
         engine_model = getattr(engine, "model", None)
         if isinstance(engine_model, str) and engine_model != model:
             problems.append(f"engine.init_args.model={engine_model!r} differs from model={model!r}; leave the engine's "
@@ -123,6 +135,9 @@ class Evaluator:
         self.regrade_failures, self.plot = regrade_failures, plot
         if judge.cache is None:
             judge.cache = GradeCache(self.output_dir / "grades.sqlite")
+        self.audit_judge = audit_judge
+        if audit_judge is not None and audit_judge.cache is None:
+            audit_judge.cache = GradeCache(self.output_dir / "audit_grades.sqlite")
         self.tokenizer = None
         self.stats: Counter[str] = Counter()
 
@@ -156,7 +171,11 @@ class Evaluator:
             store.generations.append(generations)
             self._grade(store, by_id, generations)
             log.info("qed-eval: %d of %d samples generated and graded", start + len(chunk), len(to_generate))
-        return self.report(store, wanted)
+        summary = self.report(store, wanted)
+        if self.audit_judge is not None:
+            summary["audit"] = self.audit(by_id, self._rows(store, wanted))
+            report.write_json(self.output_dir / "summary.json", summary)
+        return summary
 
     def _start_engine(self) -> None:
         if self.tokenizer is not None:
@@ -194,9 +213,8 @@ class Evaluator:
 
     def report(self, store: SampleStore, wanted: list[SampleKey]) -> dict[str, Any]:
         """Summary of every scaffold's graded samples of this benchmark's problems (sample index < n)."""
-        problems, current = {pid for pid, _, _ in wanted}, judge_id(self.judge)
-        rows = [r for key, r in store.graded().items()
-                if key[0] in problems and key[1] < self.n and r.get("judge") == current]
+        current = judge_id(self.judge)
+        rows = self._rows(store, wanted)
         scaffolds = report.summarize(rows, self.judge.on_failure)
         title = f"{self.benchmark.name} ({self.benchmark.path}), model {self.model}"
         summary = {"benchmark": self.benchmark.name, "path": self.benchmark.path, "model": self.model,
@@ -207,6 +225,35 @@ class Evaluator:
         if self.plot and scaffolds:
             report.plot_scores(scaffolds, self.output_dir / "scores.png", title)
         return summary
+
+    def _rows(self, store: SampleStore, wanted: list[SampleKey]) -> list[dict[str, Any]]:
+        """The samples of this run's problems (sample index < n) graded by the current judge."""
+        problems, current = {pid for pid, _, _ in wanted}, judge_id(self.judge)
+        return [r for key, r in store.graded().items()
+                if key[0] in problems and key[1] < self.n and r.get("judge") == current]
+
+    def audit(self, by_id: dict[str, EvalProblem], rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Grade the samples `judge` scored with `audit_judge` too; writes `audit.jsonl`, returns the agreement."""
+        scored = [r for r in rows if r.get("score") is not None]
+        requests = [by_id[r["problem_id"]].grade_request(r["output"]) for r in scored]
+        grades = self.audit_judge.grade(requests) if requests else []
+        path = self.output_dir / "audit.jsonl"
+        path.unlink(missing_ok=True)
+        JsonlLog(path).append([{**{k: r[k] for k in ("problem_id", "sample", "scaffold", "score")},
+                                "audit_score": g.score, "audit_status": g.status, "audit_reply": g.reply}
+                               for r, g in zip(scored, grades, strict=True)])
+        pairs = [(r["score"], g.score) for r, g in zip(scored, grades, strict=True) if g.score is not None]
+        out: dict[str, Any] = {"judge": judge_id(self.judge), "audit_judge": judge_id(self.audit_judge),
+                               "samples": len(scored), "failed": len(scored) - len(pairs)}
+        if pairs:
+            numbers = agreement([p[0] for p in pairs], [p[1] for p in pairs])
+            out.update({"judge_score_mean": numbers["audit/train_score_mean"],
+                        "audit_score_mean": numbers["audit/score_mean"],
+                        **{k: numbers[f"audit/{k}"] for k in ("gap", "agree_within_1", "mae", "spearman")}})
+            out["spearman"] = None if math.isnan(out["spearman"]) else out["spearman"]
+        out["this_run"] = self.audit_judge.pop_metrics()
+        report.print_audit(out, f"judge audit: {out['judge']} vs {out['audit_judge']}", _console())
+        return out
 
     def agreement(self, human_grades: str, columns: dict[str, str] | None = None) -> dict[str, Any]:
         """Grade human-graded samples with the judge; writes `agreement.jsonl` and `agreement.json`."""
@@ -226,6 +273,8 @@ class Evaluator:
         """Free the engine and close the judge (connections, a scripted server, the grade cache)."""
         self.engine.close()
         self.judge.close()
+        if self.audit_judge is not None:
+            self.audit_judge.close()
 
 
 def _console() -> Console:

@@ -1,15 +1,20 @@
-"""Measurements 1, 2, 3 and 6 of the GPU check (see the package docstring), in-process, at a `Scale`.
+"""Measurements 1, 2, 3, 6 and 7 of the GPU check (see the package docstring) at a `Scale`, each run in a process of
+its own by `scripts/gpu_check.py` (`python -m qed_lightning.gpu_check.measure SECTION --device D --out X.json`), so a
+section past its time budget can be cut without losing the others.
 
 Every measurement goes through the training code itself (`SFTModule.lm_loss`, `RubricRLModule.compute_loss` and
 `PolicyUpdate.token_stats`) on a random-weight Qwen3 built from its config (nothing downloaded), with fp32 weights and bf16
 autocast, i.e. the paper configs' precision. Attention is sdpa (flash-attn is not on the GPU machine): a packed SFT
 row costs sdpa a dense block-diagonal mask, so the paper-scale memory uses single-sequence rows (causal, no mask),
-which is what varlen flash attention holds per sequence.
+which is what varlen flash attention holds per sequence. Section 7 (`flash_attention`) runs `flash_attention_2`
+when `flash_attn` imports, against sdpa on the same weights.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -45,21 +50,40 @@ class Scale:
     chunk: int = 1024
     prompt_tokens: int = 256
     gap_sequences: int = 4
+    flash_row: int = 4096  # section 7's packed row
+    #: seconds per section (the whole run's time: `cap`, a little more than their sum for starting and saving);
+    #: "strategies" holds the model's saving and `strategy_budgets`, one subprocess per strategy
+    budgets: dict = field(default_factory=dict)
+    strategy_budgets: dict = field(default_factory=dict)
+    cap: float = 480.0
     extra: dict = field(default_factory=dict)
 
 
+#: On one H100 (not yet measured there: estimates from the work each does; a process's start, imports included, is
+#: ~10 s of each): 440 s of a 455 s cap (the script's start, ~10 s, comes out of the spare 15 s), which
+#: `scripts/gpu_check.sh` backs with `timeout 470`.
+GPU_STRATEGY_BUDGETS = {"none": 40, "fsdp2": 45, "zero2": 45, "zero3": 55, "pure_bf16": 30}
+GPU_BUDGETS = {"gemm": 20, "sft": 60, "memory": 60, "strategies": 15 + sum(GPU_STRATEGY_BUDGETS.values()),
+               "logprob_gap": 30, "flash_attn": 40}
 GPU = Scale("cuda", 8192, QWEN3_06B, (16384, 32768), (1024, 8192), QWEN3_4B, (2, 4), 32768, 65536,
-            {**QWEN3_06B, "num_hidden_layers": 4}, (256, 1024))
+            {**QWEN3_06B, "num_hidden_layers": 4}, (256, 1024), budgets=GPU_BUDGETS,
+            strategy_budgets=GPU_STRATEGY_BUDGETS, cap=455.0)
+#: The dry run on a shared 2-core CPU (measured ~2.5 min in all; ZeRO-2's process ~70 s): 2-3x that per part.
+CPU_STRATEGY_BUDGETS = {"none": 60, "fsdp2": 60, "zero2": 150, "zero3": 90, "pure_bf16": 60}
+CPU_BUDGETS = {"gemm": 30, "sft": 45, "memory": 45, "strategies": 30 + sum(CPU_STRATEGY_BUDGETS.values()),
+               "logprob_gap": 45, "flash_attn": 30}
 CPU = Scale("cpu", 256, TINY, (256, 512), (32, 128), {**TINY, "num_hidden_layers": 4}, (1, 2), 512, 512,
-            TINY, (8, 24), steps=1, chunk=64, prompt_tokens=16, gap_sequences=2)
+            TINY, (8, 24), steps=1, chunk=64, prompt_tokens=16, gap_sequences=2, flash_row=384,
+            budgets=CPU_BUDGETS, strategy_budgets=CPU_STRATEGY_BUDGETS, cap=700.0)
 
 
-def qwen3(shape: dict, device: str, layers: int | None = None, seed: int = 0) -> torch.nn.Module:
-    """A random-weight Qwen3ForCausalLM (fp32, tied embeddings as Qwen3-0.6B/4B), built on `device`."""
+def qwen3(shape: dict, device: str, layers: int | None = None, seed: int = 0, attn: str = "sdpa") -> torch.nn.Module:
+    """A random-weight Qwen3ForCausalLM (fp32, tied embeddings as Qwen3-0.6B/4B), built on `device` (the same
+    weights for the same `seed`, whatever the attention backend `attn`)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(**{**shape, **({"num_hidden_layers": layers} if layers else {})}, tie_word_embeddings=True,
-                         max_position_embeddings=131072, use_cache=False, attn_implementation="sdpa")
+                         max_position_embeddings=131072, use_cache=False, attn_implementation=attn)
     torch.manual_seed(seed)
     with torch.device(device):
         return Qwen3ForCausalLM(config).float()
@@ -262,3 +286,83 @@ def logprob_gap(scale: Scale) -> dict:
     return {"tokens": int(real.sum()), "trainer_vs_bf16_hf_mean": float(gap.mean()), "trainer_vs_bf16_hf_max": float(gap.max()),
             "trainer_vs_fp32_mean": float(drift.mean()), "trainer_vs_fp32_max": float(drift.max()),
             "mean_logprob": float(trainer[real].mean()), "uniform_logprob": -math.log(vocab)}
+
+
+def flash_unavailable(device: str) -> str | None:
+    """Why `flash_attention_2` cannot run here (None when it can)."""
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as error:  # an ImportError, or a wheel built for another torch/CUDA
+        return f"flash_attn does not import: {type(error).__name__}: {error}"
+    if device != "cuda":
+        return "flash_attention_2 needs a CUDA device"
+    return None
+
+
+def flash_attention(scale: Scale, attn: str = "flash_attention_2") -> dict:
+    """Backend `attn` (the paper configs' flash_attention_2) against sdpa on the same weights: one packed SFT row
+    (`SFTModule.lm_loss`, bf16 autocast on fp32 weights, chunked LM head) forward + backward under each (seconds,
+    peak memory, loss, gradients' relative difference), and the packed row's logits under `attn` against each
+    document run alone under sdpa (what packing must not change). `attn="sdpa"` runs the same path on CPU."""
+    if attn == "flash_attention_2" and (reason := flash_unavailable(scale.device)):
+        return {"skipped": reason}
+    batch, docs = packed_row(scale.flash_row, scale.sft_shape["vocab_size"], scale.doc_tokens, seed=2)
+    batch = {k: v.to(scale.device) for k, v in batch.items()}
+    out: dict = {"implementation": attn, "row_tokens": scale.flash_row, "documents": len(docs), "runs": {}}
+    grads, logits = {}, {}
+    for name in (attn, "sdpa") if attn != "sdpa" else ("sdpa",):
+        model = qwen3(scale.sft_shape, scale.device, attn=name)
+        module = _sft_module(model, scale.chunk)
+        _sync(scale.device)
+        _reset_peak(scale.device)
+        start = time.perf_counter()
+        with torch.autocast(scale.device, dtype=torch.bfloat16):
+            loss_sum, n = module.lm_loss(batch)
+        (loss_sum / n).backward()
+        _sync(scale.device)
+        out["runs"][name] = {"fwd_bwd_s": time.perf_counter() - start, "peak_gib": _peak_gib(scale.device),
+                             "loss": float(loss_sum.detach() / n)}
+        grads[name] = torch.cat([p.grad.reshape(-1).float() for p in model.parameters() if p.grad is not None])
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad(), torch.autocast(scale.device, dtype=torch.bfloat16):
+            logits[name] = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0].float()
+            if name == "sdpa":  # each document alone: no packing at all
+                alone, at = [], 0
+                for length in docs:
+                    ids = batch["input_ids"][:, at : at + length]
+                    alone.append(model(input_ids=ids).logits[0].float())
+                    at += length
+                logits["alone"] = torch.cat(alone)
+        del model, module
+    gap = (logits[attn] - logits["alone"]).abs()
+    out.update(logits_gap_vs_sdpa_alone_mean=float(gap.mean()), logits_gap_vs_sdpa_alone_max=float(gap.max()))
+    if attn != "sdpa":
+        same = (logits["sdpa"] - logits["alone"]).abs()
+        out.update(sdpa_packed_gap_mean=float(same.mean()), sdpa_packed_gap_max=float(same.max()),
+                   grad_rel_diff_vs_sdpa=float((grads[attn] - grads["sdpa"]).norm() / grads["sdpa"].norm()))
+    return out
+
+
+SECTIONS = {"gemm": gemm, "sft": sft, "memory": memory, "logprob_gap": logprob_gap, "flash_attn": flash_attention}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One section in this process, its result written as JSON (`scripts/gpu_check.py` runs one process per
+    section, each with a time budget)."""
+    parser = argparse.ArgumentParser(description="GPU check, one in-process measurement")
+    parser.add_argument("section", choices=sorted(SECTIONS))
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--gemm-tflops", type=float, help="sft: the MFU denominator (measured here when not given)")
+    args = parser.parse_args(argv)
+    scale = GPU if args.device == "cuda" else CPU
+    if args.section == "sft":
+        result = sft(scale, args.gemm_tflops or gemm(scale)["tflops"])
+    else:
+        result = SECTIONS[args.section](scale)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

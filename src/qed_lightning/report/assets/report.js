@@ -3,7 +3,7 @@ const CHARTS = [
   {title: "Reward (mean, band = std)", lines: [{key: "rollout/reward_mean", band: "rollout/reward_std", label: "train"}, {key: "val/reward_mean", label: "val"}]},
   {title: "Judge audit: training judge vs audit judge on the same samples", lines: [{key: "audit/train_score_mean", label: "training judge"}, {key: "audit/score_mean", label: "audit judge"}, {key: "audit/gap", label: "gap (train - audit)"}],
     note: "A gap that opens while the training reward rises is the sign of reward hacking (callbacks.JudgeAudit); filter the rollouts by audit: disagree."},
-  {title: "Hack signals (flags only: the audit decides)", lines: [{key: "signal/length_drift", label: "length drift"}, {key: "signal/repetition", label: "repeated 3-grams"}, {key: "signal/flat_groups", label: "flat groups"}, {key: "signal/saturated", label: "saturated"}]},
+  {title: "Hack signals (flags only: the audit decides)", lines: [{key: "signal/length_drift", label: "length drift"}, {key: "signal/repetition", label: "repeated 3-grams"}, {key: "signal/char_repetition", label: "char repetition (zlib)"}, {key: "signal/flat_groups", label: "flat groups"}, {key: "signal/saturated", label: "saturated"}]},
   {title: "Response length (tokens)", lines: [{key: "rollout/response_len_mean", label: "mean"}, {key: "rollout/response_len_max", label: "max"}]},
   {title: "Truncated share", lines: [{key: "rollout/truncated_frac", label: "train"}, {key: "val/truncated_frac", label: "val"}]},
   {title: "Entropy", lines: [{key: "train/entropy"}]},
