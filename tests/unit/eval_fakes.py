@@ -1,4 +1,5 @@
-"""Model-free stand-ins shared by the tests/unit/test_eval_*.py files: a tokenizer, a scripted engine, a judge client."""
+"""Model-free stand-ins shared by the tests/unit/test_eval_*.py files: a tokenizer, a scripted engine, a judge
+client."""
 
 from __future__ import annotations
 
