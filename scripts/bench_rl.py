@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch/OpenMP threads of every side (1 is robust on a shared machine; see the docstring)")
     p.add_argument("--sides", nargs="+", choices=SIDES, default=["ours-vllm", "ours-async", "trl"])
     p.add_argument("--max-lag", type=int, default=1, help="ours-async: the layout's max_lag")
-    p.add_argument("--update-mode", default="wait", choices=["wait", "keep"], help="ours-async: in-flight weight pushes")
+    p.add_argument("--update-mode", default="wait", choices=["wait", "keep"],
+                   help="ours-async: in-flight weight pushes")
     p.add_argument("--throughputs-out", help="ours-async: write the layout simulator's inputs (measured) to this JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write settings and results to this file")
@@ -166,9 +167,11 @@ def ours_cli_args(args: argparse.Namespace, root: Path) -> list[str]:
         "trainer.callbacks": json.dumps([{"class_path": "__main__.StepTimer"}, {"class_path": "__main__.AsyncProbe"}]),
         "model.init_args.model_name_or_path": args.model, "model.init_args.export_hf": "false",
         "model.init_args.engine": json.dumps(extra.async_engine(args.max_lag, args.update_mode)
-                                             if args.side == "ours-async" else ENGINES[args.side]), "model.init_args.group_size": args.group_size,
+                                             if args.side == "ours-async" else ENGINES[args.side]),
+        "model.init_args.group_size": args.group_size,
         "model.init_args.max_new_tokens": args.max_new_tokens, "model.init_args.temperature": 0.8,
-        "model.init_args.top_p": 1.0, "model.init_args.micro_batch_tokens": args.micro_batch_tokens, "model.init_args.micro_batch_layout": args.layout,
+        "model.init_args.top_p": 1.0, "model.init_args.micro_batch_tokens": args.micro_batch_tokens,
+        "model.init_args.micro_batch_layout": args.layout,
         "model.init_args.optimizer.init_args.lr": args.lr,
         "model.init_args.judge.init_args.cache_path": root / "grades.sqlite",  # fresh per run: no cache hits
         "data.init_args.path": args.data, "data.init_args.prompts_per_step": args.prompts_per_step,
@@ -295,7 +298,8 @@ def run_side(args: argparse.Namespace) -> None:
 def spawn(args: argparse.Namespace, side: str, workdir: Path) -> dict:
     flags = ["--model", args.model, "--data", args.data, "--group-size", args.group_size, "--prompts-per-step",
              args.prompts_per_step, "--max-new-tokens", args.max_new_tokens, "--micro-batch-tokens",
-             args.micro_batch_tokens, "--layout", args.layout, "--lr", args.lr, "--steps", args.steps, "--warmup", args.warmup,
+             args.micro_batch_tokens, "--layout", args.layout, "--lr", args.lr, "--steps", args.steps,
+             "--warmup", args.warmup,
              "--threads", args.threads, "--seed", args.seed, "--side", side, "--workdir", workdir,
              "--max-lag", args.max_lag, "--update-mode", args.update_mode]
     if args.throughputs_out:
@@ -335,7 +339,8 @@ def peak_shares(runs: list[dict], args: argparse.Namespace, peak: float, flops: 
         cores = 1 if r["side"] == "ours-async" else args.threads
         gen_tokens = r["gen_tokens_per_s"] / r["steps_per_s"]  # per step
         gen_s = 1 / r["steps_per_s"] if r["side"] == "ours-async" else r.get("generate_s_per_step", 0.0)
-        train_s = r.get("train_s_per_step") or (1 / r["steps_per_s"] - r.get("generate_s_per_step", 0.0) - r.get("grade_s_per_step", 0.0))
+        train_s = r.get("train_s_per_step") or (
+            1 / r["steps_per_s"] - r.get("generate_s_per_step", 0.0) - r.get("grade_s_per_step", 0.0))
         useful = args.prompts_per_step * prompt_len + gen_tokens  # each prompt once, every completion token
         r["gen_peak_share"] = gen_tokens * flops / max(gen_s, 1e-9) / (peak * 1e9 * cores) if gen_s else 0.0
         r["train_peak_share"] = useful * 3 * flops / max(train_s, 1e-9) / (peak * 1e9 * cores)
@@ -395,7 +400,8 @@ def main(argv: list[str] | None = None) -> None:
                         trl_reward="same ScoringRule in-process", trl_generation="transformers generate, one batch",
                         engines=ENGINES)
         print("settings: " + json.dumps(settings), flush=True)
-        peak, flops, prompt_len = extra.peak_gemm_gflops(), extra.forward_flops_per_token(args.model), mean_prompt_len(args)
+        peak, flops = extra.peak_gemm_gflops(), extra.forward_flops_per_token(args.model)
+        prompt_len = mean_prompt_len(args)
         settings.update(peak_gemm_gflops_per_core=peak, forward_flops_per_token=flops, mean_prompt_len=prompt_len)
         print(f"GEMM peak {peak:.1f} GFLOP/s per core; {flops / 1e6:.1f} MFLOP per token forward", flush=True)
         runs = []

@@ -22,7 +22,8 @@ from pathlib import Path
 
 
 def async_engine(max_lag: int, update_mode: str) -> dict:
-    """The `model.engine` of the ours-async side: configs/layout/one_node_async.yaml's, core 1 generates, core 0 trains."""
+    """The `model.engine` of the ours-async side: configs/layout/one_node_async.yaml's, core 1 generates, core 0
+    trains."""
     return {"class_path": "qed_lightning.rollout.StreamingRollouts", "init_args": {
         "max_lag": max_lag, "engine": {"class_path": "qed_lightning.rollout.LocalVLLMPool", "init_args": {
             "cpus": ["1"], "trainer_cpus": "0", "update_mode": update_mode, "max_model_len": 2048}}}}

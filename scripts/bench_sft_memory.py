@@ -91,13 +91,15 @@ def main(argv=None) -> None:
         results = []
         for chunk in args.chunks:
             proc = subprocess.run([sys.executable, __file__, "--side", str(chunk), "--model", str(model_dir),
-                                   "--length", str(args.length), "--vocab", str(args.vocab)], capture_output=True, text=True)
+                                   "--length", str(args.length), "--vocab", str(args.vocab)],
+                                  capture_output=True, text=True)
             found = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
             if proc.returncode != 0 or not found:
                 sys.exit(f"loss_chunk_tokens={chunk} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             results.append(json.loads(found[-1][len(MARKER):]))
     base = next((r for r in results if r["chunk"] == 0), results[0])
-    print(f"{'loss_chunk_tokens':>18} {'peak RSS MiB':>13} {'extra peak MiB':>15} {'step s':>7} {'loss':>9} {'extra-peak ratio vs 0':>22}")
+    print(f"{'loss_chunk_tokens':>18} {'peak RSS MiB':>13} {'extra peak MiB':>15} {'step s':>7} {'loss':>9} "
+          f"{'extra-peak ratio vs 0':>22}")
     for r in results:
         ratio = base["extra_peak_mib"] / max(r["extra_peak_mib"], 1e-9)
         print(f"{r['chunk']:>18} {r['peak_rss_mib']:>13.0f} {r['extra_peak_mib']:>15.0f} {r['seconds']:>7.2f} "

@@ -315,14 +315,16 @@ class Checker:
                     self.error(path, line, row, f"level {row['level']!r} does not match id {row['problem_id']!r}")
                 seen[level] += 1
                 if num != seen[level]:
-                    self.error(path, line, row, f"{row['problem_id']!r} out of sequence, expected number {seen[level]:03d}")
+                    self.error(path, line, row,
+                               f"{row['problem_id']!r} out of sequence, expected number {seen[level]:03d}")
             if row["level"] not in ("Basic", "Advanced"):
                 self.error(path, line, row, f"level must be 'Basic' or 'Advanced', got {row['level']!r}")
             guide = row["grading_guidelines"]
             if isinstance(guide, str):
                 marks = [guide.find(s) for s in ("(Partial)\n 1. ", "(Almost)\n 1. ", "(Complete)\n 1. ")]
                 if -1 in marks or marks != sorted(marks) or marks[0] != 0:
-                    self.error(path, line, row, "grading_guidelines must be '(Partial)\\n 1. ...' then '(Almost)' then '(Complete)' sections")
+                    self.error(path, line, row, "grading_guidelines must be '(Partial)\\n 1. ...' then "
+                               "'(Almost)' then '(Complete)' sections")
             if isinstance(row["solution"], str) and len(row["solution"]) < 200:
                 self.error(path, line, row, "solution looks too short to be a complete proof")
         for level in ("Basic", "Advanced"):

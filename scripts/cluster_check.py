@@ -75,9 +75,11 @@ def fit_args(model: Path, root: Path, steps: int, cpu: bool = False) -> list[str
         "enforce_eager": cpu, "enable_sleep_mode": True, "sleep_level": 2}}
     device = (["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.init_args.dtype", "float32",
                "--model.init_args.max_new_tokens", "16"] if cpu else
-              ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-true", "--model.init_args.dtype", "bfloat16",
+              ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-true",
+               "--model.init_args.dtype", "bfloat16",
                "--model.init_args.max_new_tokens", "512"])
-    return ["--config", str(REPO / "configs/demo/rl.yaml"), "--config", str(REPO / "configs/strategy/fsdp2.yaml"), *device,
+    return ["--config", str(REPO / "configs/demo/rl.yaml"), "--config", str(REPO / "configs/strategy/fsdp2.yaml"),
+            *device,
             "--trainer.devices", "2", "--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(root),
             "--trainer.val_check_interval", "1",
             "--trainer.callbacks", "[]", "--trainer.callbacks+=cluster_check.Probe", "--trainer.enable_checkpointing",
@@ -115,7 +117,8 @@ def report(root: Path, steps: int, max_gap: float, cpu: bool = False) -> dict:
     probes = [json.loads(p.read_text()) for p in sorted(root.glob("probe-rank*.json"))]
     gaps, means = _series(rows, "rollout/logprob_diff_max"), _series(rows, "rollout/logprob_diff_mean")
     samples = RANKS * PROMPTS * GROUP
-    generated = [n * samples / t for n, t in zip(_series(rows, "rollout/response_len_mean"), _series(rows, "time/generate_s"))]
+    generated = [n * samples / t
+                 for n, t in zip(_series(rows, "rollout/response_len_mean"), _series(rows, "time/generate_s"))]
     losses, norms = _series(rows, "train/loss"), _series(rows, "train/grad_norm")
     checks = {
         "per_rank_engines": len(probes) == RANKS and all(
@@ -133,9 +136,11 @@ def report(root: Path, steps: int, max_gap: float, cpu: bool = False) -> dict:
         "logprob_gap_max": gaps, "logprob_gap_mean": means,
         "generate_tokens_per_s": generated,  # samples of both ranks x their mean length / the slower rank's time
         "wake_s": _series(rows, "rollout/wake_s"), "sync_time_s": _series(rows, "rollout/sync_time_s"),
-        "memory_freed_gib": _series(rows, "memory/freed_gib"), "memory_device_free_gib": _series(rows, "memory/device_free_gib"),
+        "memory_freed_gib": _series(rows, "memory/freed_gib"),
+        "memory_device_free_gib": _series(rows, "memory/device_free_gib"),
         "memory_reserved_gib": _series(rows, "memory/reserved_gib"), "train_loss": losses, "grad_norm": norms,
-        "step_s": [a + b + c for a, b, c in zip(_series(rows, "time/generate_s"), _series(rows, "time/grade_s"), _series(rows, "time/train_s"))],
+        "step_s": [a + b + c for a, b, c in zip(_series(rows, "time/generate_s"), _series(rows, "time/grade_s"),
+                                                _series(rows, "time/train_s"))],
     }
 
 

@@ -1,4 +1,4 @@
-"""Rehearse the paper pipeline on CPU through the shipped configs' own paths: sft -> rl -> validate -> rc -> eval.
+r"""Rehearse the paper pipeline on CPU through the shipped configs' own paths: sft -> rl -> validate -> rc -> eval.
 
     .venv/bin/python scripts/rehearse.py                          # one process, colocated layout, in runs/rehearsal
     .venv/bin/python scripts/rehearse.py --devices 2              # 2 training processes (FSDP2, configs' strategy)
@@ -10,7 +10,8 @@ rehearsal overlay of `configs/rehearsal/` after it (sizes, devices, precision an
 
     qed-fit --config configs/sft.yaml --config configs/rehearsal/sft.yaml
     qed-fit --config configs/rl.yaml --config configs/rehearsal/rl.yaml                 # reads runs/sft/hf
-    qed-fit validate --config configs/rl.yaml --config configs/rehearsal/rl.yaml --ckpt_path runs/rl/checkpoints/last.ckpt
+    qed-fit validate --config configs/rl.yaml --config configs/rehearsal/rl.yaml \
+        --ckpt_path runs/rl/checkpoints/last.ckpt
     qed-fit --config configs/rc.yaml --config configs/rehearsal/rc.yaml                 # reads runs/rl/hf
     qed-eval --config configs/eval/imo_proofbench.yaml --config configs/rehearsal/eval.yaml --model runs/rc/hf
 

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layouts", nargs="+", default=["colocated:8", "8+8", "24+8"], help="colocated:N or GEN+TRAIN")
     p.add_argument("--max-lag", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--throughputs", type=Path, help="JSON with Throughputs fields (default: the paper-scale assumptions)")
+    p.add_argument("--throughputs", type=Path,
+                   help="JSON with Throughputs fields (default: the paper-scale assumptions)")
     p.add_argument("--lengths", type=Path, help="rollout records / eval samples (JSONL file or folder)")
     p.add_argument("--median", type=float, default=12000), p.add_argument("--sigma", type=float, default=0.9)
     p.add_argument("--max-new-tokens", type=int, default=49152)
@@ -98,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         for lag in ([0] if spec.startswith("colocated:") else args.max_lag):
             layout = parse_layout(spec, lag)
             r = simulate(layout, speeds, work)
-            rows.append({"layout": layout.name, "max_lag": lag, "step_s": r.mean_step_s, "steps_per_hour": r.steps_per_hour,
+            rows.append({"layout": layout.name, "max_lag": lag, "step_s": r.mean_step_s,
+                         "steps_per_hour": r.steps_per_hour,
                          "gen_idle": r.gen_idle, "train_idle": r.train_idle, "lag": r.lag_histogram(),
                          "stale_dropped": r.stale_dropped})
-    print(f"{'layout':<22} {'lag':>3} {'s/step':>8} {'steps/h':>8} {'gen idle':>8} {'train idle':>10}  lag shares (stale groups)")
+    print(f"{'layout':<22} {'lag':>3} {'s/step':>8} {'steps/h':>8} {'gen idle':>8} {'train idle':>10}  "
+          "lag shares (stale groups)")
     for row in rows:
         lag = " ".join(f"{k}:{v:.2f}" for k, v in row["lag"].items())
         print(f"{row['layout']:<22} {row['max_lag']:>3} {row['step_s']:>8.1f} {row['steps_per_hour']:>8.2f} "

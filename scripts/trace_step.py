@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(REPO / ".cache" / "tiny"), help="policy weights (default: the tiny model)")
+    parser.add_argument("--model", default=str(REPO / ".cache" / "tiny"),
+                        help="policy weights (default: the tiny model)")
     parser.add_argument("--engine", choices=["demo", "hf"], default="demo", help="demo: the config's engine")
     parser.add_argument("--step", type=int, default=1, help="which optimizer step to trace (0 = the first)")
     args, extra = parser.parse_known_args()
@@ -56,7 +57,8 @@ def main() -> None:
 
     RubricRLModule.training_step = traced_step
     root = tempfile.mkdtemp(prefix="trace-step-")
-    cli_args = ["--config", str(REPO / "configs" / "demo" / "rl.yaml"), "--model.init_args.model_name_or_path", args.model,
+    cli_args = ["--config", str(REPO / "configs" / "demo" / "rl.yaml"),
+                "--model.init_args.model_name_or_path", args.model,
                 "--trainer.max_steps", str(args.step + 1), "--trainer.limit_val_batches", "0",
                 "--trainer.default_root_dir", root, "--model.init_args.export_hf", "false",
                 "--model.init_args.judge.init_args.cache_path", f"{root}/grades.sqlite",

@@ -31,7 +31,8 @@ _OURS = str(Path(__file__).resolve().parent)
 #: warnings that are expected in our runs and need no action (regex, searched in the message); why each is harmless
 KNOWN_HARMLESS: tuple[tuple[str, str], ...] = (
     (r"global random seed is set to", "vLLM in-process (our colocated engine) shares the seeded RNG on purpose"),
-    (r"does not officially support disabling chunked prefill", "we disable it on CPU on purpose (vllm_engine docstring)"),
+    (r"does not officially support disabling chunked prefill",
+     "we disable it on CPU on purpose (vllm_engine docstring)"),
     (r"Enforce eager set|Inductor compilation was disabled", "eager mode is our CPU setting"),
     (r"Triton is (not installed|installed, but doesn't include CPU)|Model Runner V2 requires Triton",
      "no Triton on CPU; vLLM falls back by itself"),
@@ -52,7 +53,8 @@ KNOWN_HARMLESS: tuple[tuple[str, str], ...] = (
 _SELF_HANDLED = ("DeepSpeed",)
 _HARMLESS = re.compile("|".join(f"(?:{pattern})" for pattern, _ in KNOWN_HARMLESS))
 #: a library's INFO lines that a user of a run wants to see (that a resume really restored its checkpoint)
-_USEFUL = re.compile(r"Restoring states from the checkpoint|Restored all states from the checkpoint|`Trainer.fit` stopped")
+_USEFUL = re.compile(
+    r"Restoring states from the checkpoint|Restored all states from the checkpoint|`Trainer.fit` stopped")
 
 
 _quiet = False

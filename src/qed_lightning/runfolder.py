@@ -64,8 +64,8 @@ def check_fit_folder(root: Path, ckpt_path: str | None, dirpath: Path | None = N
             f"--ckpt_path last, or start a new run with --trainer.default_root_dir {root}-2 (or remove {root})")
     if ckpt_path == "last" and ckpts and not any(p.name.startswith("last") for p in ckpts):
         raise ConfigError(
-            f"--ckpt_path last: {ckpts[0].parent} holds {len(ckpts)} checkpoint(s) but no last.ckpt, so Lightning would "
-            f"start again from step 0; pass the one to resume, e.g. --ckpt_path {ckpts[-1]}")
+            f"--ckpt_path last: {ckpts[0].parent} holds {len(ckpts)} checkpoint(s) but no last.ckpt, so Lightning "
+            f"would start again from step 0; pass the one to resume, e.g. --ckpt_path {ckpts[-1]}")
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -113,8 +113,9 @@ def check_resume_checkpoint(folder: Path, ckpt_path: str) -> None:
                     continue
         hint = (f"the newest readable checkpoint is {readable[0][0]} (step {readable[0][1]}): resume from it with "
                 f"--ckpt_path {readable[0][0]}" if readable else f"no other readable checkpoint is in {path.parent}")
+        detail = str(err).splitlines()[0] if str(err) else "no detail"
         raise ConfigError(f"--ckpt_path {ckpt_path}: {path} ({size:,} bytes) cannot be read "
-                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}); {hint}") from err
+                          f"({type(err).__name__}: {detail}); {hint}") from err
 
 
 def is_global_zero_process() -> bool:

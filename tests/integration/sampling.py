@@ -10,7 +10,8 @@ T = 0.8  # the sampling temperature of these tests; the trainer's log-probs use 
 
 
 def chat_prompt(tokenizer) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Prove that 2 is prime."}], add_generation_prompt=True)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Prove that 2 is prime."}],
+                                        add_generation_prompt=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 

@@ -18,7 +18,8 @@ from qed_lightning.cli import make_cli
 from runs import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
-RL_ROWS = [json.loads(line) for line in (REPO / "data/samples/fineproofs_rl.jsonl").read_text().splitlines() if line.strip()]
+RL_ROWS = [json.loads(line) for line in (REPO / "data/samples/fineproofs_rl.jsonl").read_text().splitlines()
+           if line.strip()]
 
 
 @pytest.fixture(autouse=True)
@@ -59,8 +60,10 @@ def _rows(**changes) -> list[dict]:
     [
         ([{k: v for k, v in r.items() if k != "rubrics"} for r in RL_ROWS[:6]], r"missing column\(s\) \['rubrics'\]"),
         (_rows(r2=("problem", "   ")), r"line 3, column 'problem': empty string"),
-        (_rows(r3=("rubrics", 5)), r"line 4, column 'rubrics': expected a markdown string or a list of \{title, points, description\} items, got int"),
-        (_rows(r1=("rubrics", RL_ROWS[1]["rubrics"].replace("**1 pt**", "**2 pts**", 1))), r"line 2, column 'rubrics': rubric checkpoints total \d+ points, expected 7"),
+        (_rows(r3=("rubrics", 5)), r"line 4, column 'rubrics': expected a markdown string or a list of "
+                                   r"\{title, points, description\} items, got int"),
+        (_rows(r1=("rubrics", RL_ROWS[1]["rubrics"].replace("**1 pt**", "**2 pts**", 1))),
+         r"line 2, column 'rubrics': rubric checkpoints total \d+ points, expected 7"),
         (b'{"problem": "P", "rubrics": "R"}\n{"problem": "caf\xe9", "rubrics": "R"}\n', r"line 2: not valid UTF-8"),
         (b"", r"the file is empty"),
     ],
@@ -75,7 +78,8 @@ def test_malformed_rl_data_is_named(tiny_model_dir, tmp_path, rows, expected):
 
 def test_malformed_sft_messages_are_named(tiny_model_dir, tmp_path):
     data = _write(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "q"}]}, {"messages": "text"}])
-    with pytest.raises(ValueError, match=r"line 1, column 'messages': no non-empty assistant message[\s\S]*line 2, column 'messages': expected a non-empty list"):
+    with pytest.raises(ValueError, match=r"line 1, column 'messages': no non-empty assistant message[\s\S]*"
+                                         r"line 2, column 'messages': expected a non-empty list"):
         _fit("configs/demo/sft.yaml", tiny_model_dir, tmp_path, "--data.init_args.path", str(data))
 
 
@@ -86,19 +90,23 @@ def test_negative_group_size_names_the_flag(tiny_model_dir, tmp_path):
 
 def test_shared_prefix_layout_with_gradient_checkpointing_names_both_flags(tiny_model_dir, tmp_path):
     # transformers drops the key/value cache in checkpointed layers, which the shared_prefix layout trains through
-    with pytest.raises(ValueError, match=r"model.micro_batch_layout=shared_prefix needs the key/value cache.*gradient_checkpointing=false"):
+    with pytest.raises(ValueError, match=r"model.micro_batch_layout=shared_prefix needs the key/value cache"
+                                         r".*gradient_checkpointing=false"):
         _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl", "--model.init_args.micro_batch_layout",
             "shared_prefix", "--model.init_args.gradient_checkpointing", "true")
 
 
 def test_spare_prompts_without_dynamic_sampling_name_both_flags(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"data.spare_prompts_per_step=2 .* set model.skip_flat_groups=true"):
-        _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl", "--data.init_args.spare_prompts_per_step", "2")
+        _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl",
+            "--data.init_args.spare_prompts_per_step", "2")
 
 
 def test_engine_context_shorter_than_prompt_names_the_flag(tiny_model_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"model.engine.init_args.max_model_len=64 is shorter than the longest prompt .* raise max_model_len to at least \d+"):
-        _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl", "--model.init_args.engine.init_args.max_model_len", "64")
+    with pytest.raises(ValueError, match=r"model.engine.init_args.max_model_len=64 is shorter than the longest "
+                                         r"prompt .* raise max_model_len to at least \d+"):
+        _rl(tiny_model_dir, tmp_path, REPO / "data/samples/fineproofs_rl.jsonl",
+            "--model.init_args.engine.init_args.max_model_len", "64")
 
 
 @pytest.mark.parametrize(
@@ -108,7 +116,8 @@ def test_engine_context_shorter_than_prompt_names_the_flag(tiny_model_dir, tmp_p
         (["--model.init_args.aggregation", "sum"], "aggregation"),
         (["--model.init_args.micro_batch_layout", "shared"], "micro_batch_layout"),
         (["--data.init_args.prompts_per_step", "0"], "prompts_per_step must be >= 1"),
-        (["--data.init_args.reward_mean_range", "[0.9, 0.1]"], "data.reward_mean_range must be [lo, hi] with 0 <= lo <= hi <= 1"),
+        (["--data.init_args.reward_mean_range", "[0.9, 0.1]"],
+         "data.reward_mean_range must be [lo, hi] with 0 <= lo <= hi <= 1"),
         (["--data.init_args.on_invalid_row", "ignore"], "on_invalid_row"),
         (["--model.init_args.overlong_buffer", "200", "--model.init_args.max_new_tokens", "96"],
          "model.overlong_buffer must be in [0, model.max_new_tokens=96]"),

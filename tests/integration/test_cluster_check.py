@@ -22,6 +22,7 @@ def test_cluster_check_dry_run_prints_one_json_whose_checks_pass(tmp_path):
     report = json.loads(proc.stdout)
     assert report["ok"] and all(report["checks"].values()), report["checks"]
     assert [r["rank"] for r in report["ranks"]] == [0, 1]
-    assert all(r["backend"] == "external_launcher" and r["handoff_counts"] == {"sleep": 2, "wake": 4} for r in report["ranks"])
+    assert all(r["backend"] == "external_launcher" and r["handoff_counts"] == {"sleep": 2, "wake": 4}
+               for r in report["ranks"])
     assert len(report["logprob_gap_max"]) == 2 and max(report["logprob_gap_max"]) < 1e-4  # float32 on CPU
     assert len(report["generate_tokens_per_s"]) == 2 and min(report["generate_tokens_per_s"]) > 0

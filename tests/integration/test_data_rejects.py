@@ -16,7 +16,8 @@ from qed_lightning.cli import make_cli
 from runs import read_metrics, series
 
 REPO = Path(__file__).resolve().parents[2]
-RL_ROWS = [json.loads(line) for line in (REPO / "data/samples/fineproofs_rl.jsonl").read_text().splitlines() if line.strip()]
+RL_ROWS = [json.loads(line) for line in (REPO / "data/samples/fineproofs_rl.jsonl").read_text().splitlines()
+           if line.strip()]
 NINE = RL_ROWS[1]["rubrics"].replace("**4 pts**", "**6 pts**", 1)  # 2 + 6 + 1 = 9
 
 # line -> (column, reason) of each defect; the other lines hold valid rows (line 16 has an unknown extra column)
@@ -119,7 +120,8 @@ def test_console_scripts_print_a_data_error_without_a_traceback_and_exit_2(tiny_
                         "--benchmark.init_args.path", str(bench), "--output_dir", str(tmp_path / "eval"))
     assert evaluate.returncode == 2, evaluate.stderr[-3000:]
     assert "Traceback" not in evaluate.stderr
-    assert "qed-eval: error:" in evaluate.stderr and "line 2, column 'solution': expected a string, got int" in evaluate.stderr
+    assert "qed-eval: error:" in evaluate.stderr
+    assert "line 2, column 'solution': expected a string, got int" in evaluate.stderr
 
     debug = _console("qed_lightning.cli", *_args(tiny_model_dir, tmp_path / "run", data), "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "DataError" in debug.stderr

@@ -38,9 +38,11 @@ def _weights(root: Path) -> dict[str, torch.Tensor]:
 
 def _rl(tiny: Path, root: Path, strategy: str, devices: int, prompts: int, budget: int) -> list[dict[str, float]]:
     return fit_subprocess(
-        root, "--config", str(REPO / "configs/demo/rl.yaml"), "--config", str(REPO / f"configs/strategy/{strategy}.yaml"),
-        "--trainer.devices", str(devices), "--data.init_args.prompts_per_step", str(prompts), "--trainer.max_steps", "1",
-        "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", "--model.init_args.export_dir", str(root / "hf"),
+        root, "--config", str(REPO / "configs/demo/rl.yaml"),
+        "--config", str(REPO / f"configs/strategy/{strategy}.yaml"),
+        "--trainer.devices", str(devices), "--data.init_args.prompts_per_step", str(prompts),
+        "--trainer.max_steps", "1", "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
+        "--model.init_args.export_dir", str(root / "hf"),
         "--model.init_args.model_name_or_path", str(tiny), "--model.init_args.max_new_tokens", "12",
         "--model.init_args.group_size", "2", "--model.init_args.micro_batch_tokens", str(budget),
         "--model.init_args.micro_batch_layout", "padded", "--model.init_args.optimizer", SGD,
@@ -80,9 +82,11 @@ def test_rl_step_under_zero_matches_one_process(strategy, micro_batches, rl_base
 
 def _sft(tiny: Path, root: Path, strategy: str, devices: int, rows_per_rank: int) -> list[dict[str, float]]:
     return fit_subprocess(
-        root, "--config", str(REPO / "configs/demo/sft.yaml"), "--config", str(REPO / f"configs/strategy/{strategy}.yaml"),
-        "--trainer.devices", str(devices), "--data.init_args.batch_size", str(rows_per_rank), "--trainer.max_steps", "2",
-        "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", "--model.init_args.export_dir", str(root / "hf"),
+        root, "--config", str(REPO / "configs/demo/sft.yaml"),
+        "--config", str(REPO / f"configs/strategy/{strategy}.yaml"),
+        "--trainer.devices", str(devices), "--data.init_args.batch_size", str(rows_per_rank),
+        "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
+        "--model.init_args.export_dir", str(root / "hf"),
         "--model.init_args.model_name_or_path", str(tiny), "--model.init_args.optimizer", SGD_SFT,
         "--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl"))
 

@@ -41,14 +41,16 @@ def _sample(engine: VLLMServerEngine, prompt: list[int]):
     return completion
 
 
-def test_pool_logprobs_are_the_trainers_before_and_after_a_weight_push(pool_url, tiny_model_dir, tiny_tokenizer, tmp_path):
+def test_pool_logprobs_are_the_trainers_before_and_after_a_weight_push(pool_url, tiny_model_dir, tiny_tokenizer,
+                                                                        tmp_path):
     engine = VLLMServerEngine([pool_url, pool_url + "/v1"], sync_dir=str(tmp_path / "sync"))  # the same server twice
     engine.start(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     old = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     prompt = chat_prompt(tiny_tokenizer)
     before = _sample(engine, prompt)
-    torch.testing.assert_close(torch.tensor(before.logprobs), trainer_logprobs(model, prompt, before.completion_ids), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(before.logprobs), trainer_logprobs(model, prompt, before.completion_ids),
+                               atol=1e-4, rtol=0)
     # the second prompt goes to the other URL; same seed, same samples
     groups = engine.generate([prompt, prompt], SamplingConfig(temperature=T, max_new_tokens=24, seeds=(7, 7)))
     assert groups[0][0].completion_ids == groups[1][0].completion_ids == before.completion_ids
@@ -65,7 +67,8 @@ def test_pool_logprobs_are_the_trainers_before_and_after_a_weight_push(pool_url,
     assert after.policy_version == 1
     # Tolerance 1e-4 as for the colocated engine (measured ~5e-7). Before the tied-lm_head refresh this was 0.55 nats:
     # the server's body followed the push but its output embeddings stayed the old ones.
-    torch.testing.assert_close(torch.tensor(after.logprobs), trainer_logprobs(model, prompt, after.completion_ids), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(after.logprobs), trainer_logprobs(model, prompt, after.completion_ids),
+                               atol=1e-4, rtol=0)
     assert (torch.tensor(after.logprobs) - trainer_logprobs(old, prompt, after.completion_ids)).abs().max() > 1e-2
     assert [p.name for p in (tmp_path / "sync").iterdir()] == ["v1"]  # written once, older ones cleaned up
     index = json.loads((tmp_path / "sync" / "v1" / "model.safetensors.index.json").read_text())
@@ -78,7 +81,8 @@ def test_pool_logprobs_are_the_trainers_before_and_after_a_weight_push(pool_url,
 def _rl_with_pool(tiny_model_dir: Path, root: Path, url: str, max_lag: int) -> list[dict[str, float]]:
     engine = {"class_path": "qed_lightning.rollout.AsyncRollouts", "init_args": {
         "max_lag": max_lag,
-        "engine": {"class_path": "qed_lightning.rollout.VLLMServerEngine", "init_args": {"urls": [url], "sync_dir": str(root / "sync")}},
+        "engine": {"class_path": "qed_lightning.rollout.VLLMServerEngine",
+                   "init_args": {"urls": [url], "sync_dir": str(root / "sync")}},
     }}
     make_cli(args=[
         "--config", str(REPO / "configs/demo/rl.yaml"),
@@ -110,7 +114,8 @@ def test_rl_overlapped_with_generation_is_one_step_off_policy_and_the_pool_ends_
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     prompt = chat_prompt(tiny_tokenizer)
     sample = _sample(engine, prompt)
-    torch.testing.assert_close(torch.tensor(sample.logprobs), trainer_logprobs(final, prompt, sample.completion_ids), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(sample.logprobs), trainer_logprobs(final, prompt, sample.completion_ids),
+                               atol=1e-4, rtol=0)
     engine.close()
 
 

@@ -41,7 +41,8 @@ def test_vllm_logprobs_match_trainer_and_follow_weight_sync(vllm_engine, tiny_mo
 
     (before,) = vllm_engine.generate([prompt], sampling, n=1)[0]
     assert len(before.completion_ids) == len(before.logprobs) > 0
-    torch.testing.assert_close(torch.tensor(before.logprobs), trainer_logprobs(model, prompt, before.completion_ids), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(before.logprobs), trainer_logprobs(model, prompt, before.completion_ids),
+                               atol=1e-4, rtol=0)
 
     old_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     model.train()
@@ -55,7 +56,8 @@ def test_vllm_logprobs_match_trainer_and_follow_weight_sync(vllm_engine, tiny_mo
     new_lp = trainer_logprobs(model, prompt, after.completion_ids)
     torch.testing.assert_close(torch.tensor(after.logprobs), new_lp, atol=1e-4, rtol=0)
     old_lp = trainer_logprobs(old_model, prompt, after.completion_ids)
-    assert (torch.tensor(after.logprobs) - old_lp).abs().max() > 1e-2  # the engine no longer samples from the old weights
+    # the engine no longer samples from the old weights
+    assert (torch.tensor(after.logprobs) - old_lp).abs().max() > 1e-2
 
 
 @pytest.mark.slow
@@ -99,4 +101,5 @@ def test_hf_engine_logprobs_match_trainer(tiny_model_dir, tiny_tokenizer):
     for group, p in zip(groups, [prompt, prompt[2:]]):
         for c in group:
             assert c.finish_reason == "stop" or len(c.completion_ids) == 12
-            torch.testing.assert_close(torch.tensor(c.logprobs), trainer_logprobs(model, p, c.completion_ids), atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(c.logprobs), trainer_logprobs(model, p, c.completion_ids),
+                                       atol=1e-4, rtol=0)

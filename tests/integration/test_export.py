@@ -19,7 +19,8 @@ def test_single_file_checkpoint_exports_to_the_final_weights(tiny_model_dir, tmp
     make_cli(args=[
         "--config", str(REPO / "configs/demo/sft.yaml"), "--trainer.default_root_dir", str(tmp_path),
         "--trainer.max_steps", "3", "--model.init_args.model_name_or_path", str(tiny_model_dir),
-        "--model.init_args.export_dir", str(tmp_path / "hf"), "--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl"),
+        "--model.init_args.export_dir", str(tmp_path / "hf"),
+        "--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl"),
         "--trainer.callbacks.every_n_train_steps=3",  # the config's AtomicModelCheckpoint (save_last: true)
     ])
     ckpt = tmp_path / "checkpoints" / "last.ckpt"

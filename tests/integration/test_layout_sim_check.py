@@ -25,8 +25,9 @@ def test_simulated_step_time_is_within_25_percent_of_a_real_async_run(tmp_path):
     speeds = tmp_path / "throughputs.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     bench = subprocess.run(
-        [sys.executable, str(REPO / "scripts/bench_rl.py"), "--sides", "ours-async", "--rounds", "1", "--steps", str(STEPS),
-         "--warmup", str(WARMUP), "--group-size", str(G), "--prompts-per-step", str(P), "--max-new-tokens", "64",
+        [sys.executable, str(REPO / "scripts/bench_rl.py"), "--sides", "ours-async", "--rounds", "1",
+         "--steps", str(STEPS), "--warmup", str(WARMUP), "--group-size", str(G), "--prompts-per-step", str(P),
+         "--max-new-tokens", "64",
          "--max-lag", "1", "--throughputs-out", str(speeds)],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1500)
     assert bench.returncode == 0, (bench.stdout + bench.stderr)[-4000:]
@@ -41,4 +42,5 @@ def test_simulated_step_time_is_within_25_percent_of_a_real_async_run(tmp_path):
     assert sim.returncode == 0, sim.stderr[-3000:]
     predicted = json.loads(sim_out.read_text())["rows"][0]["step_s"]
     real = statistics.fmean(measured["measured_step_s"])
-    assert abs(predicted - real) / real < 0.25, f"simulated {predicted:.2f} s/step, measured {real:.2f} s/step; {sim.stdout}"
+    assert abs(predicted - real) / real < 0.25, \
+        f"simulated {predicted:.2f} s/step, measured {real:.2f} s/step; {sim.stdout}"

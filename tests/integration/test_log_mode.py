@@ -8,7 +8,8 @@ from pathlib import Path
 
 from runs import REPO, run_process, subprocess_env
 
-CHATTER = ("Setting accelerator to CPU", "Reset SSM cache type", "Loading safetensors checkpoint shards", "Total params")
+CHATTER = ("Setting accelerator to CPU", "Reset SSM cache type", "Loading safetensors checkpoint shards",
+           "Total params")
 
 
 def _fit(tiny_model_dir: Path, root: Path, *extra: str) -> str:

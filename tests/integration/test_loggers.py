@@ -29,8 +29,10 @@ def logged_run(tiny_model_dir, tmp_path_factory) -> Path:
            *(f"--config={REPO / 'configs/logger' / name}.yaml" for name in ("tensorboard", "wandb", "mlflow")),
            "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(STEPS),
            "--model.init_args.model_name_or_path", str(tiny_model_dir), "--model.init_args.export_hf", "false",
-           "--model.init_args.engine", '{"class_path": "qed_lightning.rollout.HFEngine"}',  # the engine is not under test
-           "--model.init_args.judge.init_args.cache_path", str(root / "grades.sqlite"), "--data.init_args.val_size", "0",
+           # the engine is not under test
+           "--model.init_args.engine", '{"class_path": "qed_lightning.rollout.HFEngine"}',
+           "--model.init_args.judge.init_args.cache_path", str(root / "grades.sqlite"),
+           "--data.init_args.val_size", "0",
            "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl")]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -83,7 +85,8 @@ def _wandb_records(path: Path) -> list:
 def test_offline_wandb_run_holds_metrics_config_and_the_rollout_table(logged_run):
     (run_file,) = (logged_run / "wandb").glob("offline-run-*/run-*.wandb")
     records = _wandb_records(run_file)
-    config = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "config" for i in r.config.update}
+    config = {i.key: json.loads(i.value_json)
+              for r in records if r.WhichOneof("record_type") == "config" for i in r.config.update}
     history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
     assert config["qed/judge_prompt"].startswith("rubric_v1@") and config["config/trainer.max_steps"] == STEPS
@@ -104,4 +107,5 @@ def test_mlflow_file_store_holds_metrics_params_and_the_rollout_artifact(logged_
     (artifact,) = client.list_artifacts(run.info.run_id, "rollouts")
     local = client.download_artifacts(run.info.run_id, artifact.path, str(logged_run / "download"))
     table = json.loads(Path(local).read_text())
-    assert artifact.path == "rollouts/step_000000.json" and table["columns"] == list(COLUMNS) and len(table["data"]) == 16
+    assert artifact.path == "rollouts/step_000000.json"
+    assert table["columns"] == list(COLUMNS) and len(table["data"]) == 16

@@ -1,7 +1,7 @@
 """`qed-export` writes a model card beside the weights: a real RL run's checkpoint (the transformers engine, one step),
 exported by the `qed-export` command (built with huggingface_hub's ModelCard, files readable by the group); the base
-model carried through local stage chains; an evaluation of another model left out; and `--push_to_hub` goes through huggingface_hub's upload API (recorded here:
-no hub is reachable from our machines)."""
+model carried through local stage chains; an evaluation of another model left out; and `--push_to_hub` goes through
+huggingface_hub's upload API (recorded here: no hub is reachable from our machines)."""
 
 from __future__ import annotations
 
@@ -29,9 +29,11 @@ SUMMARY = {"benchmark": "IMOProofBench", "path": "data/samples/imo_proofbench.js
 def rl_checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("card")
     make_cli(args=[
-        "--config", str(REPO / "configs/demo/rl.yaml"), "--trainer.default_root_dir", str(root), "--trainer.max_steps", "1",
+        "--config", str(REPO / "configs/demo/rl.yaml"), "--trainer.default_root_dir", str(root),
+        "--trainer.max_steps", "1",
         "--trainer.callbacks.every_n_train_steps=1", "--model.init_args.model_name_or_path", str(tiny_model_dir),
-        "--model.init_args.export_hf", "false", "--model.init_args.engine", '{"class_path": "qed_lightning.rollout.HFEngine"}',
+        "--model.init_args.export_hf", "false",
+        "--model.init_args.engine", '{"class_path": "qed_lightning.rollout.HFEngine"}',
         "--model.init_args.judge.init_args.cache_path", str(root / "grades.sqlite"), "--data.init_args.val_size", "0",
         "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"),
     ])
@@ -90,13 +92,15 @@ def test_an_evaluation_of_another_model_is_left_out_of_the_card(tmp_path, caplog
     assert "## Evaluation" not in (out / "README.md").read_text()
     assert "--eval_summary" in caplog.text and "scored model 'runs/sft/hf', not this export" in caplog.text
     (tmp_path / "summary.json").write_text(json.dumps({**SUMMARY, "model": "me/qed-nano"}))  # the repo it is pushed to
-    write_card(out, {"hyper_parameters": {}}, tmp_path / "last.ckpt", eval_summary=tmp_path / "summary.json", repo_id="me/qed-nano")
+    write_card(out, {"hyper_parameters": {}}, tmp_path / "last.ckpt", eval_summary=tmp_path / "summary.json",
+               repo_id="me/qed-nano")
     assert "| direct | 6 | 42.9 | 3.5 | 57.1 |" in (out / "README.md").read_text()
 
 
 def test_push_to_hub_creates_the_repo_and_uploads_the_folder(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
                         lambda self, **kw: calls.append(("upload", kw["repo_id"], kw)) or "https://hub/commit/1")
     assert push_to_hub(tmp_path, "me/qed-nano", private=True) == "https://hub/commit/1"

@@ -4,8 +4,9 @@ changes few of them, and says why.
 
 The trainer precision and the weights' dtype are read from configs/sft.yaml and configs/rl.yaml (they must agree), and
 composed with the CPU demo SFT config, the FSDP2 preset and the tiny model. Expected: an AdamW first step moves each
-weight by ~lr = 1e-6, which float32 keeps for |w| up to ~8 and bf16 rounds away for |w| >= 2^-11 (qed_lightning.model.precision):
-~98% of the tiny model's weights (std 0.02, RMSNorm weights 1.0) cannot move in bf16.
+weight by ~lr = 1e-6, which float32 keeps for |w| up to ~8 and bf16 rounds away for |w| >= 2^-11
+(qed_lightning.model.precision): ~98% of the tiny model's weights (std 0.02, RMSNorm weights 1.0) cannot move in
+bf16.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def _paper_precision() -> tuple[str, str]:
 
 
 def _one_step(tiny: Path, root: Path, precision: str, dtype: str, *extra: str) -> tuple[dict, Path]:
-    fit_subprocess(root, "--config", str(REPO / "configs/demo/sft.yaml"), "--config", str(REPO / "configs/strategy/fsdp2.yaml"),
+    fit_subprocess(root, "--config", str(REPO / "configs/demo/sft.yaml"),
+                   "--config", str(REPO / "configs/strategy/fsdp2.yaml"),
                    "--trainer.devices", "2", "--trainer.max_steps", "1", "--trainer.precision", precision,
                    "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
                    "--model.init_args.dtype", dtype, "--model.init_args.model_name_or_path", str(tiny),
@@ -56,7 +58,8 @@ def test_paper_precision_moves_every_weight_and_pure_bf16_does_not(tiny_model_di
     assert all(t.dtype == torch.float32 for t in after.values())  # the masters stay fp32
     assert _changed(after, initial) >= 0.99
 
-    after, log = _one_step(tiny_model_dir, tmp_path / "bf16", "bf16-true", "bfloat16", "--model.init_args.pure_bf16", "true")
+    after, log = _one_step(tiny_model_dir, tmp_path / "bf16", "bf16-true", "bfloat16",
+                           "--model.init_args.pure_bf16", "true")
     assert all(t.dtype == torch.bfloat16 for t in after.values())
     lost = _changed(after, initial)
     assert lost < 0.1, lost  # measured: a few percent of the weights moved

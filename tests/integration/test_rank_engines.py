@@ -28,7 +28,8 @@ PROBE = "engine_probe.EngineProbe"
 
 def _fit(tiny: Path, root: Path, *args: str, handoff: bool = True) -> list[dict[str, float]]:
     cmd = [sys.executable, "-m", "qed_lightning.cli", "--config", str(REPO / "configs/demo/rl.yaml"), *args,
-           "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(STEPS), "--trainer.callbacks", f"[{PROBE}]",
+           "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(STEPS),
+           "--trainer.callbacks", f"[{PROBE}]",
            "--trainer.enable_checkpointing", "false", "--model.init_args.export_hf", "false",
            "--model.init_args.model_name_or_path", str(tiny), "--model.init_args.max_new_tokens", "16",
            "--model.init_args.engine.init_args.enable_sleep_mode", str(handoff).lower(),
@@ -41,13 +42,15 @@ def _fit(tiny: Path, root: Path, *args: str, handoff: bool = True) -> list[dict[
 
 
 def _probes(root: Path) -> list[dict]:
-    return [json.loads((root / f"engine-rank{r}.json").read_text()) for r in range(len(list(root.glob("engine-rank*.json"))))]
+    return [json.loads((root / f"engine-rank{r}.json").read_text())
+            for r in range(len(list(root.glob("engine-rank*.json"))))]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_each_rank_drives_its_own_engine_which_follows_its_trainer(strategy, tiny_model_dir, tmp_path):
     root = tmp_path / strategy
-    rows = _fit(tiny_model_dir, root, "--config", str(REPO / f"configs/strategy/{strategy}.yaml"), "--trainer.devices", "2",
+    rows = _fit(tiny_model_dir, root, "--config", str(REPO / f"configs/strategy/{strategy}.yaml"),
+                "--trainer.devices", "2",
                 "--data.init_args.prompts_per_step", "4")
     probes = _probes(root)
     assert [p["trainer_rank"] for p in probes] == [0, 1]

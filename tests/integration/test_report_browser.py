@@ -35,11 +35,14 @@ def demo_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("demo") / "demo-rl"
     cmd = [sys.executable, "-m", "qed_lightning.cli", "--config", str(REPO / "configs/demo/rl.yaml"),
            "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(STEPS),
-           "--model.init_args.model_name_or_path", str(tiny_model_dir), "--model.init_args.export_dir", str(root / "hf"),
+           "--model.init_args.model_name_or_path", str(tiny_model_dir),
+           "--model.init_args.export_dir", str(root / "hf"),
            "--model.init_args.judge.init_args.cache_path", str(root / "grades.sqlite"),
            "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl")]
-    env = {k: v for k, v in os.environ.items() if k not in ("QED_LOG_LEVEL", "VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_LEVEL")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, cwd=REPO, timeout=600)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("QED_LOG_LEVEL", "VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_LEVEL")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"}, cwd=REPO,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root, proc.stdout + proc.stderr
 
@@ -85,11 +88,13 @@ def report(demo_run, tiny_model_dir, tmp_path_factory) -> tuple[Path, list[dict]
     """`qed-report` of the demo run and of a small `qed-eval` folder: the page and the evaluation's samples."""
     root, _ = demo_run
     evaluation = tmp_path_factory.mktemp("eval") / "demo-eval"
-    qed_eval(["--config", str(REPO / "configs/eval/demo.yaml"), "--model", str(tiny_model_dir), "--output_dir", str(evaluation),
-              "--max_new_tokens", "8", "--benchmark.init_args.limit", "2", "--engine", "qed_lightning.rollout.HFEngine"])
+    qed_eval(["--config", str(REPO / "configs/eval/demo.yaml"), "--model", str(tiny_model_dir),
+              "--output_dir", str(evaluation), "--max_new_tokens", "8", "--benchmark.init_args.limit", "2",
+              "--engine", "qed_lightning.rollout.HFEngine"])
     out = root.parent / "report.html"
-    printed = subprocess.run([sys.executable, "-m", "qed_lightning.report.cli", str(root), str(evaluation), "--out", str(out)],
-                             capture_output=True, text=True, cwd=REPO, timeout=120, check=True).stdout
+    printed = subprocess.run(
+        [sys.executable, "-m", "qed_lightning.report.cli", str(root), str(evaluation), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=120, check=True).stdout
     assert printed == f"{out}\n"  # the command's one result line: the page to open
     samples = [json.loads(line) for line in (evaluation / "samples.jsonl").read_text().splitlines()]
     return out, samples
@@ -102,8 +107,10 @@ def _score(record: dict) -> str:
 @pytest.mark.slow
 def test_report_opens_in_a_real_browser_and_its_score_filter_works(report, demo_run, tmp_path):
     if CHROMIUM is None:
-        pytest.skip("no Chromium on this machine: install Debian's `chromium` (scripts/test.sh does: apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is in the dev extra: pip install -e '.[dev]'")
+        pytest.skip("no Chromium on this machine: install Debian's `chromium` "
+                    "(scripts/test.sh does: apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="Playwright is in the dev extra: pip install -e '.[dev]'")
     page_path, samples = report
     records = read_rollouts(demo_run[0])
     every = records + samples
@@ -112,9 +119,10 @@ def test_report_opens_in_a_real_browser_and_its_score_filter_works(report, demo_
     requests, errors = [], []
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(  # a fresh profile folder (--user-data-dir)
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, viewport={"width": 1400, "height": 1000},
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"])
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+            viewport={"width": 1400, "height": 1000},
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
         page = browser.new_page()
         page.on("request", lambda r: requests.append(r.url))
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -174,16 +182,18 @@ def _paper_scale_run(root: Path) -> Path:
                 g, k = divmod(i, G)
                 score = (step + g + k) % 8
                 proof = f"[s{step} g{g} k{k}] " + PROOF * 120  # ~13k characters: cut
-                fh.write(json.dumps({"step": step, "problem_id": 1000 + g, "group": g, "sample": k, "problem": "Show P." * 60,
-                                     "rubric": "1. (7 pts) the AM-GM step. " * 80, "prompt": "Generate a rigorous proof. " * 60,
-                                     "completion": thinking + proof, "proof": proof, "score": score, "reward": score / 7,
-                                     "advantage": (score - 3.5) / 7, "status": "ok", "judge_reply": "Fine. " * 500 + f"<score>{score}</score>",
-                                     "finish_reason": "stop", "prompt_tokens": 400, "completion_tokens": 9000 + k,
-                                     "policy_version": step}) + "\n")
+                record = {"step": step, "problem_id": 1000 + g, "group": g, "sample": k, "problem": "Show P." * 60,
+                          "rubric": "1. (7 pts) the AM-GM step. " * 80, "prompt": "Generate a rigorous proof. " * 60,
+                          "completion": thinking + proof, "proof": proof, "score": score, "reward": score / 7,
+                          "advantage": (score - 3.5) / 7, "status": "ok",
+                          "judge_reply": "Fine. " * 500 + f"<score>{score}</score>",
+                          "finish_reason": "stop", "prompt_tokens": 400, "completion_tokens": 9000 + k,
+                          "policy_version": step}
+                fh.write(json.dumps(record) + "\n")
     _csv(rl / "csv/version_0", "rollout/reward_mean,rollout/reward_std,train/loss,train/grad_norm,judge/score_7",
          lambda s: f"{s / METRIC_STEPS:.4f},0.1,{0.01 * (-1) ** s:.4f},{1 + s % 7},{s / METRIC_STEPS:.3f}")
-    (rl / "csv/version_0/config.yaml").write_text("model:\n  class_path: qed_lightning.modules.RubricRLModule\n  init_args:\n"
-                                                  "    aggregation: token_mean\n")
+    (rl / "csv/version_0/config.yaml").write_text(
+        "model:\n  class_path: qed_lightning.modules.RubricRLModule\n  init_args:\n    aggregation: token_mean\n")
     sft = root / "paper-sft"
     _csv(sft / "csv/version_0", "train/loss", lambda s: f"{2.5 - s / 400:.4f}")
     (sft / "csv/version_0/config.yaml").write_text("model:\n  class_path: qed_lightning.modules.SFTModule\n")
@@ -192,7 +202,8 @@ def _paper_scale_run(root: Path) -> Path:
 
 def _csv(folder: Path, header: str, row) -> None:
     folder.mkdir(parents=True)
-    (folder / "metrics.csv").write_text(f"epoch,step,{header}\n" + "".join(f"0,{s},{row(s)}\n" for s in range(METRIC_STEPS)))
+    rows = "".join(f"0,{s},{row(s)}\n" for s in range(METRIC_STEPS))
+    (folder / "metrics.csv").write_text(f"epoch,step,{header}\n" + rows)
 
 
 def _browser(pw, profile: Path):
@@ -204,14 +215,18 @@ def _browser(pw, profile: Path):
 
 def test_a_paper_scale_run_gives_a_bounded_page_that_chromium_draws(tmp_path):
     if CHROMIUM is None:
-        pytest.skip("no Chromium on this machine: install Debian's `chromium` (scripts/test.sh does: apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is in the dev extra: pip install -e '.[dev]'")
+        pytest.skip("no Chromium on this machine: install Debian's `chromium` "
+                    "(scripts/test.sh does: apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="Playwright is in the dev extra: pip install -e '.[dev]'")
     rl = _paper_scale_run(tmp_path)
     out = tmp_path / "report.html"
-    proc = subprocess.run([sys.executable, "-m", "qed_lightning.report.cli", str(rl), str(tmp_path / "paper-sft"), "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qed_lightning.report.cli", str(rl), str(tmp_path / "paper-sft"), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=120, check=True)
     assert proc.stdout == f"{out}\n"
-    assert "long texts are cut to 8,000 characters" in proc.stderr and "left out to keep the page under --max_mb 40" in proc.stderr
+    assert "long texts are cut to 8,000 characters" in proc.stderr
+    assert "left out to keep the page under --max_mb 40" in proc.stderr
     assert 30e6 < out.stat().st_size <= 40e6  # the default bound, filled: ~160 MB of records read
     errors = []
     with sync_api.sync_playwright() as pw:
@@ -232,7 +247,8 @@ def test_a_paper_scale_run_gives_a_bounded_page_that_chromium_draws(tmp_path):
         for at, near in ((box["width"] - 1, 499), (box["width"] / 2, 250)):
             reward.hover(position={"x": at, "y": box["height"] / 2})
             step = int(re.match(r"step (\d+)", label.text_content()).group(1))
-            assert abs(step - near) <= 3 and f"train: {step / METRIC_STEPS:.3g}" in label.text_content()  # reward = step/500
+            # reward = step/500
+            assert abs(step - near) <= 3 and f"train: {step / METRIC_STEPS:.3g}" in label.text_content()
         page.locator("#smoothing").fill("0.9")  # smoothing: the raw curve stays, faint, under the smoothed one
         assert page.locator("#curves path.line.raw").count() >= 4
         # the rows: every step keeps whole groups of 8
@@ -251,7 +267,8 @@ def test_a_paper_scale_run_gives_a_bounded_page_that_chromium_draws(tmp_path):
         assert re.search(r"record rollouts/step_\d{6}\.jsonl:\d+", detail.locator(".facts").inner_text())
         assert detail.locator("pre.proof .katex").count() > 10  # math rendered offline ...
         page.locator("#math-toggle").uncheck()  # ... and back to its source
-        assert detail.locator("pre.proof .katex").count() == 0 and "$x^2 + y^2 \\ge 2xy$" in detail.locator("pre.proof").inner_text()
+        assert detail.locator("pre.proof .katex").count() == 0
+        assert "$x^2 + y^2 \\ge 2xy$" in detail.locator("pre.proof").inner_text()
         # the group: its 8 samples side by side, with their scores
         page.locator("#show-group").click()
         samples = page.locator("#group-view .group-sample")

@@ -65,7 +65,8 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     _run(_command(tiny_model_dir, straight), tmp_path / "straight.log")
 
-    _kill_after_checkpoint(_command(tiny_model_dir, killed), killed / "checkpoints", step=3, log=tmp_path / "killed.log")
+    _kill_after_checkpoint(_command(tiny_model_dir, killed), killed / "checkpoints", step=3,
+                           log=tmp_path / "killed.log")
     assert not (killed / "hf").exists()  # it really died before the end
     _run(_command(tiny_model_dir, killed, "--ckpt_path", "last"), tmp_path / "resumed.log")
     resumed_log = (tmp_path / "resumed.log").read_text()

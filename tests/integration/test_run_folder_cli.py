@@ -61,7 +61,8 @@ def test_a_run_folder_is_locked_refused_when_used_and_resumed_at_its_step(tiny_m
 
     step = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
     assert step >= 10 and step % 10 == 0  # the demo config's every_n_train_steps
-    resumed = subprocess.run(_command(tiny_model_dir, root, "--trainer.max_steps", str(step + 5), "--ckpt_path", "last"),
+    resumed = subprocess.run(_command(tiny_model_dir, root, "--trainer.max_steps", str(step + 5),
+                                      "--ckpt_path", "last"),
                              capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     versions = sorted((root / "csv").glob("version_*"))
@@ -69,7 +70,8 @@ def test_a_run_folder_is_locked_refused_when_used_and_resumed_at_its_step(tiny_m
     assert _steps(versions[1] / "metrics.csv") == list(range(step, step + 5))  # continues at its step
     assert not (root / ".qed-run.lock").exists()
     # the run ended: its last.ckpt is its final step (not the last multiple of every_n_train_steps)
-    assert torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == step + 5
+    last = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == step + 5
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt"]  # no last-v1.ckpt
 
     (root / "checkpoints" / "last.ckpt").rename(root / "checkpoints" / "step=15.ckpt")
@@ -77,12 +79,13 @@ def test_a_run_folder_is_locked_refused_when_used_and_resumed_at_its_step(tiny_m
     assert f"{root / 'checkpoints'} holds 1 checkpoint(s) but no last.ckpt" in err
     (root / "checkpoints" / "last.ckpt").write_bytes(b"")  # a torn copy: named, with the readable one beside it
     err = _refused(_command(tiny_model_dir, root, "--ckpt_path", "last"))
-    assert f"last.ckpt (0 bytes) cannot be read" in err and f"step=15.ckpt (step {step + 5})" in err
+    assert "last.ckpt (0 bytes) cannot be read" in err and f"step=15.ckpt (step {step + 5})" in err
 
 
 def test_a_stage_whose_model_folder_is_missing_says_so_in_one_line(tmp_path):
     """`qed-fit --config configs/rl.yaml` before stage 1 has run, typed in a fresh working folder."""
-    err = _refused([str(Path(sys.executable).parent / "qed-fit"), "--config", str(REPO / "configs/rl.yaml")], cwd=tmp_path)
+    err = _refused([str(Path(sys.executable).parent / "qed-fit"), "--config", str(REPO / "configs/rl.yaml")],
+                   cwd=tmp_path)
     assert "model.init_args.model_name_or_path: runs/sft/hf does not exist (it is written when stage 1, " \
            "`qed-fit --config configs/sft.yaml` ends" in err
     assert len(err.strip().splitlines()) == 1  # the error, with the --debug hint on its line

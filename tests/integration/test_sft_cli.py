@@ -73,7 +73,8 @@ def test_exported_model_reloads_in_transformers(sft_run):
 
     tok = AutoTokenizer.from_pretrained(sft_run / "hf")
     model = AutoModelForCausalLM.from_pretrained(sft_run / "hf")
-    ids = tok.apply_chat_template([{"role": "user", "content": "Prove it."}], add_generation_prompt=True, return_tensors="pt")
+    ids = tok.apply_chat_template([{"role": "user", "content": "Prove it."}], add_generation_prompt=True,
+                                  return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids.shape[1]
@@ -95,9 +96,10 @@ if __name__ == "__main__":
 def test_exported_model_generates_in_vllm(sft_run, tmp_path):
     script = tmp_path / "gen.py"
     script.write_text(VLLM_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(sft_run / "hf")], capture_output=True, text=True, timeout=400)
+    proc = subprocess.run([sys.executable, str(script), str(sft_run / "hf")], capture_output=True, text=True,
+                          timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     assert len(json.loads(line[7:])["ids"]) > 0
 
 
@@ -109,7 +111,8 @@ def test_chunked_lm_head_loss_trains_as_the_full_logits_loss(tiny_model_dir, tmp
     for chunk in ("0", "64"):
         root = tmp_path / f"chunk{chunk}"
         make_cli(args=["--config", str(REPO / "configs/demo/sft.yaml"), "--trainer.default_root_dir", str(root),
-                       "--trainer.max_steps", "3", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+                       "--trainer.max_steps", "3", "--trainer.callbacks", "[]",
+                       "--trainer.enable_checkpointing", "false",
                        "--model.init_args.export_hf", "false", "--model.init_args.loss_chunk_tokens", chunk,
                        "--model.init_args.model_name_or_path", str(tiny_model_dir),
                        "--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl")])

@@ -33,7 +33,7 @@ def test_launch_scripts_are_valid_bash(script):
 def _srun_qed_fit_args(script: Path, env: dict[str, str]) -> list[str]:
     """The qed-fit arguments of the script's `srun` line, with the script's variables expanded from `env`."""
     text = script.read_text().replace("\\\n", " ")
-    line = next(l for l in text.splitlines() if l.startswith("srun ") and "qed-fit" in l)
+    line = next(ln for ln in text.splitlines() if ln.startswith("srun ") and "qed-fit" in ln)
     words = shlex.split(line)
     args = words[next(i for i, w in enumerate(words) if w.endswith("qed-fit")) + 1:]
     expanded = []
@@ -45,7 +45,8 @@ def _srun_qed_fit_args(script: Path, env: dict[str, str]) -> list[str]:
 
 
 def _task_env(rank: int, nodes: int, per_node: int) -> dict[str, str]:
-    """What srun sets for task `rank` of a `nodes` x `per_node` job (the variables Lightning's SLURMEnvironment reads)."""
+    """What srun sets for task `rank` of a `nodes` x `per_node` job (the variables Lightning's SLURMEnvironment
+    reads)."""
     return {
         "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "qed-train", "SLURM_NNODES": str(nodes),
         "SLURM_NTASKS": str(nodes * per_node), "SLURM_NTASKS_PER_NODE": str(per_node),
@@ -75,13 +76,15 @@ def test_train_sbatch_hands_lightning_the_slurm_world(rank, tiny_model_dir):
                               {**env, "VENV": ".venv", "CONFIG": str(REPO / "configs/demo/sft.yaml"),
                                "STRATEGY": str(REPO / "configs/strategy/ddp.yaml")})
     assert args[-2:] == ["--ckpt_path", "last"]  # resume from the newest last.ckpt, or start fresh
-    assert "--trainer.plugins.auto_requeue=false" in args and "--trainer.callbacks+=qed_lightning.callbacks.PreemptionCheckpoint" in args
+    assert "--trainer.plugins.auto_requeue=false" in args
+    assert "--trainer.callbacks+=qed_lightning.callbacks.PreemptionCheckpoint" in args
     # the CPU accelerator stands in for GPUs; everything else is the script's own argument list
-    probe_args = [*args[:-2], "--trainer.accelerator", "cpu", "--model.init_args.model_name_or_path", str(tiny_model_dir)]
+    probe_args = [*args[:-2], "--trainer.accelerator", "cpu",
+                  "--model.init_args.model_name_or_path", str(tiny_model_dir)]
     proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(probe_args)], capture_output=True, text=True,
                           env={**os.environ, **env, "HF_HUB_OFFLINE": "1"}, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("PROBE "))[6:])
+    got = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE "))[6:])
     assert got["env"] == "SLURMEnvironment" and got["auto_requeue"] is False
     assert got["external"]  # srun started the tasks: Lightning launches nothing
     assert (got["world"], got["rank"], got["local"], got["node"]) == (4, rank, rank % 2, rank // 2)
@@ -118,7 +121,8 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(tiny_model_di
 
     first_log = tmp_path / "first.log"
     with open(first_log, "w") as fh:
-        proc = subprocess.Popen(_sft_command(tiny_model_dir, root), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc = subprocess.Popen(_sft_command(tiny_model_dir, root), stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                cwd=REPO)
         deadline = time.monotonic() + 600
         while not (root / "checkpoints" / "last.ckpt").exists():  # training is under way (a periodic save at step 5)
             assert proc.poll() is None, first_log.read_text()[-4000:]
@@ -134,8 +138,8 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_job_resumes(tiny_model_di
 
     resumed_log = tmp_path / "resumed.log"
     with open(resumed_log, "w") as fh:
-        proc = subprocess.run(_sft_command(tiny_model_dir, root, "--ckpt_path", "last"), stdout=fh, stderr=subprocess.STDOUT,
-                              env=env, cwd=REPO, timeout=600)
+        proc = subprocess.run(_sft_command(tiny_model_dir, root, "--ckpt_path", "last"), stdout=fh,
+                              stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, resumed_log.read_text()[-4000:]
     assert "Restoring states from the checkpoint path" in resumed_log.read_text()
     (_, second) = sorted((root / "csv").glob("version_*"))
@@ -153,13 +157,15 @@ def test_sigterm_without_the_preemption_callback_logs_and_checkpoints(tiny_model
     root, log = tmp_path / "run", tmp_path / "run.log"
     cmd = [sys.executable, "-m", "qed_lightning.cli", "--config", str(REPO / "configs/demo/sft.yaml"),
            "--trainer.default_root_dir", str(root), "--trainer.max_steps", "1000",
-           "--model.init_args.model_name_or_path", str(tiny_model_dir), "--model.init_args.export_dir", str(root / "hf"),
+           "--model.init_args.model_name_or_path", str(tiny_model_dir),
+           "--model.init_args.export_dir", str(root / "hf"),
            "--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.monotonic() + 300
-        while "parameters)" not in log.read_text():  # the model is loaded: the handlers are in place (setup comes first)
+        # the model is loaded: the handlers are in place (setup comes first)
+        while "parameters)" not in log.read_text():
             assert proc.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, "the run never loaded its model"
             time.sleep(0.1)

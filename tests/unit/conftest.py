@@ -27,7 +27,8 @@ def print_config(capsys):
             make_cli(args=args)
         assert exit_info.value.code in (0, None), capsys.readouterr().err[-2000:]
         # DeepSpeed's first import logs its accelerator choice to stdout ("[date time] [WARNING] [real_accelerator...")
-        out = [line for line in capsys.readouterr().out.splitlines() if not re.match(r"\[\d{4}-\d\d-\d\d [^]]*\] \[", line)]
+        out = [line for line in capsys.readouterr().out.splitlines()
+               if not re.match(r"\[\d{4}-\d\d-\d\d [^]]*\] \[", line)]
         return yaml.safe_load("\n".join(out))
 
     return printed

@@ -31,7 +31,8 @@ def test_config_parses_and_resolves(path, capsys):
 
 def test_tokenizer_link_reaches_the_data_module(tiny_model_dir):
     cli = make_cli(
-        args=["--config", str(REPO / "configs/demo/sft.yaml"), "--model.init_args.model_name_or_path", str(tiny_model_dir)],
+        args=["--config", str(REPO / "configs/demo/sft.yaml"),
+              "--model.init_args.model_name_or_path", str(tiny_model_dir)],
         run=False,
     )
     assert cli.datamodule.hparams.tokenizer == str(tiny_model_dir)
@@ -92,7 +93,8 @@ def test_a_rehearsal_overlay_changes_only_sizes_devices_precision_and_the_judge_
     assert changed and {k for k in changed if not k.startswith(allowed)} == set()
     assert rehearsed["trainer.default_root_dir"] == paper["trainer.default_root_dir"]
     if stage != "sft.yaml":  # the stage reads the previous stage's export, as the paper config says
-        assert rehearsed["model.init_args.model_name_or_path"] == {"rl.yaml": "runs/sft/hf", "rc.yaml": "runs/rl/hf"}[stage]
+        expected = {"rl.yaml": "runs/sft/hf", "rc.yaml": "runs/rl/hf"}[stage]
+        assert rehearsed["model.init_args.model_name_or_path"] == expected
 
 
 @pytest.mark.parametrize(("override", "steps"), [([], 40), (["--trainer.max_steps", "100"], 100)])

@@ -39,7 +39,8 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
     [
         (b"", "the file is empty"),
         (b'{"problem": "ok"}\n{"problem": \n', "line 2: not valid JSON"),
-        (b'{"problem": "ok"}\n{"problem": "caf\xe9"}\n', r"line 2: not valid UTF-8 \(invalid continuation byte\) at character 17"),
+        (b'{"problem": "ok"}\n{"problem": "caf\xe9"}\n',
+         r"line 2: not valid UTF-8 \(invalid continuation byte\) at character 17"),
         (b'{"problem": "ok"}\n[1, 2]\n', "line 2: expected a JSON object per line, got an array"),
     ],
 )
@@ -56,7 +57,8 @@ def test_lone_surrogates_are_found_with_line_and_character():
     assert lone_surrogate('{"a": "x\\ud800y"}') == (9, "\\ud800")
     assert lone_surrogate('{"a": "\\ud83d\\ude00"}') is None
     assert lone_surrogate('{"a": "\\\\ud800"}') is None  # an escaped backslash followed by text
-    assert lone_surrogate('{"a": "ok", "b": "\\udc00"}') == (19, "\\udc00")  # after the 18 characters `{"a": "ok", "b": "`
+    # after the 18 characters `{"a": "ok", "b": "`
+    assert lone_surrogate('{"a": "ok", "b": "\\udc00"}') == (19, "\\udc00")
 
 
 def test_every_unreadable_line_is_located_and_blank_lines_still_count(tmp_path):
@@ -68,7 +70,8 @@ def test_every_unreadable_line_is_located_and_blank_lines_still_count(tmp_path):
     assert found == [(3, None, "expected a JSON object per line, got an array"),
                      (4, "problem", "lone surrogate \\ud800"), (5, None, "not valid UTF-8")]
     assert "at character 15" in table.unreadable[1].reason  # after the 14 characters `{"problem": "x`
-    with pytest.raises(DataError, match=r"3 line\(s\) cannot be read:\n  line 3: .*\n  line 4, column 'problem': .*\n  line 5: "):
+    with pytest.raises(DataError, match=r"3 line\(s\) cannot be read:\n  line 3: .*\n"
+                                        r"  line 4, column 'problem': .*\n  line 5: "):
         load_rows(str(path))
 
 
@@ -116,11 +119,13 @@ def test_a_column_no_row_has_is_reported_with_the_columns_present_and_mapping_fi
 def test_skip_writes_every_reject_and_error_lists_them(tmp_path):
     table = _table([{"problem": "a"}, {"problem": ""}, {"problem": "c"}, {}, {"problem": "e"}])
     rejects = find_rejects(table, {"problem": nonempty_str})
-    with pytest.raises(DataError, match=r"2 of 5 rows are invalid[\s\S]*data.on_invalid_row=skip to train on the other 3"):
+    with pytest.raises(DataError,
+                       match=r"2 of 5 rows are invalid[\s\S]*data.on_invalid_row=skip to train on the other 3"):
         RowPolicy("error").apply("f.jsonl", rejects, table.total, tmp_path)
     assert RowPolicy("skip", 0.4).apply("f.jsonl", rejects, table.total, tmp_path) == {2, 4}
     written = [json.loads(line) for line in (tmp_path / "data_rejects.jsonl").read_text().splitlines()]
-    assert written == [{"file": "f.jsonl", "line": 2, "column": "problem", "reason": "empty string", "row": {"problem": ""}},
-                       {"file": "f.jsonl", "line": 4, "column": "problem", "reason": "missing column 'problem'", "row": {}}]
+    assert written == [
+        {"file": "f.jsonl", "line": 2, "column": "problem", "reason": "empty string", "row": {"problem": ""}},
+        {"file": "f.jsonl", "line": 4, "column": "problem", "reason": "missing column 'problem'", "row": {}}]
     with pytest.raises(DataError, match=r"40.0% of the rows are invalid, more than data.max_invalid_fraction=0.3"):
         RowPolicy("skip", 0.3).apply("f.jsonl", rejects, table.total, tmp_path)

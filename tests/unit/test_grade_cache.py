@@ -86,5 +86,6 @@ def test_a_torn_last_line_is_skipped_and_the_next_grade_starts_a_new_line(tmp_pa
         assert again.grade([request(3)])[0].cached and len(again.cache) == 1
         assert not again.grade([request(4)])[0].cached
         again.close()
-    rows = [json.loads(line) for line in shard.read_text().splitlines() if line.startswith('{"key": "') and line.endswith("}")]
+    rows = [json.loads(line) for line in shard.read_text().splitlines()
+            if line.startswith('{"key": "') and line.endswith("}")]
     assert [r["score"] for r in rows] == [3, 4] and len(GradeCache(tmp_path / "grades.sqlite")) == 2

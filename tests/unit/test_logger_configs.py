@@ -7,7 +7,6 @@ import doctest
 from pathlib import Path
 
 import pytest
-import yaml
 
 import qed_lightning.callbacks.hparams
 from qed_lightning.cli import make_cli
@@ -21,7 +20,8 @@ LOGGERS = {"tensorboard": "TensorBoardLogger", "wandb": "WandbLogger", "mlflow":
 def test_all_three_trackers_compose_onto_a_stage_config(stage, print_config):
     alone = print_config(stage)["trainer"]
     both = print_config(stage, *(f"configs/logger/{name}.yaml" for name in LOGGERS))["trainer"]
-    assert [c["class_path"] for c in both["callbacks"]][:len(alone["callbacks"])] == [c["class_path"] for c in alone["callbacks"]]
+    alone_paths = [c["class_path"] for c in alone["callbacks"]]
+    assert [c["class_path"] for c in both["callbacks"]][:len(alone_paths)] == alone_paths
     tables = [c["init_args"]["to"] for c in both["callbacks"] if c["class_path"].endswith("RolloutTable")]
     assert tables == list(LOGGERS)  # one table per tracker, each to its own
     assert [lg["class_path"].rsplit(".", 1)[1] for lg in both["logger"]] == list(LOGGERS.values())
@@ -48,8 +48,9 @@ def test_doctests():
 def test_rollout_table_rows_are_spread_over_the_step_and_cut():
     from qed_lightning.callbacks.rollout_table import COLUMNS, _markdown, table_rows
 
-    records = [{"step": 3, "problem_id": k, "sample": 0, "score": k % 8, "reward": 0.5, "advantage": 0.1, "status": "ok",
-                "completion_tokens": 9, "proof": "p|" * 10 if k else None, "completion": "raw\ntext", "judge_reply": "r"}
+    records = [{"step": 3, "problem_id": k, "sample": 0, "score": k % 8, "reward": 0.5, "advantage": 0.1,
+                "status": "ok", "completion_tokens": 9, "proof": "p|" * 10 if k else None,
+                "completion": "raw\ntext", "judge_reply": "r"}
                for k in range(10)]
     rows = table_rows(records, rows=4, max_chars=5)
     assert [r[COLUMNS.index("problem_id")] for r in rows] == [0, 3, 6, 9]  # first, last and evenly between

@@ -54,7 +54,8 @@ def test_bf16_weights_are_refused_unless_opted_in_or_under_deepspeed():
     plain = object()
     _setup(plain, "bf16-mixed")  # fp32 weights, bf16 compute: the paper configs' path
     _setup(plain, "32-true")
-    with pytest.raises(ValueError, match=r"model.dtype=bfloat16 with trainer.precision=bf16-mixed trains 16-bit weights"):
+    with pytest.raises(ValueError,
+                       match=r"model.dtype=bfloat16 with trainer.precision=bf16-mixed trains 16-bit weights"):
         _setup(plain, "bf16-mixed", dtype="bfloat16")
     with pytest.raises(ValueError, match=r"or set model.pure_bf16=true"):
         _setup(plain, "bf16-true")

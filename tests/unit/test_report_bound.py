@@ -41,10 +41,12 @@ def test_groups_are_kept_whole_and_spread_over_the_step():
 def test_read_groups_keeps_whole_groups_and_points_each_cut_text_to_its_line(tmp_path):
     records, stats = read_groups(_run(tmp_path), per_step=8, max_chars=40)
     assert stats == {"records": 48, "kept": 24, "texts_cut": 24}
-    assert [(r["step"], r["group"], r["sample"]) for r in records[:8]] == [(0, 0, k) for k in range(4)] + [(0, 3, k) for k in range(4)]
+    assert [(r["step"], r["group"], r["sample"]) for r in records[:8]] == \
+        [(0, 0, k) for k in range(4)] + [(0, 3, k) for k in range(4)]
     last = records[-1]  # step 2, group 3, sample 3: line 16 of its file
     assert last["_at"] == "rollouts/step_000002.jsonl:16" and last["_cut"] == {"completion": 105}
-    assert last["completion"].startswith("2/15:") and "whole text is in rollouts/step_000002.jsonl:16" in last["completion"]
+    assert last["completion"].startswith("2/15:")
+    assert "whole text is in rollouts/step_000002.jsonl:16" in last["completion"]
     line = (tmp_path / "rollouts/step_000002.jsonl").read_text().splitlines()[15]
     assert json.loads(line)["completion"] == "2/15:" + "x" * 100  # the pointer leads to the whole text
     whole, stats = read_groups(tmp_path, per_step=None, max_chars=None)
@@ -52,7 +54,8 @@ def test_read_groups_keeps_whole_groups_and_points_each_cut_text_to_its_line(tmp
 
 
 def test_fit_groups_drops_whole_groups_taking_the_steps_in_turn():
-    rollouts = [{"step": s, "group": g, "problem_id": g, "sample": k, "t": "x" * 90} for s in range(3) for g in range(4) for k in range(2)]
+    rollouts = [{"step": s, "group": g, "problem_id": g, "sample": k, "t": "x" * 90}
+                for s in range(3) for g in range(4) for k in range(2)]
     runs = [{"rollouts": rollouts}]
     one_group = sum(len(json.dumps(r)) + 1 for r in rollouts[:2])
     assert fit_groups(runs, 10**9) == 0 and len(runs[0]["rollouts"]) == 24
@@ -72,7 +75,8 @@ def test_a_report_over_its_bounds_says_what_it_cut_and_stays_under_max_mb(tmp_pa
     warned = [r.getMessage() for r in caplog.records]
     assert any("64 long texts are cut to 20,000 characters" in w for w in warned)
     assert any(f"{64 - len(rollouts)} of 64 rollout records" in w and "--max_mb 1.5" in w for w in warned)
-    assert "64 long texts are cut" in text.split('<script id="qed-data" type="application/json">')[1].split("</script>")[0]
+    data = text.split('<script id="qed-data" type="application/json">')[1].split("</script>")[0]
+    assert "64 long texts are cut" in data
 
 
 def test_bounds_that_make_no_sense_name_their_flag(tmp_path):

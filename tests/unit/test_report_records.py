@@ -63,7 +63,8 @@ def test_step_files_are_atomic_and_a_resume_forgets_the_steps_it_redoes(tmp_path
     removed = RolloutLog.forget_from(tmp_path, 2)  # a run resumed from the checkpoint of step 2 redoes steps 2, 3
     assert [p.name for p in removed] == ["step_000002.jsonl", "step_000003.jsonl"]
     RolloutLog.write(tmp_path, 2, [{"step": 2, "k": 9}])
-    assert [(r["step"], r["k"]) for r in read_rollouts(tmp_path)] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 9)]
+    assert [(r["step"], r["k"]) for r in read_rollouts(tmp_path)] == \
+        [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 9)]
     assert [r["k"] for r in read_rollouts(tmp_path, per_step=2)][:2] == [0, 2]  # spread over the step's records
     assert not list((tmp_path / "rollouts").glob(".*"))  # no temporary file left behind
     assert step_file(tmp_path, 12).name == "step_000012.jsonl"
@@ -75,7 +76,8 @@ def _csv(path: Path, rows: list[str]) -> None:
 
 
 def test_metrics_of_a_resumed_run_merge_its_versions(tmp_path):
-    _csv(tmp_path / "csv/version_0", ["epoch,step,rollout/reward_mean,val/reward_mean", "0,0,0.1,", "0,1,0.2,", "0,1,,0.5", "0,2,0.9,"])
+    _csv(tmp_path / "csv/version_0",
+         ["epoch,step,rollout/reward_mean,val/reward_mean", "0,0,0.1,", "0,1,0.2,", "0,1,,0.5", "0,2,0.9,"])
     _csv(tmp_path / "csv/version_1", ["epoch,step,rollout/reward_mean", "0,2,0.3", "0,3,0.4"])  # resumed at step 2
     metrics = read_metrics(tmp_path)
     assert metrics["rollout/reward_mean"] == [[0, 0.1], [1, 0.2], [2, 0.3], [3, 0.4]]  # the later version wins

@@ -152,7 +152,8 @@ def test_packaged_prompts_have_their_placeholders_and_proof_markers():
     rendered = rubric_prompt.render(problem="p", rubric="r", proof="THE PROOF {x}")
     assert PROOF_START in rendered and PROOF_END in rendered
     assert proof_section(rendered) == "THE PROOF {x}"
-    assert proof_section(bench_prompt.render(problem="p", reference_solution="s", guidelines="g", proof="Q.E.D.")) == "Q.E.D."
+    rendered_bench = bench_prompt.render(problem="p", reference_solution="s", guidelines="g", proof="Q.E.D.")
+    assert proof_section(rendered_bench) == "Q.E.D."
 
 
 def test_prompt_version_is_name_and_short_sha(tmp_path):
@@ -171,7 +172,8 @@ def test_a_reference_style_template_runs_unchanged_through_aliases(tmp_path):
     aliases = {"marking_scheme": "rubric", "solution": "proof"}
     prompt = make_prompt("v1ref", text, aliases)
     assert prompt.placeholders == {"problem", "rubric", "proof"}
-    assert prompt.render(problem="P", rubric="R", proof="{problem}") == "Problem: P\nScheme: R\nProof: {problem}\n$\\frac{a}{b}$ {other}"
+    assert prompt.render(problem="P", rubric="R", proof="{problem}") == \
+        "Problem: P\nScheme: R\nProof: {problem}\n$\\frac{a}{b}$ {other}"
     assert prompt.version != make_prompt("v1ref", text).version  # the aliases change what the judge reads
     with pytest.raises(ValueError, match=r"unknown fields \['answer'\]"):
         make_prompt("x", "{a}", {"a": "answer"})

@@ -26,7 +26,8 @@ def test_a_module_missing_members_is_refused_naming_each():
         def sampling(self, problems, step=None):
             return None
 
-    with pytest.raises(TypeError, match=r"StreamingRollouts .* Partial lacks group_size, stream_prompts, grade_rollouts"):
+    with pytest.raises(TypeError,
+                       match=r"StreamingRollouts .* Partial lacks group_size, stream_prompts, grade_rollouts"):
         check_host(Partial(), "StreamingRollouts")
 
 

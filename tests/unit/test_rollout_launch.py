@@ -36,7 +36,8 @@ def test_tp_groups_are_consecutive_blocks_and_must_divide_the_world():
 def test_each_gpu_rank_gets_its_own_engine_on_its_own_device():
     """8 ranks on 2 nodes of 4 GPUs under srun: rank r's engine is told RANK=r and LOCAL_RANK = the CUDA device
     Lightning gave it (r mod 4), never device 0 for all (the uni-process executor's choice)."""
-    plans = [plan_launch(ProcessRanks(r, 8, r % 4), distributed=True, cuda_device=r % 4, tensor_parallel_size=1, seed=10)
+    plans = [plan_launch(ProcessRanks(r, 8, r % 4), distributed=True, cuda_device=r % 4, tensor_parallel_size=1,
+                         seed=10)
              for r in range(8)]
     assert {p.backend for p in plans} == {"external_launcher"}
     assert [p.environment()["LOCAL_RANK"] for p in plans] == ["0", "1", "2", "3"] * 2

@@ -13,7 +13,8 @@ import pytest
 from qed_lightning.data import rubric
 from qed_lightning.data.rubric import check_rubric, read_rubric, rubric_total, rubric_verified
 
-TAIL = "\n## Zero-credit items\n- Restating the problem.\n## Deductions\n- **-1**: arithmetic slip\n- **cap at 4/7**: circular"
+TAIL = ("\n## Zero-credit items\n- Restating the problem.\n## Deductions\n- **-1**: arithmetic slip\n"
+        "- **cap at 4/7**: circular")
 
 
 def test_doctests():
@@ -89,7 +90,8 @@ def test_markup_variants_read_to_seven(text):
 def test_plain_and_chain_rubrics():
     assert rubric_total(PLAIN) == 2 + 1 + 4  # the "2 pts" line under Deductions is outside the section
     assert rubric_total(CHAINS) == 1 + max(2 + 3, 4 + 2)  # the sum over chains would be 12
-    heading_chains = "## Checkpoints\n### Chain A\n- **3 pts**: x\n- **2 pts**: y\n### Chain B\n- **7 pts**: z\n## Deductions\n"
+    heading_chains = ("## Checkpoints\n### Chain A\n- **3 pts**: x\n- **2 pts**: y\n### Chain B\n- **7 pts**: z\n"
+                      "## Deductions\n")
     assert rubric_total(heading_chains) == max(3 + 2, 7)
 
 

@@ -35,7 +35,8 @@ def test_a_fresh_fit_in_a_folder_with_a_checkpoint_is_refused_with_both_ways_out
 
 def test_ckpt_path_last_without_a_last_checkpoint_is_refused_naming_the_folder(tmp_path):
     _ckpt(tmp_path / "checkpoints", "step=10.ckpt")
-    with pytest.raises(ConfigError, match=r"checkpoints holds 1 checkpoint\(s\) but no last.ckpt.*--ckpt_path .*step=10"):
+    with pytest.raises(ConfigError,
+                       match=r"checkpoints holds 1 checkpoint\(s\) but no last.ckpt.*--ckpt_path .*step=10"):
         check_fit_folder(tmp_path, "last")
     check_fit_folder(tmp_path, str(tmp_path / "checkpoints" / "step=10.ckpt"))  # an explicit path is fine
 
@@ -109,7 +110,8 @@ def test_an_unreadable_checkpoint_is_named_with_its_size_and_the_newest_readable
     torch.save({"global_step": 45, "state_dict": {}}, folder / "step=45.ckpt")
     (folder / "last.ckpt").write_bytes(b"")  # a copy that failed, a full disk: 0 bytes
     with pytest.raises(ConfigError, match=r"last.ckpt \(0 bytes\) cannot be read .*newest readable checkpoint is "
-                                          r".*step=45.ckpt \(step 45\): resume from it with --ckpt_path .*step=45.ckpt"):
+                                          r".*step=45.ckpt \(step 45\): resume from it with "
+                                          r"--ckpt_path .*step=45.ckpt"):
         check_resume_checkpoint(folder, "last")
     torch.save({"global_step": 50}, folder / "last.ckpt")
     check_resume_checkpoint(folder, "last")  # readable: nothing to say

@@ -19,8 +19,9 @@ TRAINER = textwrap.dedent("""
     stubborn = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                 "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
                 "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)']); time.sleep(600)")
-    guard = subprocess.Popen([sys.executable, "-m", "qed_lightning.rollout.engines.server_guard", "--grace-s", "1", "--",
-                              sys.executable, "-c", stubborn], start_new_session=True, preexec_fn=_die_with_parent(None))
+    guard = subprocess.Popen([sys.executable, "-m", "qed_lightning.rollout.engines.server_guard", "--grace-s", "1",
+                              "--", sys.executable, "-c", stubborn], start_new_session=True,
+                             preexec_fn=_die_with_parent(None))
     print(guard.pid, flush=True)
     time.sleep(600)
 """)

@@ -10,7 +10,8 @@ def _labelled_text(tokenizer, ex):
 def test_only_assistant_tokens_carry_labels(tiny_tokenizer):
     messages = [
         {"role": "user", "content": "Prove that $n^2 \\geq n$ for every positive integer $n$."},
-        {"role": "assistant", "content": "<think>\nSince n >= 1, multiply.\n</think>\n\nProof. $n^2 = n \\cdot n \\geq n$."},
+        {"role": "assistant",
+         "content": "<think>\nSince n >= 1, multiply.\n</think>\n\nProof. $n^2 = n \\cdot n \\geq n$."},
     ]
     ex = tokenize_conversation(tiny_tokenizer, messages)
     # The generation prompt "<|im_start|>assistant\n<think>\n" is context; the model generates everything after it,

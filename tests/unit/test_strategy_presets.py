@@ -34,14 +34,17 @@ def test_preset_composes_with_the_rl_config(preset, print_config):
     for key, value in own.items():
         assert strategy["init_args"][key] == value, key
     # everything but the strategy is the stage config's
-    assert {k: v for k, v in composed["trainer"].items() if k != "strategy"} == {k: v for k, v in base["trainer"].items() if k != "strategy"}
+    assert {k: v for k, v in composed["trainer"].items() if k != "strategy"} == \
+        {k: v for k, v in base["trainer"].items() if k != "strategy"}
     assert composed["model"] == base["model"] and composed["data"] == base["data"]
 
 
 def test_zero3_and_fsdp2_presets_shard_what_they_say(print_config):
-    zero3 = print_config(REPO / "configs/rl.yaml", REPO / "configs/strategy/deepspeed_zero3_offload.yaml")["trainer"]["strategy"]["init_args"]
+    zero3 = print_config(REPO / "configs/rl.yaml",
+                         REPO / "configs/strategy/deepspeed_zero3_offload.yaml")["trainer"]["strategy"]["init_args"]
     assert (zero3["stage"], zero3["offload_optimizer"], zero3["offload_parameters"]) == (3, True, True)
-    fsdp2 = print_config(REPO / "configs/sft.yaml", REPO / "configs/strategy/fsdp2.yaml")["trainer"]["strategy"]["init_args"]
+    fsdp2 = print_config(REPO / "configs/sft.yaml",
+                         REPO / "configs/strategy/fsdp2.yaml")["trainer"]["strategy"]["init_args"]
     assert fsdp2["data_parallel_size"] == "auto" and fsdp2["tensor_parallel_size"] == 1
 
 
@@ -62,7 +65,8 @@ def test_fsdp2_strategy_shards_over_every_process(monkeypatch):
 
 
 def test_pipeline_layout_composes_with_a_stage_and_a_strategy(print_config):
-    printed = print_config(REPO / "configs/rl.yaml", REPO / "configs/strategy/fsdp2.yaml", REPO / "configs/layout/pipeline_rl.yaml")
+    printed = print_config(REPO / "configs/rl.yaml", REPO / "configs/strategy/fsdp2.yaml",
+                           REPO / "configs/layout/pipeline_rl.yaml")
     engine = printed["model"]["init_args"]["engine"]
     assert engine["class_path"] == "qed_lightning.rollout.AsyncRollouts" and engine["init_args"]["max_lag"] == 1
     pool = engine["init_args"]["engine"]

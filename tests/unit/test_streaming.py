@@ -160,7 +160,8 @@ def test_a_restored_stream_trains_every_released_group_exactly_once():
     assert len(trained) == len(set(trained)) == 10  # 5 steps x 2 groups, none twice
     assert set(trained) <= set(range(resumed.cursor))
     # every released problem is trained or still on its way: nothing lost
-    assert set(trained) | {g.key[0] for g in resumed.pending.values()} | set(resumed.unexpanded) == set(range(resumed.cursor))
+    assert set(trained) | {g.key[0] for g in resumed.pending.values()} | set(resumed.unexpanded) == \
+        set(range(resumed.cursor))
     assert {2, 3, 4, 5} <= set(trained)  # the checkpoint's pending groups were generated again and trained
     resumed.close()
     engine.open(*range(20))
@@ -171,8 +172,9 @@ def test_an_expansion_into_several_prompts_streams_each_as_its_own_group():
     engine.open(*range(100))
     # stage 3's shape: one problem becomes two GRPO prompts (two RC states)
     stream = _stream(engine, P=2, max_lag=0,
-                     expand=lambda p, release: [ProofProblem(p.index, p.problem, p.rubric, prompt_ids=[10 * p.index + k],
-                                                             cycle=k) for k in range(2)])
+                     expand=lambda p, release: [ProofProblem(p.index, p.problem, p.rubric,
+                                                             prompt_ids=[10 * p.index + k], cycle=k)
+                                                for k in range(2)])
     stream.start()
     step = stream.take(0)
     assert len(step.prompts) == 2 and {tuple(e[:2]) for e in stream.ledger} <= {(0, 0), (0, 1), (1, 0), (1, 1)}

@@ -55,7 +55,8 @@ class PreemptionCheckpoint(Callback):
         requeue: run `scontrol requeue` (rank 0, only when SLURM_JOB_ID is set).
     """
 
-    def __init__(self, dirpath: str | None = None, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"), requeue: bool = True) -> None:
+    def __init__(self, dirpath: str | None = None, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"),
+                 requeue: bool = True) -> None:
         unknown = [s for s in signals if not hasattr(signal, s)]
         if unknown:
             raise ValueError(f"PreemptionCheckpoint: unknown signal names {unknown}; use e.g. SIGUSR1, SIGTERM")
@@ -87,11 +88,13 @@ class PreemptionCheckpoint(Callback):
         self._previous = {}
 
     def checkpoint_path(self, trainer: L.Trainer) -> Path:
-        folder = self.dirpath or getattr(trainer.checkpoint_callback, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
+        folder = (self.dirpath or getattr(trainer.checkpoint_callback, "dirpath", None)
+                  or Path(trainer.default_root_dir) / "checkpoints")
         return Path(folder) / "last.ckpt"
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
         if self.preempted or not trainer.strategy.reduce_boolean_decision(self.signalled is not None, all=False):
             return
         path = self.checkpoint_path(trainer)

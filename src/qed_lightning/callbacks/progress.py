@@ -17,9 +17,10 @@ Besides the three phase events, the bar accepts `phase_stats(name, stats)`: `{"t
 and `{"failed": n}` (judge failures so far), which the RL module forwards from the engine and the judge.
 
 In log mode it also writes one line per optimizer step with the step's main metrics, as TRL and verl print them
-(`step_line`), and one line per validation pass:
+(`step_line`; the first line below is wrapped here), and one line per validation pass:
 
-    [step 3] reward 0.41 ± 0.12 · loss -0.031 · grad_norm 0.82 · len 24.0 · trunc 1.00 · lr 3.0e-03 · judge_fail 0 · 0.4 s
+    [step 3] reward 0.41 ± 0.12 · loss -0.031 · grad_norm 0.82 · len 24.0 · trunc 1.00 · lr 3.0e-03 · judge_fail 0
+        · 0.4 s
     [step 4] validation: val/reward_mean 0.38 in 0.9 s
 
 The bar shows no `v_num` (the run folder is printed at the end of `qed-fit`), and an RL run's bar is labelled
@@ -78,10 +79,11 @@ STEP_FIELDS = (
 def step_line(step: int, metrics: dict[str, float], lr: float | None, seconds: float) -> str:
     """One optimizer step's main metrics on one line (log mode); fields a stage does not log are left out.
 
-    >>> step_line(3, {"rollout/reward_mean": 0.41, "rollout/reward_std": 0.12, "train/loss": -0.0312,
+    >>> print(step_line(3, {"rollout/reward_mean": 0.41, "rollout/reward_std": 0.12, "train/loss": -0.0312,
     ...               "train/grad_norm": 0.824, "rollout/response_len_mean": 24.0, "rollout/truncated_frac": 1.0,
-    ...               "judge/error": 1.0, "judge/parse_fail": 0.0}, 3e-3, 0.42)
-    '[step 3] reward 0.41 ± 0.12 · loss -0.0312 · grad_norm 0.824 · len 24.0 · trunc 1.00 · lr 3.0e-03 · judge_fail 1 · 0.4 s'
+    ...               "judge/error": 1.0, "judge/parse_fail": 0.0}, 3e-3, 0.42))  # doctest: +NORMALIZE_WHITESPACE
+    [step 3] reward 0.41 ± 0.12 · loss -0.0312 · grad_norm 0.824 · len 24.0 · trunc 1.00 · lr 3.0e-03
+    · judge_fail 1 · 0.4 s
     >>> step_line(7, {"train/loss": 2.5}, None, 1.25)
     '[step 7] loss 2.5 · 1.2 s'
     """
@@ -144,7 +146,8 @@ class QEDProgressBar(RichProgressBar):
         self._step_start = time.perf_counter()
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.interactive or not trainer.is_global_zero:
             return
@@ -164,7 +167,8 @@ class QEDProgressBar(RichProgressBar):
         if self.interactive or not trainer.is_global_zero or trainer.sanity_checking:
             return
         shown = {k: float(v) for k, v in trainer.callback_metrics.items()
-                 if k.startswith("val/") and ("reward_mean" in k or k.endswith("loss")) and getattr(v, "numel", lambda: 1)() == 1}
+                 if k.startswith("val/") and ("reward_mean" in k or k.endswith("loss"))
+                 and getattr(v, "numel", lambda: 1)() == 1}
         values = ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items()))
         log.info("[step %d] validation: %s%.1f s", trainer.global_step, f"{values} in " if values else "",
                  time.perf_counter() - self._val_start)
@@ -177,7 +181,8 @@ class QEDProgressBar(RichProgressBar):
 
     def phase_started(self, name: str, total: int | None) -> None:
         step = self._trainer.global_step if self._trainer is not None else 0  # the step's number before it steps
-        self._phase = {"name": name, "completed": 0, "total": total, "start": time.perf_counter(), "stats": {}, "step": step}
+        self._phase = {"name": name, "completed": 0, "total": total, "start": time.perf_counter(), "stats": {},
+                       "step": step}
         if self.interactive:
             self._phase_task = self.progress.add_task(self._text(), total=total or float("inf"))
 

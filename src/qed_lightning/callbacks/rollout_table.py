@@ -20,7 +20,8 @@ __all__ = ["COLUMNS", "RolloutTable", "table_rows"]
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("step", "problem_id", "sample", "score", "reward", "advantage", "status", "completion_tokens", "proof", "judge_reply")
+COLUMNS = ("step", "problem_id", "sample", "score", "reward", "advantage", "status", "completion_tokens", "proof",
+           "judge_reply")
 _LOGGERS = {"wandb": "WandbLogger", "tensorboard": "TensorBoardLogger", "mlflow": "MLFlowLogger"}
 
 
@@ -70,7 +71,8 @@ class RolloutTable(Callback):
 
     @override
     @rank_zero_only
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
         from qed_lightning.modules.rubric_rl import RubricRLModule
 
         records = pl_module.last_rollouts if isinstance(pl_module, RubricRLModule) else []  # only RL keeps rollouts
@@ -89,5 +91,6 @@ class RolloutTable(Callback):
         elif self.to == "tensorboard":
             logger.experiment.add_text("rollouts", _markdown(rows), global_step=step)
         else:
-            logger.experiment.log_dict(logger.run_id, {"columns": list(COLUMNS), "data": rows}, f"rollouts/step_{step:06d}.json")
+            logger.experiment.log_dict(logger.run_id, {"columns": list(COLUMNS), "data": rows},
+                                       f"rollouts/step_{step:06d}.json")
         self.logged_steps.append(step)

@@ -38,7 +38,8 @@ class TokenizedExample:
 
 def chat_prompt_ids(tokenizer, content: str) -> list[int]:
     """One user turn, chat-templated with the generation prompt, as token ids (no system prompt)."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                        tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding
 
 

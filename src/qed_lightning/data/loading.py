@@ -84,8 +84,10 @@ class Reject:
         return f"{self.unit} {self.position}{column}: {self.reason}"
 
     def record(self) -> dict[str, Any]:
-        """The `data_rejects.jsonl` record: file, 1-based line (row number for non-line sources), column, reason, row."""
-        return {"file": self.where, "line": self.position, "column": self.column, "reason": self.reason, "row": self.row}
+        """The `data_rejects.jsonl` record: file, 1-based line (row number for non-line sources), column, reason,
+        row."""
+        return {"file": self.where, "line": self.position, "column": self.column, "reason": self.reason,
+                "row": self.row}
 
 
 @dataclass
@@ -226,7 +228,8 @@ def _read_json_array(path: Path, raw: bytes) -> Table:
 
 def _load_local(path: Path) -> Table:
     if not path.exists():
-        raise DataError(f"{path}: no such file. Point the data `path` at an existing .jsonl/.json/.parquet file or a hub id.")
+        raise DataError(f"{path}: no such file. Point the data `path` at an existing .jsonl/.json/.parquet file "
+                        "or a hub id.")
     if path.suffix not in LOCAL_SUFFIXES:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet.")
     if path.suffix == ".parquet":

@@ -36,7 +36,8 @@ from qed_lightning.data.records import ProofProblem, render_policy_prompt
 from qed_lightning.data.rubric import check_rubric, read_rubric, render_rubric
 from qed_lightning.data.validation import RowPolicy, find_rejects, nonempty_str, remap
 
-__all__ = ["POLICY_PROMPT", "ProblemBatches", "ProofProblem", "ProofRLDataModule", "check_rubric", "render_policy_prompt"]
+__all__ = ["POLICY_PROMPT", "ProblemBatches", "ProofProblem", "ProofRLDataModule", "check_rubric",
+           "render_policy_prompt"]
 
 REPORT_FILE = "data_report.json"
 log = logging.getLogger(__name__)
@@ -127,12 +128,14 @@ class ProofRLDataModule(L.LightningDataModule):
         if "{problem}" not in prompt_template:
             problems.append("data.prompt_template must contain the placeholder {problem}")
         if reward_mean_range is not None and not 0.0 <= reward_mean_range[0] <= reward_mean_range[1] <= 1.0:
-            problems.append(f"data.reward_mean_range must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(reward_mean_range)}")
+            problems.append("data.reward_mean_range must be [lo, hi] with 0 <= lo <= hi <= 1, "
+                            f"got {list(reward_mean_range)}")
         if not 0.0 <= max_invalid_fraction <= 1.0:
             problems.append(f"data.max_invalid_fraction must be in [0, 1], got {max_invalid_fraction}")
         if problems:
             raise ValueError("; ".join(problems))
-        self.save_hyperparameters(logger=False)  # the whole config is logged (LogConfigCallback): no hparam merge, so data.seed may differ from model.seed
+        # the whole config is logged (LogConfigCallback): no hparam merge, so data.seed may differ from model.seed
+        self.save_hyperparameters(logger=False)
         self.policy = RowPolicy(on_invalid_row, max_invalid_fraction)
         self.train_problems: list[ProofProblem] = []
         self.val_problems: list[ProofProblem] = []
@@ -155,7 +158,8 @@ class ProofRLDataModule(L.LightningDataModule):
         if len(ids) > hp.max_prompt_tokens:
             column = (hp.columns or {}).get("problem", "problem")
             return table.reject(index, column, f"the policy prompt has {len(ids)} tokens, more than "
-                                f"data.max_prompt_tokens={hp.max_prompt_tokens}; raise it (and the engine's max_model_len)")
+                                f"data.max_prompt_tokens={hp.max_prompt_tokens}; "
+                                "raise it (and the engine's max_model_len)")
         rate = pass_rate(fields["reward_mean"], fields["scores"]) if hp.reward_mean_range is not None else None
         return ProofProblem(index, fields["problem"], render_rubric(fields["rubrics"]), fields["source"] or "", ids,
                             line=table.positions[index], pass_rate=rate)
@@ -195,8 +199,9 @@ class ProofRLDataModule(L.LightningDataModule):
         if bounds is None:
             return problems
         kept = [p for p in problems if in_range(p.pass_rate, tuple(bounds))]
-        self.stats.update({"data/difficulty_kept": float(len(kept)), "data/difficulty_dropped": float(len(problems) - len(kept))})
-        self.report["difficulty"] = {"reward_mean_range": list(bounds), "kept": len(kept), "dropped": len(problems) - len(kept)}
+        dropped = len(problems) - len(kept)
+        self.stats.update({"data/difficulty_kept": float(len(kept)), "data/difficulty_dropped": float(dropped)})
+        self.report["difficulty"] = {"reward_mean_range": list(bounds), "kept": len(kept), "dropped": dropped}
         if not kept:
             raise DataError(f"{self.hparams.path}: no problem has a pass rate in data.reward_mean_range={list(bounds)} "
                             f"(out of {len(problems)}); widen the range.")
@@ -215,10 +220,12 @@ class ProofRLDataModule(L.LightningDataModule):
         the job-wide numbers."""
         world = self.trainer.world_size if self.trainer is not None else 1
         hp = self.hparams
-        for key, value in (("prompts_per_step", hp.prompts_per_step), ("spare_prompts_per_step", hp.spare_prompts_per_step)):
+        for key, value in (("prompts_per_step", hp.prompts_per_step),
+                           ("spare_prompts_per_step", hp.spare_prompts_per_step)):
             if value % world:
                 raise ConfigError(f"data.{key}={value} is for the whole job and must split evenly over its {world} "
-                                  f"training processes: use a multiple of {world} (e.g. {max(value // world, 1) * world})")
+                                  f"training processes: use a multiple of {world} "
+                                  f"(e.g. {max(value // world, 1) * world})")
         return hp.prompts_per_step // world, hp.spare_prompts_per_step // world
 
     def setup(self, stage: str | None = None) -> None:
@@ -233,7 +240,8 @@ class ProofRLDataModule(L.LightningDataModule):
         random.Random(self.hparams.seed).shuffle(problems)
         n_val = self.hparams.val_size
         if n_val >= len(problems):
-            raise DataError(f"{self.hparams.path}: data.val_size={n_val} leaves no training problems out of {len(problems)}.")
+            raise DataError(f"{self.hparams.path}: data.val_size={n_val} leaves no training problems "
+                            f"out of {len(problems)}.")
         duplicates = self._report_duplicates(problems)
         self.val_problems, self.train_problems = split_validation(problems, n_val)
         if len(self.val_problems) < n_val:
@@ -259,8 +267,9 @@ class ProofRLDataModule(L.LightningDataModule):
         s = self.stats
         difficulty = (f", {int(s['data/difficulty_dropped'])} outside data.reward_mean_range"
                       if "data/difficulty_dropped" in s else "")
-        rank_zero_info(f"RL data: {len(self.train_problems)} train and {len(self.val_problems)} validation problems from "
-                       f"{self.hparams.path} ({int(s['data/rows_read'])} rows, {int(s['data/rejected'])} rejected{difficulty}, "
+        rank_zero_info(f"RL data: {len(self.train_problems)} train and {len(self.val_problems)} validation "
+                       f"problems from {self.hparams.path} ({int(s['data/rows_read'])} rows, "
+                       f"{int(s['data/rejected'])} rejected{difficulty}, "
                        f"{int(s['data/rubric_unverified'])} rubrics whose total could not be read, kept)")
         run_dir = self._run_dir()
         if run_dir is None:

@@ -45,7 +45,8 @@ _TOTAL_LINE = re.compile(_LEAD + r"total\b", re.IGNORECASE)
 _BOLD_LINE = re.compile(r"^\s*(?:[-*+]\s+)?\*\*[^*]+\*\*\s*:?\s*$")
 _MARKER = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+")
 _POINTS = r"(\d+)\s*(?:pts?|points?)\.?"
-_WRAPPED = re.compile(r"\*\*\s*[(\[]?\s*" + _POINTS + r"\s*[)\]]?\s*:?\s*\*\*|[(\[]\s*" + _POINTS + r"\s*[)\]]", re.IGNORECASE)
+_WRAPPED = re.compile(r"\*\*\s*[(\[]?\s*" + _POINTS + r"\s*[)\]]?\s*:?\s*\*\*|[(\[]\s*" + _POINTS + r"\s*[)\]]",
+                      re.IGNORECASE)
 # bare counts need a separator, so that "3 points are collinear" or "meets the circle at 2 points." is no count
 _BARE_START = re.compile(r"^(\d+)\s*(?:pts?|points?)\s*[.:\-\u2013\u2014)]", re.IGNORECASE)
 _BARE_END = re.compile(r"[:\-\u2013\u2014]\s*" + _POINTS + r"\s*$", re.IGNORECASE)
@@ -159,7 +160,8 @@ def _sum_section(section: list[str]) -> tuple[int, dict[str, int], int]:
 def read_rubric(rubric_markdown: str) -> RubricReading:
     """The points of a markdown rubric's checkpoints (common items plus the best chain), or why they cannot be read.
 
-    >>> read_rubric("## Checkpoints (7 pts total)\\n- **3 pts**: a\\n- **4 pts**: b\\n## Deductions\\n- **1 pt**: x").total
+    >>> read_rubric("## Checkpoints (7 pts total)\\n- **3 pts**: a\\n- **4 pts**: b\\n"
+    ...             "## Deductions\\n- **1 pt**: x").total
     7
     >>> read_rubric('''**1. Checkpoints**
     ... 1. **(1 pt)** common setup
@@ -203,7 +205,8 @@ def check_rubric(value: Any) -> str | None:
             return error
         return None if total == REQUIRED_TOTAL else f"rubric items total {total} points, expected {REQUIRED_TOTAL}"
     if not isinstance(value, str):
-        return f"expected a markdown string or a list of {{title, points, description}} items, got {type(value).__name__}"
+        return (f"expected a markdown string or a list of {{title, points, description}} items, "
+                f"got {type(value).__name__}")
     if not value.strip():
         return "empty string"
     total = rubric_total(value)

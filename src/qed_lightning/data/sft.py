@@ -89,7 +89,8 @@ class SFTDataModule(L.LightningDataModule):
             problems.append(f"data.max_invalid_fraction must be in [0, 1], got {max_invalid_fraction}")
         if problems:
             raise ValueError("; ".join(problems))
-        self.save_hyperparameters(logger=False)  # the whole config is logged (LogConfigCallback): no hparam merge, so data.seed may differ from model.seed
+        # the whole config is logged (LogConfigCallback): no hparam merge, so data.seed may differ from model.seed
+        self.save_hyperparameters(logger=False)
         self.policy = RowPolicy(on_invalid_row, max_invalid_fraction)
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []
@@ -140,9 +141,9 @@ class SFTDataModule(L.LightningDataModule):
         share = s["data/dropped"] / max(s["data/examples"], 1)
         if share > 0.05:
             log.warning("%d of %d SFT examples (%.0f%%) are not trained on (longer than data.max_length=%d with "
-                        "truncation=%s, or no assistant tokens): raise data.max_length, or set data.truncation=thinking "
-                        "to keep their proofs", s["data/dropped"], s["data/examples"], 100 * share, hp.max_length,
-                        hp.truncation)
+                        "truncation=%s, or no assistant tokens): raise data.max_length, or set "
+                        "data.truncation=thinking to keep their proofs", s["data/dropped"], s["data/examples"],
+                        100 * share, hp.max_length, hp.truncation)
         if run_dir is None or not lengths:
             return
         ordered = sorted(lengths)
@@ -171,7 +172,8 @@ class SFTDataModule(L.LightningDataModule):
             f"SFT data: {self.stats['data/examples']} examples from {hp.path}, {self.stats['data/truncated']} over "
             f"max_length={hp.max_length} ({hp.truncation}), {self.stats['data/dropped']} dropped, "
             f"{self.stats['data/thinking_cut']} with their thinking cut, "
-            f"{self.stats['data/rejected']} rejected rows, {len(self.train_rows)} train rows, {len(self.val_rows)} val rows"
+            f"{self.stats['data/rejected']} rejected rows, {len(self.train_rows)} train rows, "
+            f"{len(self.val_rows)} val rows"
         )
 
     def _rows(self, examples: list[TokenizedExample]) -> list[dict]:

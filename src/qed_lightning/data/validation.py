@@ -122,8 +122,8 @@ class RowPolicy:
             raise DataError(format_rejects(where, rejects, total, hint))
         if run_dir is not None:
             write_jsonl(run_dir / REJECTS_FILE, [r.record() for r in rejects])
-        log.warning("%s: skipped %d of %d rows (data.on_invalid_row=skip); the reasons are in %s", where, len(positions),
-                    total, run_dir / REJECTS_FILE if run_dir is not None else "the log above")
+        log.warning("%s: skipped %d of %d rows (data.on_invalid_row=skip); the reasons are in %s", where,
+                    len(positions), total, run_dir / REJECTS_FILE if run_dir is not None else "the log above")
         for reject in rejects[:MAX_LISTED_ERRORS]:
             log.warning("  %s", reject.describe())
         return positions

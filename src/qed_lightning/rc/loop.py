@@ -105,7 +105,8 @@ def load_rc_prompt(name_or_path: str, required: tuple[str, ...], summary_field: 
     later = later if sep else first
     allowed = {*required, summary_field}
     problems = [f"the {label} variant lacks {{{field}}}" for label, variant in (("first", first), ("later", later))
-                for field in (*required, *((summary_field,) if label == "later" else ())) if f"{{{field}}}" not in variant]
+                for field in (*required, *((summary_field,) if label == "later" else ()))
+                if f"{{{field}}}" not in variant]
     problems += [f"{{{field}}} cannot be filled here (allowed: {sorted(allowed)})"
                  for field in sorted(set(_PLACEHOLDER.findall(text)) - allowed)]
     if problems:
@@ -234,13 +235,16 @@ class ReasoningCache:
         policy's; a random stream apart from every reasoning call."""
         own = self.summarizer_sampling
         if own.seed is None and own.seeds is None:
-            own = SamplingConfig(own.temperature, own.top_p, own.top_k, own.max_new_tokens, sampling.seed, sampling.seeds)
+            own = SamplingConfig(own.temperature, own.top_p, own.top_k, own.max_new_tokens, sampling.seed,
+                                 sampling.seeds)
         return derive_sampling(own, "summary", cycle, indices=range(n))
 
     def _summarize(self, problems: list[str], states, attempts, engine, tokenizer, sampling: SamplingConfig,
                    cycle: int) -> list[Completion]:
-        texts = [self.summary_prompt_text(p, s[-1].summary, a[-1].text) for p, s, a in zip(problems, states, attempts, strict=True)]
-        outs = engine.generate([chat_prompt_ids(tokenizer, t) for t in texts], self._summary_sampling(sampling, cycle, len(texts)))
+        texts = [self.summary_prompt_text(p, s[-1].summary, a[-1].text)
+                 for p, s, a in zip(problems, states, attempts, strict=True)]
+        outs = engine.generate([chat_prompt_ids(tokenizer, t) for t in texts],
+                               self._summary_sampling(sampling, cycle, len(texts)))
         return [out for (out,) in outs]
 
     def run(self, problems: list[str], engine: RolloutEngine, tokenizer, sampling: SamplingConfig,
@@ -295,6 +299,6 @@ def run_reasoning_cache(
     """The test-time RC scaffold: `cycles` attempts per problem, the model summarizing itself unless a `summarizer`
     is given; each trajectory's answer is `final_proof`. The summary of the last attempt is skipped by default (so
     the trajectories hold K states s_0..s_{K-1} and `summaries[-1]` is None): nothing reads it at test time."""
-    cache = ReasoningCache(cycles, reasoning_prompt, summary_prompt, summarizer, summarizer_tokenizer, summarizer_sampling,
-                           summary_input_split)
+    cache = ReasoningCache(cycles, reasoning_prompt, summary_prompt, summarizer, summarizer_tokenizer,
+                           summarizer_sampling, summary_input_split)
     return cache.run(problems, engine, tokenizer, sampling, summarize_last=summarize_last)

@@ -69,7 +69,8 @@ def build_report(paths: list[str | Path], out: str | Path | None = None, title: 
         log.warning("qed-report: %s", warning)
     path = write_report(runs, out or default_out(folders), title, warnings)
     rollouts = sum(len(r["rollouts"]) for r in runs)
-    log.info("report of %d run(s), %d rollout record(s), %.1f MB: %s", len(runs), rollouts, path.stat().st_size / 1e6, path)
+    log.info("report of %d run(s), %d rollout record(s), %.1f MB: %s", len(runs), rollouts,
+             path.stat().st_size / 1e6, path)
     return path
 
 
@@ -87,22 +88,24 @@ def _fit(runs: list[dict], title: str, max_chars: int, max_bytes: int) -> list[s
     kept = sum(len(r["rollouts"]) for r in runs)
     dropped = fit_groups(runs, max(max_bytes - fixed, 0))
     if dropped:
-        warnings.append(f"{dropped:,} of {kept:,} rollout records (whole groups, every step in turn) are left out to keep "
-                        f"the page under --max_mb {max_bytes / 1e6:g}; raise it, or lower --max_chars")
+        warnings.append(f"{dropped:,} of {kept:,} rollout records (whole groups, every step in turn) are left out "
+                        f"to keep the page under --max_mb {max_bytes / 1e6:g}; raise it, or lower --max_chars")
     return warnings
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="qed-report", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="qed-fit run folders and/or qed-eval output folders")
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="qed-fit run folders and/or qed-eval output folders")
     parser.add_argument("--out", "-o", default=None, help="the HTML file to write (default: see above)")
     parser.add_argument("--title", default=None, help="the page title (default: the run names)")
     parser.add_argument("--rollouts_per_step", type=int, default=64,
                         help="rollout records kept per step and run: whole GRPO groups, spread evenly (0 = all)")
     parser.add_argument("--max_chars", type=int, default=8000,
-                        help="each long text (completion, proof, judge reply, prompt, rubric) cut to this many characters, "
-                             "with a pointer to its record (0 = whole)")
+                        help="each long text (completion, proof, judge reply, prompt, rubric) cut to this many "
+                             "characters, with a pointer to its record (0 = whole)")
     parser.add_argument("--max_mb", type=float, default=40.0,
                         help="the page's size bound in MB: whole groups are left out beyond it (default 40: see above)")
     parser.add_argument("-v", "--verbose", action="store_true", help="every library's log lines")

@@ -62,7 +62,8 @@ def fixed_size(runs: list[dict[str, Any]], title: str) -> int:
     return len(render_report([{**run, "rollouts": []} for run in runs], title).encode("utf-8"))
 
 
-def render_report(runs: list[dict[str, Any]], title: str = "qed-lightning report", warnings: list[str] | None = None) -> str:
+def render_report(runs: list[dict[str, Any]], title: str = "qed-lightning report",
+                  warnings: list[str] | None = None) -> str:
     """The page's HTML text for `runs` (each from `qed_lightning.report.load_run`); `warnings` shown on top."""
     data = {"title": title, "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "warnings": list(warnings or []), "runs": [{k: run[k] for k in _RUN_FIELDS if k in run} for run in runs]}
@@ -73,7 +74,8 @@ def render_report(runs: list[dict[str, Any]], title: str = "qed-lightning report
     head, _, rest = page.partition("__DATA__")
     middle, _, rest = rest.partition("__METRICS__")
     middle2, _, tail = rest.partition("__ROLLOUTS__")
-    return "".join([head, _json_for_script(data), middle, _json_for_script(metrics), middle2, _json_for_script(rollouts), tail])
+    return "".join([head, _json_for_script(data), middle, _json_for_script(metrics), middle2,
+                    _json_for_script(rollouts), tail])
 
 
 def _escape(text: str) -> str:

@@ -182,12 +182,14 @@ def read_rollouts(root: str | Path, per_step: int | None = None) -> list[dict]:
     that many of each step (evenly spread over the step's records, so every group stays represented)."""
     folder = Path(root) / "rollouts"
     out: list[dict] = []
-    files = sorted(folder.glob("step_*.jsonl"), key=lambda p: int(_STEP_FILE.search(p.name).group(1))) if folder.is_dir() else []
+    files = (sorted(folder.glob("step_*.jsonl"), key=lambda p: int(_STEP_FILE.search(p.name).group(1)))
+             if folder.is_dir() else [])
     for path in files:
         with open(path, encoding="utf-8") as fh:
             records = [json.loads(line) for line in fh if line.strip()]
         join_audit(records, read_audit(root, int(_STEP_FILE.search(path.name).group(1))))
         if per_step and len(records) > per_step:
-            records = [records[round(k * (len(records) - 1) / (per_step - 1))] for k in range(per_step)] if per_step > 1 else records[:1]
+            records = ([records[round(k * (len(records) - 1) / (per_step - 1))] for k in range(per_step)]
+                       if per_step > 1 else records[:1])
         out.extend(records)
     return out

@@ -31,7 +31,8 @@ def metric_versions(root: Path) -> list[Path]:
     """The folders that hold this run's `metrics.csv`, oldest first."""
     if (root / "metrics.csv").is_file():
         return [root]
-    versions = [p for p in (root / "csv").glob("version_*") if (p / "metrics.csv").is_file() and _VERSION.search(p.name)]
+    versions = [p for p in (root / "csv").glob("version_*")
+                if (p / "metrics.csv").is_file() and _VERSION.search(p.name)]
     return sorted(versions, key=lambda p: int(_VERSION.search(p.name).group(1)))
 
 
@@ -108,10 +109,12 @@ def _per_problem(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _eval_run(root: Path, name: str, max_chars: int | None) -> dict[str, Any]:
-    summary = json.loads((root / "summary.json").read_text(encoding="utf-8")) if (root / "summary.json").is_file() else {}
+    summary_path = root / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     samples = _eval_samples(root)
     per_problem = _per_problem(samples)
-    cut = sum(cut_texts(s, max_chars, f"samples.jsonl (problem {s['problem_id']}, sample {s['sample']})") for s in samples)
+    cut = sum(cut_texts(s, max_chars, f"samples.jsonl (problem {s['problem_id']}, sample {s['sample']})")
+              for s in samples)
     return {"name": name, "kind": "eval", "path": str(root), "summary": summary, "rollouts": samples,
             "per_problem": per_problem, "metrics": {}, "config": "",
             "bounds": {"records": len(samples), "kept": len(samples), "texts_cut": cut}}
@@ -132,6 +135,6 @@ def load_run(path: str | Path, name: str | None = None, per_step: int | None = 6
         return _eval_run(root, name, max_chars)
     if metric_versions(root) or (root / "rollouts").is_dir():
         return _train_run(root, name, per_step, max_chars)
-    raise RunNotFound(f"{path}: neither a training run (no csv/version_*/metrics.csv, no rollouts/) nor an evaluation "
-                      "folder (no summary.json or samples.jsonl); pass the run's trainer.default_root_dir or a qed-eval "
-                      "output_dir")
+    raise RunNotFound(f"{path}: neither a training run (no csv/version_*/metrics.csv, no rollouts/) nor an "
+                      "evaluation folder (no summary.json or samples.jsonl); pass the run's "
+                      "trainer.default_root_dir or a qed-eval output_dir")

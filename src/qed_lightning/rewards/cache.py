@@ -117,13 +117,15 @@ class GradeCache:
             row = self._loaded().get(key)
         if row is None:
             return None
-        return Grade(score=row["score"], reward=row["reward"], status="ok", reply=row["reply"], latency_s=0.0, cached=True)
+        return Grade(score=row["score"], reward=row["reward"], status="ok", reply=row["reply"], latency_s=0.0,
+                     cached=True)
 
     def put(self, key: str, grade: Grade) -> bool:
         """Store an "ok" grade; anything else is not stored (returns False)."""
         if grade.status != "ok" or grade.score is None:
             return False
-        row = {"key": key, "score": grade.score, "reward": grade.reward, "reply": grade.reply, "latency_s": grade.latency_s}
+        row = {"key": key, "score": grade.score, "reward": grade.reward, "reply": grade.reply,
+               "latency_s": grade.latency_s}
         with self._lock:
             self._loaded()[key] = row
             self._append(json.dumps(row, ensure_ascii=False) + "\n")

@@ -96,8 +96,8 @@ def make_prompt(name: str, text: str, aliases: dict[str, str] | None = None) -> 
     pairs = tuple(sorted((aliases or {}).items()))
     unknown = sorted({field for _, field in pairs} - set(PLACEHOLDERS))
     if unknown:
-        raise ValueError(f"judge prompt {name!r}: placeholder aliases map onto unknown fields {unknown}; the fields are "
-                         f"{list(PLACEHOLDERS)}.")
+        raise ValueError(f"judge prompt {name!r}: placeholder aliases map onto unknown fields {unknown}; "
+                         f"the fields are {list(PLACEHOLDERS)}.")
     keyed = text if not pairs else text + "\n" + repr(pairs)
     sha = hashlib.sha256(keyed.encode("utf-8")).hexdigest()
     return JudgePrompt(name=name, version=f"{name}@{sha[:8]}", text=text, sha=sha, aliases=pairs)

@@ -43,16 +43,16 @@ PREFIX = "model."
 def checkpoint_kind(path: Path) -> str:
     """"dcp", "deepspeed" or "file"."""
     if not path.exists():
-        raise ConfigError(f"checkpoint: {path} does not exist (a run's checkpoints are in <default_root_dir>/checkpoints, "
-                          "e.g. runs/rl/checkpoints/last.ckpt)")
+        raise ConfigError(f"checkpoint: {path} does not exist (a run's checkpoints are in "
+                          "<default_root_dir>/checkpoints, e.g. runs/rl/checkpoints/last.ckpt)")
     if path.is_file():
         return "file"
     if (path / ".metadata").exists():
         return "dcp"
     if (path / "latest").exists() or (path / "checkpoint").is_dir():
         return "deepspeed"
-    raise ConfigError(f"checkpoint: {path} is neither a checkpoint file, a distributed checkpoint (no .metadata) nor a DeepSpeed "
-                     "checkpoint directory (no `latest`)")
+    raise ConfigError(f"checkpoint: {path} is neither a checkpoint file, a distributed checkpoint (no .metadata) "
+                      "nor a DeepSpeed checkpoint directory (no `latest`)")
 
 
 def _meta(path: Path, kind: str) -> dict:
@@ -99,8 +99,8 @@ def load_dcp_into(model, path: Path) -> None:
             wanted[PREFIX + name] = tensor
     missing = _missing_ok(model, [n for n in model.state_dict() if PREFIX + n not in wanted])
     if missing:
-        raise KeyError(f"{path}: the checkpoint has no tensors for {missing[:5]} ({len(missing)} missing); is --base the "
-                       "model this run trained?")
+        raise KeyError(f"{path}: the checkpoint has no tensors for {missing[:5]} ({len(missing)} missing); "
+                       "is --base the model this run trained?")
     dcp.load({"state_dict": wanted}, checkpoint_id=str(path))
 
 
@@ -141,7 +141,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, base: str | None = None
         meta = _meta(path, kind)
         base = base or meta.get("hyper_parameters", {}).get("model_name_or_path")
         if not base:
-            raise ValueError(f"{ckpt}: no model_name_or_path in the checkpoint's hyper-parameters; pass --base MODEL_DIR")
+            raise ValueError(f"{ckpt}: no model_name_or_path in the checkpoint's hyper-parameters; "
+                             "pass --base MODEL_DIR")
         state = meta.get("state_dict") if kind == "file" else None
         model = _skeleton(base, _dtype_of(path, kind, state))
         if kind == "dcp":
@@ -171,13 +172,14 @@ def write_card(out: Path, meta: dict, ckpt: Path, run_config: str | Path | None 
                eval_summary: str | Path | None = None, repo_id: str | None = None) -> Path:
     """`out/README.md`: the model card of the checkpoint `ckpt` (its run's config.yaml found unless given). An
     evaluation summary of another model than this one (`out` or `repo_id`) is left out, with a warning."""
-    from qed_lightning.tools.model_card import build_model_card, card_facts, eval_matches, find_run_config, load_card_inputs
+    from qed_lightning.tools.model_card import (build_model_card, card_facts, eval_matches, find_run_config,
+                                                load_card_inputs)
 
     config_path = Path(run_config) if run_config else find_run_config(ckpt)
     config, summary = load_card_inputs(config_path, Path(eval_summary) if eval_summary else None)
     if summary is not None and not eval_matches(summary, out, repo_id):
-        log.warning("--eval_summary %s scored model %r, not this export (%s%s): left out of the model card; run qed-eval "
-                    "--model %s and pass that summary", eval_summary, summary.get("model"), out,
+        log.warning("--eval_summary %s scored model %r, not this export (%s%s): left out of the model card; "
+                    "run qed-eval --model %s and pass that summary", eval_summary, summary.get("model"), out,
                     f" or {repo_id}" if repo_id else "", out)
         summary = None
     path = out / "README.md"
@@ -201,19 +203,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="qed-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a Lightning .ckpt file or a sharded checkpoint directory")
     parser.add_argument("out_dir", help="HF folder to write (config, safetensors, tokenizer)")
-    parser.add_argument("--base", default=None, help="model folder for config and tokenizer (default: the run's model_name_or_path)")
-    parser.add_argument("--run_config", default=None, help="the run's config.yaml for the model card (default: found beside the checkpoint)")
+    parser.add_argument("--base", default=None,
+                        help="model folder for config and tokenizer (default: the run's model_name_or_path)")
+    parser.add_argument("--run_config", default=None,
+                        help="the run's config.yaml for the model card (default: found beside the checkpoint)")
     parser.add_argument("--eval_summary", default=None,
-                        help="a qed-eval summary.json of this export (its `model` is OUT_DIR or the --push_to_hub repo) "
-                             "to put in the model card; one of another model is left out with a warning")
-    parser.add_argument("--push_to_hub", default=None, metavar="REPO", help="upload the folder to this Hub model repo (needs network)")
+                        help="a qed-eval summary.json of this export (its `model` is OUT_DIR or the --push_to_hub "
+                             "repo) to put in the model card; one of another model is left out with a warning")
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO",
+                        help="upload the folder to this Hub model repo (needs network)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("-v", "--verbose", action="store_true", help="every library's log lines")
     parser.add_argument("--debug", action="store_true", help="the traceback of an error (or QED_DEBUG=1)")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     with exit_on_data_error("qed-export", args.debug or debug_requested([])):
-        out = export_checkpoint(args.checkpoint, args.out_dir, args.base, args.run_config, args.eval_summary, args.push_to_hub)
+        out = export_checkpoint(args.checkpoint, args.out_dir, args.base, args.run_config, args.eval_summary,
+                                args.push_to_hub)
     if args.push_to_hub:
         log.info("uploaded to %s", push_to_hub(out, args.push_to_hub, args.private))
     log.info("exported to %s", Path(out).resolve())

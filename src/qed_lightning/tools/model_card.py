@@ -33,7 +33,8 @@ __all__ = ["STAGES", "base_model_chain", "build_model_card", "card_facts", "eval
 STAGES = {"SFTModule": "stage 1: SFT on distilled proofs", "RubricRLModule": "stage 2: rubric-judge RL (GRPO-style)",
           "ReasoningCacheRLModule": "stage 3: reasoning-cache RL"}
 
-TAGS = {"SFTModule": ["sft"], "RubricRLModule": ["grpo", "llm-judge"], "ReasoningCacheRLModule": ["grpo", "reasoning-cache"]}
+TAGS = {"SFTModule": ["sft"], "RubricRLModule": ["grpo", "llm-judge"],
+        "ReasoningCacheRLModule": ["grpo", "reasoning-cache"]}
 FRAMEWORKS = ("qed-lightning", "torch", "lightning", "transformers", "vllm", "huggingface_hub")
 
 
@@ -74,7 +75,8 @@ def _parent_of_folder(folder: Path) -> str | None:
     for run in (folder.parent, folder):  # `<run>/hf` (export_hf's default) or a run folder given itself
         config = _run_config(run)
         if config is not None:
-            parent = _dig(yaml.safe_load(config.read_text(encoding="utf-8")), "model", "init_args", "model_name_or_path")
+            config_data = yaml.safe_load(config.read_text(encoding="utf-8"))
+            parent = _dig(config_data, "model", "init_args", "model_name_or_path")
             if parent and Path(str(parent)).resolve() != folder.resolve():
                 return str(parent)
     if (folder / "config.json").is_file():
@@ -112,7 +114,8 @@ def card_facts(meta: dict[str, Any], config: dict[str, Any] | None) -> dict[str,
     facts = {"module": module, "stage": STAGES.get(module, module or "unknown"), "base_model": started,
              "origin_model": chain[-1] if len(chain) > 1 and _is_hub_id(chain[-1]) else None,
              "data": data.get("path") or _dig(config, "data", "init_args", "path"), "steps": meta.get("global_step"),
-             "judge_model": _dig(client, "init_args", "model"), "judge_client": str(client.get("class_path", "")).rsplit(".", 1)[-1],
+             "judge_model": _dig(client, "init_args", "model"),
+             "judge_client": str(client.get("class_path", "")).rsplit(".", 1)[-1],
              "judge_prompt": judge.get("prompt"), "optimizer": str(optimizer.get("class_path", "")).rsplit(".", 1)[-1],
              "lr": _dig(optimizer, "init_args", "lr"), "precision": _dig(config, "trainer", "precision")}
     for key in ("group_size", "temperature", "max_new_tokens", "cycles"):
@@ -149,7 +152,8 @@ def _eval_results(name: str, summary: dict[str, Any]):
     return [EvalResult(task_type="text-generation", task_name="proof writing", dataset_type=benchmark,
                        dataset_name=benchmark, metric_type="score_pct", metric_name=f"{scaffold}: score % of 7",
                        metric_value=round(float(entry["overall"]["score_pct"]), 2))
-            for scaffold, entry in (summary.get("scaffolds") or {}).items() if "score_pct" in (entry.get("overall") or {})]
+            for scaffold, entry in (summary.get("scaffolds") or {}).items()
+            if "score_pct" in (entry.get("overall") or {})]
 
 
 def _card_data(name: str, facts: dict[str, Any], summary: dict[str, Any] | None):
@@ -176,8 +180,9 @@ def _eval_section(summary: dict[str, Any]) -> list[str]:
 
 def _body(name: str, facts: dict[str, Any], summary: dict[str, Any] | None, versions: dict[str, str]) -> list[str]:
     labels = [("stage", "trained"), ("base_model", "started from"), ("origin_model", "base model (start of the chain)"),
-              ("data", "data"), ("steps", "optimizer steps"), ("judge_model", "judge model"), ("judge_client", "judge client"),
-              ("judge_prompt", "judge prompt"), ("optimizer", "optimizer"), ("lr", "learning rate"), ("precision", "precision"),
+              ("data", "data"), ("steps", "optimizer steps"), ("judge_model", "judge model"),
+              ("judge_client", "judge client"), ("judge_prompt", "judge prompt"), ("optimizer", "optimizer"),
+              ("lr", "learning rate"), ("precision", "precision"),
               ("group_size", "rollouts per prompt (G)"), ("temperature", "sampling temperature"),
               ("max_new_tokens", "max new tokens"), ("cycles", "reasoning-cache cycles")]
     lines = [f"# {name}", "",
@@ -192,9 +197,10 @@ def _body(name: str, facts: dict[str, Any], summary: dict[str, Any] | None, vers
     if summary:
         lines += _eval_section(summary)
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              f'model = AutoModelForCausalLM.from_pretrained("{name}")', f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
-              "```", "", "Prompt: `Generate a rigorous proof to the following question:\\n\\n{problem}` as one user turn; "
-              "the proof is the text after the last `</think>`.", ""]
+              f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+              "```", "", "Prompt: `Generate a rigorous proof to the following question:\\n\\n{problem}` as one user "
+              "turn; the proof is the text after the last `</think>`.", ""]
     if versions:
         lines += ["## Framework versions", "", *[f"- {k}: {v}" for k, v in versions.items()], ""]
     return lines

@@ -155,7 +155,8 @@ def build_tiny(out_dir: str | Path, preset: str = "test", seed: int = 0, corpus_
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("tiny Qwen3 (%s preset, %.2fM parameters, vocab %d) written to %s", preset, n_params / 1e6, len(tokenizer), out)
+    log.info("tiny Qwen3 (%s preset, %.2fM parameters, vocab %d) written to %s",
+             preset, n_params / 1e6, len(tokenizer), out)
     return out
 
 
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="folder to write the model and tokenizer into")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="test")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--corpus", nargs="*", default=None, help="JSONL files to train the tokenizer on (default: data/samples)")
+    parser.add_argument("--corpus", nargs="*", default=None,
+                        help="JSONL files to train the tokenizer on (default: data/samples)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     build_tiny(args.out_dir, preset=args.preset, seed=args.seed, corpus_files=args.corpus)
