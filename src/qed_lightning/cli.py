@@ -177,7 +177,7 @@ def check_model_paths(config: Namespace) -> None:
         norm = str(value).rstrip("/").removeprefix("./")
         writer = STAGE_EXPORTS.get(norm)
         hint = (f"it is written when {writer} ends" if writer else
-                f"a run exports to <default_root_dir>/hf when it ends" if norm.endswith("/hf") else "a local folder")
+                "a run exports to <default_root_dir>/hf when it ends" if norm.endswith("/hf") else "a local folder")
         raise ConfigError(f"model.init_args.{key}: {value} does not exist ({hint}; run that first, or point the key "
                           "at a model folder or a hub id)")
 
@@ -189,14 +189,16 @@ def looks_local(name: str) -> bool:
 
 def complete_loggers(trainer: Namespace, root: str, name: str = "csv") -> None:
     """CSV metrics in `<root>/<name>` always (`csv` for `fit`: `qed-report` and the tests read them; the subcommand's
-    name for `validate`/`test`), first, so the run's `config.yaml` lands beside them; the trackers of `configs/logger/*.yaml` write under `<root>` unless their config says where
-    (`logger+:` entries in a YAML cannot interpolate the stage config's `default_root_dir`)."""
+    name for `validate`/`test`), first, so the run's `config.yaml` lands beside them; the trackers of
+    `configs/logger/*.yaml` write under `<root>` unless their config says where (`logger+:` entries in a YAML cannot
+    interpolate the stage config's `default_root_dir`)."""
     spec = trainer.get("logger")
     if spec is False:
         return
     specs = [] if spec in (None, True) else list(spec) if isinstance(spec, list) else [spec]
     if not any(str(s.get("class_path", "")).endswith("CSVLogger") for s in specs):
-        specs.insert(0, Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=root, name=name)))
+        specs.insert(0, Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                                  init_args=Namespace(save_dir=root, name=name)))
     for s in specs:
         kind, init = str(s.get("class_path", "")).rsplit(".", 1)[-1], s.get("init_args")
         if init is None:

@@ -20,9 +20,9 @@ Design:
   evidence (step, gap, the most disagreeing samples); `on_gap="stop"` also saves a checkpoint through the trainer
   (`<run>/checkpoints/audit-stop-step=N.ckpt`), writes the evidence to `<run>/audit/alarm.json` and stops the run.
 - Cheap signals beside it, every step, from all kept records (`signal/*`: length drift, repeated 3-grams,
-  character repetition, flat groups, saturated scores), flagged with a WARNING past their limits. Statistical detectors alone give false
-  positives (a concise policy drifts in length, a solved problem saturates), so they only flag: the audit judge's
-  gap decides the alarm.
+  character repetition, flat groups, saturated scores), flagged with a WARNING past their limits. Statistical
+  detectors alone give false positives (a concise policy drifts in length, a solved problem saturates), so they only
+  flag: the audit judge's gap decides the alarm.
 Only global rank 0 audits; the stop decision is broadcast so every rank saves and stops together.
 """
 
@@ -77,7 +77,8 @@ class JudgeAudit(Callback):
         problems = []
         if sample < 1 or every_n_steps < 1 or patience < 1 or trend_window < 2 or max_pending < 1:
             problems.append(f"JudgeAudit needs sample >= 1, every_n_steps >= 1, patience >= 1, trend_window >= 2 and "
-                            f"max_pending >= 1, got {sample}, {every_n_steps}, {patience}, {trend_window}, {max_pending}")
+                            f"max_pending >= 1, got {sample}, {every_n_steps}, {patience}, {trend_window}, "
+                            f"{max_pending}")
         if on_gap not in ("warn", "stop"):
             problems.append(f"JudgeAudit on_gap must be 'warn' or 'stop', got {on_gap!r}")
         if problems:
@@ -174,7 +175,8 @@ class JudgeAudit(Callback):
     # -- hooks ---------------------------------------------------------------------------------------------------
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
         if trainer.is_global_zero:
             self._audit_step(trainer, getattr(pl_module, "last_rollouts", None) or [])
         if trainer.strategy.broadcast(self.alarm is not None) and not self.stopped:

@@ -55,8 +55,8 @@ def load_human_grades(path: str, problems: dict[str, EvalProblem],
                if g.problem_id not in problems]
     if unknown:
         column = (columns or {}).get("problem_id", "problem_id")
-        raise DataError(f"{path}: column {column!r} names problems the benchmark does not have ({'; '.join(unknown[:10])}); "
-                        f"the benchmark's ids start {sorted(problems)[:5]}.")
+        raise DataError(f"{path}: column {column!r} names problems the benchmark does not have "
+                        f"({'; '.join(unknown[:10])}); the benchmark's ids start {sorted(problems)[:5]}.")
     return grades
 
 

@@ -123,8 +123,8 @@ class Benchmark:
         optional = {f: self.columns.get(f, f) for f in ("problem_id", *META_FIELDS)}
         mapped = [f"{f} -> {c!r}" for f, c in optional.items() if f in self.user_columns and c not in have]
         if mapped:
-            raise DataError(f"{self.path}: the benchmark's `columns` maps {', '.join(mapped)}, but the file has no such "
-                            f"column; it has {sorted(have)}.")
+            raise DataError(f"{self.path}: the benchmark's `columns` maps {', '.join(mapped)}, but the file has no "
+                            f"such column; it has {sorted(have)}.")
         present = {f: c for f, c in optional.items() if c in have}
         validate_rows(table, {f: _optional_str for f in present}, present, required=False)
 
@@ -180,7 +180,8 @@ class IMOProofBench(Benchmark):
     def to_problem(self, index: int, row: dict[str, Any]) -> EvalProblem:
         base = super().to_problem(index, row)
         fields = remap(row, self.columns, ["reference_solution", "guidelines"])
-        return EvalProblem(base.problem_id, base.problem, fields["reference_solution"], fields["guidelines"], meta=base.meta)
+        return EvalProblem(base.problem_id, base.problem, fields["reference_solution"], fields["guidelines"],
+                           meta=base.meta)
 
 
 class RubricBenchmark(Benchmark):

@@ -65,12 +65,14 @@ class ProofBenchEvalCallback(Callback):
             self.problems = self.benchmark.load()
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
         step = trainer.global_step
         if step == 0 or step % self.every_n_steps or step == self._last_step:
             return
         self._last_step = step
-        WeightSyncCallback.owner(trainer, pl_module.engine).push(trainer, pl_module)  # this step's weights, by their owner
+        # this step's weights, by their owner
+        WeightSyncCallback.owner(trainer, pl_module.engine).push(trainer, pl_module)
         for key, value in self.evaluate(pl_module, step, trainer.global_rank, trainer.world_size).items():
             pl_module.log(f"val/{self.name}_{key}", value, on_step=True, on_epoch=False, batch_size=1)
 
@@ -81,7 +83,8 @@ class ProofBenchEvalCallback(Callback):
         indices = [i for i in range(len(self.problems)) for _ in range(self.n)][rank::world_size]  # [P * n / ranks]
         runs = [k for _ in self.problems for k in range(self.n)][rank::world_size]
         problems = [self.problems[i] for i in indices]
-        seeds = tuple(derive_seed(self.sampling.seed, "eval", self.name, step, p.problem_id, k) for p, k in zip(problems, runs))
+        seeds = tuple(derive_seed(self.sampling.seed, "eval", self.name, step, p.problem_id, k)
+                      for p, k in zip(problems, runs))
         sampling = replace(self.sampling, seed=None, seeds=seeds)
         outputs = self.scaffold.run([p.problem for p in problems], engine, pl_module.tokenizer, sampling)
         grades = judge.grade([p.grade_request(o.response) for p, o in zip(problems, outputs)])

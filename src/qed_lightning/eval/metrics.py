@@ -132,7 +132,8 @@ class ProofScore(Metric):
     def compute(self) -> dict[str, Tensor]:
         if _empty(self.scores):
             empty = torch.zeros(0)
-            return score_summary(empty, empty.long(), empty.long(), empty.bool(), empty.bool(), empty, self.failure_mode)
+            return score_summary(empty, empty.long(), empty.long(), empty.bool(), empty.bool(), empty,
+                                 self.failure_mode)
         states = [dim_zero_cat(getattr(self, name)) for name in self._fields]
         return score_summary(*states, failure_mode=self.failure_mode)
 

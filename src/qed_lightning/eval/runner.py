@@ -39,7 +39,7 @@ from qed_lightning.eval import report
 from qed_lightning.eval.agreement import judge_agreement, load_human_grades
 from qed_lightning.eval.benchmarks import Benchmark, EvalProblem
 from qed_lightning.eval.scaffolds import DirectScaffold, Scaffold, sampling_settings
-from qed_lightning.eval.store import JsonlLog, SampleKey, SampleStore, check_manifest, sample_key
+from qed_lightning.eval.store import JsonlLog, SampleKey, SampleStore, check_manifest
 from qed_lightning.rewards.audit import agreement
 from qed_lightning.rewards.cache import GradeCache
 from qed_lightning.rewards.judge import BaseJudge
@@ -104,7 +104,8 @@ class Evaluator:
 
     def __init__(self, model: str, benchmark: Benchmark, judge: BaseJudge, engine: RolloutEngine | None = None,
                  scaffold: Scaffold | None = None, n: int = 4, temperature: float | None = None,
-                 top_p: float | None = None, top_k: int | None = None, max_new_tokens: int = 49152, output_dir: str = "runs/eval", seed: int = 0,
+                 top_p: float | None = None, top_k: int | None = None, max_new_tokens: int = 49152,
+                 output_dir: str = "runs/eval", seed: int = 0,
                  batch_size: int = 256, regrade_failures: bool = True, plot: bool = True,
                  audit_judge: BaseJudge | None = None) -> None:
         problems = [f"{name} must be >= 1, got {value}" for name, value in
@@ -147,7 +148,8 @@ class Evaluator:
         """What determines this scaffold's samples (the manifest refuses to resume a folder made otherwise)."""
         b = self.benchmark
         return {"model": self.model, "engine": type(self.engine).__name__, "scaffold": self.scaffold.settings(),
-                "benchmark": {"class": b.name, "path": b.path, "subset": b.subset, "split": b.split, "columns": b.columns},
+                "benchmark": {"class": b.name, "path": b.path, "subset": b.subset, "split": b.split,
+                              "columns": b.columns},
                 "sampling": sampling_settings(self.sampling)}
 
     # -- the run -----------------------------------------------------------------------------------------------
@@ -206,7 +208,8 @@ class Evaluator:
             records.append({**{k: generation[k] for k in ("problem_id", "sample", "scaffold")}, **meta,
                             "score": grade.score, "status": grade.status, "reward": grade.reward,
                             "judge_reply": grade.reply, "judge_cached": grade.cached, "judge": graded_by,
-                            **{k: generation[k] for k in ("tokens", "truncated", "calls", "prompt", "output", "trace")}})
+                            **{k: generation[k]
+                               for k in ("tokens", "truncated", "calls", "prompt", "output", "trace")}})
         store.samples.append(records)
 
     # -- reports -----------------------------------------------------------------------------------------------

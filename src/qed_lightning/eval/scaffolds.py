@@ -66,7 +66,8 @@ def generate_texts(engine: RolloutEngine, tokenizer, texts: list[str], sampling:
 
 
 def sampling_settings(sampling: SamplingConfig) -> dict[str, Any]:
-    """The sampling fields a run manifest records (named, so a field added to `SamplingConfig` later changes nothing)."""
+    """The sampling fields a run manifest records (named, so a field added to `SamplingConfig` later changes
+    nothing)."""
     return {k: getattr(sampling, k) for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
 
 
@@ -78,7 +79,8 @@ def load_scaffold_prompt(name_or_path: str) -> str:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path.read_text(encoding="utf-8")
-    raise ValueError(f"scaffold prompt {name_or_path!r} is neither a packaged prompt (gvr_verify, gvr_refine) nor a file.")
+    raise ValueError(f"scaffold prompt {name_or_path!r} is neither a packaged prompt (gvr_verify, gvr_refine) "
+                     "nor a file.")
 
 
 def fill(template: str, **values: str) -> str:
@@ -111,7 +113,8 @@ class Scaffold(ABC):
         return {"kind": self.kind, "prompt_template": self.prompt_template}
 
     @abstractmethod
-    def run(self, problems: list[str], engine: RolloutEngine, tokenizer, sampling: SamplingConfig) -> list[ScaffoldOutput]:
+    def run(self, problems: list[str], engine: RolloutEngine, tokenizer,
+            sampling: SamplingConfig) -> list[ScaffoldOutput]:
         """One output per entry of `problems`, all problems batched into each generation call."""
 
 
@@ -120,10 +123,12 @@ class DirectScaffold(Scaffold):
 
     kind = "direct"
 
-    def run(self, problems: list[str], engine: RolloutEngine, tokenizer, sampling: SamplingConfig) -> list[ScaffoldOutput]:
+    def run(self, problems: list[str], engine: RolloutEngine, tokenizer,
+            sampling: SamplingConfig) -> list[ScaffoldOutput]:
         prompts = [self.policy_prompt(p) for p in problems]
         completions = generate_texts(engine, tokenizer, prompts, sampling)
-        return [ScaffoldOutput(prompt, c.text, len(c.completion_ids), c.truncated) for prompt, c in zip(prompts, completions)]
+        return [ScaffoldOutput(prompt, c.text, len(c.completion_ids), c.truncated)
+                for prompt, c in zip(prompts, completions)]
 
 
 @dataclass
@@ -182,7 +187,8 @@ class GenerateVerifyRefine(Scaffold):
         return {**super().settings(), "rounds": self.rounds, "verify": self.verify_template,
                 "refine": self.refine_template, "verify_max_new_tokens": self.verify_max_new_tokens}
 
-    def run(self, problems: list[str], engine: RolloutEngine, tokenizer, sampling: SamplingConfig) -> list[ScaffoldOutput]:
+    def run(self, problems: list[str], engine: RolloutEngine, tokenizer,
+            sampling: SamplingConfig) -> list[ScaffoldOutput]:
         prompts = [self.policy_prompt(p) for p in problems]
         attempts = [_Attempt(c, len(c.completion_ids)) for c in generate_texts(engine, tokenizer, prompts, sampling)]
         for round_ in range(1, self.rounds + 1):
@@ -248,7 +254,8 @@ class ReasoningCacheScaffold(Scaffold):
 
     kind = "reasoning_cache"
 
-    def __init__(self, cycles: int = 3, summarizer: RolloutEngine | None = None, summarizer_tokenizer: str | None = None,
+    def __init__(self, cycles: int = 3, summarizer: RolloutEngine | None = None,
+                 summarizer_tokenizer: str | None = None,
                  summarizer_sampling: SamplingConfig | None = None, summary_max_new_tokens: int | None = None,
                  reasoning_prompt: str = "rc_reasoning_v1", summary_prompt: str = "rc_summary_v1",
                  summary_input_split: Literal["last", "first"] = "last",
@@ -279,7 +286,8 @@ class ReasoningCacheScaffold(Scaffold):
         budget = self.summary_max_new_tokens or (sampling.max_new_tokens if self_summary else summary.max_new_tokens)
         return replace(summary, max_new_tokens=budget)
 
-    def run(self, problems: list[str], engine: RolloutEngine, tokenizer, sampling: SamplingConfig) -> list[ScaffoldOutput]:
+    def run(self, problems: list[str], engine: RolloutEngine, tokenizer,
+            sampling: SamplingConfig) -> list[ScaffoldOutput]:
         from qed_lightning.rc.loop import run_reasoning_cache  # stage 3's loop, loaded on use
 
         trajectories = run_reasoning_cache(
@@ -294,8 +302,10 @@ class ReasoningCacheScaffold(Scaffold):
     def _output(trajectory) -> ScaffoldOutput:
         last = trajectory.attempts[-1]
         states = trajectory.states
-        trace = [{"cycle": k, "attempt_tokens": len(a.completion_ids), "closed_thinking": extract_proof(a.text) is not None,
+        trace = [{"cycle": k, "attempt_tokens": len(a.completion_ids),
+                  "closed_thinking": extract_proof(a.text) is not None,
                   "summary": states[k + 1].summary if k + 1 < len(states) else None}
                  for k, a in enumerate(trajectory.attempts)]
         calls = len(trajectory.attempts) + sum(s is not None for s in trajectory.summaries)
-        return ScaffoldOutput(trajectory.states[0].prompt_text, last.text, trajectory.tokens, last.truncated, calls, trace)
+        return ScaffoldOutput(trajectory.states[0].prompt_text, last.text, trajectory.tokens, last.truncated, calls,
+                              trace)

@@ -3,8 +3,8 @@ its own by `scripts/gpu_check.py` (`python -m qed_lightning.gpu_check.measure SE
 section past its time budget can be cut without losing the others.
 
 Every measurement goes through the training code itself (`SFTModule.lm_loss`, `RubricRLModule.compute_loss` and
-`PolicyUpdate.token_stats`) on a random-weight Qwen3 built from its config (nothing downloaded), with fp32 weights and bf16
-autocast, i.e. the paper configs' precision. Attention is sdpa (flash-attn is not on the GPU machine): a packed SFT
+`PolicyUpdate.token_stats`) on a random-weight Qwen3 built from its config (nothing downloaded), with fp32 weights and
+bf16 autocast, i.e. the paper configs' precision. Attention is sdpa (flash-attn is not on the GPU machine): a packed SFT
 row costs sdpa a dense block-diagonal mask, so the paper-scale memory uses single-sequence rows (causal, no mask),
 which is what varlen flash attention holds per sequence. Section 7 (`flash_attention`) runs `flash_attention_2`
 when `flash_attn` imports, against sdpa on the same weights.
@@ -138,7 +138,8 @@ def packed_row(length: int, vocab: int, docs: tuple[int, int], seed: int = 0) ->
 def model_flops(shape: dict, docs: list[int]) -> float:
     """Forward + backward FLOPs of one step on documents `docs` (no recompute counted): 6 x matmul parameters per
     token (decoder and LM head), plus causal attention 6 x l^2 x heads x head_dim per layer and document."""
-    h, heads, kv, d = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
+    h, heads = shape["hidden_size"], shape["num_attention_heads"]
+    kv, d = shape["num_key_value_heads"], shape["head_dim"]
     per_layer = h * d * (2 * heads + 2 * kv) + 3 * h * shape["intermediate_size"]
     matmul = shape["num_hidden_layers"] * per_layer + shape["vocab_size"] * h
     attention = shape["num_hidden_layers"] * sum(6 * n * n * heads * d for n in docs)
@@ -280,10 +281,12 @@ def logprob_gap(scale: Scale) -> dict:
         for row, r in enumerate(rollouts):
             ids = torch.tensor([r.prompt_ids + r.completion_ids], device=scale.device)
             logits = half(input_ids=ids).logits[0, len(r.prompt_ids) - 1 : -1].float() / 0.8
-            sampler[row, : len(r.completion_ids)] = logits.log_softmax(-1).gather(-1, ids[0, len(r.prompt_ids):, None])[:, 0]
+            sampler[row, : len(r.completion_ids)] = logits.log_softmax(-1).gather(
+                -1, ids[0, len(r.prompt_ids):, None])[:, 0]
     real = mask.bool()
     gap, drift = (trainer - sampler).abs()[real], (trainer - exact).abs()[real]
-    return {"tokens": int(real.sum()), "trainer_vs_bf16_hf_mean": float(gap.mean()), "trainer_vs_bf16_hf_max": float(gap.max()),
+    return {"tokens": int(real.sum()),
+            "trainer_vs_bf16_hf_mean": float(gap.mean()), "trainer_vs_bf16_hf_max": float(gap.max()),
             "trainer_vs_fp32_mean": float(drift.mean()), "trainer_vs_fp32_max": float(drift.max()),
             "mean_logprob": float(trainer[real].mean()), "uniform_logprob": -math.log(vocab)}
 

@@ -81,7 +81,8 @@ def chunked_token_stats(states: Tensor, targets: Tensor, mask: Tensor, head: tor
     logps, entropies = [], []
     for start in range(0, targets.numel(), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
-        out = checkpoint(_chunk_stats, head, states[piece], targets[piece], float(temperature), entropy, use_reentrant=False)
+        out = checkpoint(_chunk_stats, head, states[piece], targets[piece], float(temperature), entropy,
+                         use_reentrant=False)
         logps.append(out[0] if entropy else out)
         if entropy:
             entropies.append(out[1])
@@ -148,7 +149,8 @@ def shared_prefix_logits(model, batch: SharedPrefixBatch, hidden: bool = False) 
     return torch.cat([first.expand(n, 1, -1), rest], dim=1)
 
 
-def completion_logits(rows: torch.Tensor, input_ids: torch.Tensor, packed: PackedSequences) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logits(rows: torch.Tensor, input_ids: torch.Tensor,
+                      packed: PackedSequences) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows' values (logits or hidden states) `[N, D]` at the positions that predict the N real completion tokens,
     and those tokens `[N]`, in the row-major order of `packed.mask` (`scatter_tokens` puts per-token results back on
     the `[n, T]` grid). Only real positions are gathered: no `[n, T_max, D]` tensor (see the module docstring).

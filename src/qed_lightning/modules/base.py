@@ -5,9 +5,10 @@ never in `__init__`: building a module is cheap, so a config with a typo fails b
 The optimizer and the LR schedule are injected as callables (`OptimizerCallable`, `LRSchedulerCallable`), so the
 YAML chooses them by `class_path`.
 
-Precision (`qed_lightning.model.precision`): weights train in float32 with bf16 compute (`trainer.precision: bf16-mixed`,
-FSDP2's mixed-precision policy, DeepSpeed's fp32 master copy); bf16 weights without a master copy lose the small
-updates of a low learning rate and are refused at `setup` unless `pure_bf16` (then a warning gives the numbers).
+Precision (`qed_lightning.model.precision`): weights train in float32 with bf16 compute
+(`trainer.precision: bf16-mixed`, FSDP2's mixed-precision policy, DeepSpeed's fp32 master copy); bf16 weights without
+a master copy lose the small updates of a low learning rate and are refused at `setup` unless `pure_bf16` (then a
+warning gives the numbers).
 Strategies: FSDP1 is refused at `setup` (`parallel.refuse_unsupported_strategy`).
 """
 
@@ -89,11 +90,11 @@ class QEDModule(L.LightningModule):
             return  # DeepSpeed keeps an fp32 master copy in its optimizer whatever the module's dtype
         if weights_are_half(self.hparams.dtype, self.trainer.precision):
             raise ValueError(
-                f"model.dtype={self.hparams.dtype} with trainer.precision={self.trainer.precision} trains 16-bit weights "
-                "without an fp32 master copy: an update below half a bf16 step (2^-8 of the weight) is lost, so at "
-                "lr 1e-6 ~98% of the weights never move. Use trainer.precision=bf16-mixed with model.dtype=float32 "
-                "(bf16 compute on fp32 weights; FSDP2 and DeepSpeed keep fp32 masters too), or set "
-                "model.pure_bf16=true to train bf16 weights anyway.")
+                f"model.dtype={self.hparams.dtype} with trainer.precision={self.trainer.precision} trains 16-bit "
+                "weights without an fp32 master copy: an update below half a bf16 step (2^-8 of the weight) is lost, "
+                "so at lr 1e-6 ~98% of the weights never move. Use trainer.precision=bf16-mixed with "
+                "model.dtype=float32 (bf16 compute on fp32 weights; FSDP2 and DeepSpeed keep fp32 masters too), or "
+                "set model.pure_bf16=true to train bf16 weights anyway.")
 
     def on_fit_start(self) -> None:
         if self.hparams.pure_bf16 and any(p.dtype in (torch.bfloat16, torch.float16) for p in self.parameters()):
@@ -139,9 +140,11 @@ class QEDModule(L.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False
         self.model.train(self.training)
-        rank_zero_info(f"loaded {hp.model_name_or_path} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters)")
+        millions = sum(p.numel() for p in self.model.parameters()) / 1e6
+        rank_zero_info(f"loaded {hp.model_name_or_path} ({millions:.2f}M parameters)")
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                lengths: list[int] | None = None) -> torch.Tensor:
         """Logits `[B, L, V]` of a packed batch (attention mask None: transformers builds it from position ids).
 
         sdpa/eager turn restarting position ids into a block-diagonal mask for any batch size; a varlen (flash)
@@ -149,9 +152,11 @@ class QEDModule(L.LightningModule):
         gets the sequence boundaries once (`qed_lightning.model.attention`): `lengths`, the sequences' lengths in order,
         when the caller knows them, else read from the position ids.
         """
-        return self._packed_call(input_ids, position_ids, lambda **kw: self.model(**kw, use_cache=False).logits, lengths)
+        return self._packed_call(input_ids, position_ids, lambda **kw: self.model(**kw, use_cache=False).logits,
+                                 lengths)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      lengths: list[int] | None = None) -> torch.Tensor:
         """The decoder's final (normed) hidden states `[B, L, H]` of a packed batch, for losses that apply the LM head
         themselves (`qed_lightning.model.forward`); same varlen handling as `forward`."""
         from qed_lightning.model.forward import final_hidden_states
@@ -166,7 +171,8 @@ class QEDModule(L.LightningModule):
 
         return self.model is not None and packs_without_mask(self.model.config)
 
-    def _packed_call(self, input_ids: torch.Tensor, position_ids: torch.Tensor, run, lengths: list[int] | None = None) -> torch.Tensor:
+    def _packed_call(self, input_ids: torch.Tensor, position_ids: torch.Tensor, run,
+                     lengths: list[int] | None = None) -> torch.Tensor:
         """`run(input_ids=..., position_ids=..., [varlen boundaries])` -> `[rows, L, D]` (see `forward`)."""
         batch, length = input_ids.shape
         if not self.varlen_attention:

@@ -111,5 +111,6 @@ def fill_step(first: Groups, spares: list[ProofProblem], target: int, group_size
         kept = kept.join(more.take(_with_signal(more, group_size)))
     chosen = kept if kept.problems else first  # never more than `target`: each draw fills at most what is missing
     metrics = {"rollout/groups_generated": float(generated), "rollout/groups_kept": float(len(kept.problems)),
-               "rollout/rollouts_judged": float(judged), "rollout/groups_short": float(max(target - len(kept.problems), 0))}
+               "rollout/rollouts_judged": float(judged),
+               "rollout/groups_short": float(max(target - len(kept.problems), 0))}
     return chosen, metrics

@@ -166,7 +166,8 @@ class PolicyUpdate:
             call = host.hidden_states if hidden else host
             rows = call(input_ids, position_ids, packed.lengths)
         else:
-            bounds = varlen_kwargs(packed.lengths, device) if packed.lengths and packs_without_mask(model.config) else {}
+            varlen = packed.lengths and packs_without_mask(model.config)
+            bounds = varlen_kwargs(packed.lengths, device) if varlen else {}
             kwargs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False, **bounds)
             rows = final_hidden_states(model, **kwargs)[0] if hidden else model(**kwargs).logits
         out, targets = completion_logits(rows, input_ids, packed)  # gathers along the last dim, logits or states

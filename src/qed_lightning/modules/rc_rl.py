@@ -84,12 +84,14 @@ def state_prompt(problem: ProofProblem, state: RCState, replayed: bool = False,
     >>> state_prompt(ProofProblem(3, "Show 1 < 2.", "R"), RCState(0, "", "", []), judge_problem="policy_prompt").problem
     'Generate a rigorous proof to the following question:\\n\\nShow 1 < 2.'
     """
-    graded = POLICY_PROMPT.replace("{problem}", problem.problem) if judge_problem == "policy_prompt" else problem.problem
+    graded = (POLICY_PROMPT.replace("{problem}", problem.problem) if judge_problem == "policy_prompt"
+              else problem.problem)
     return replace(problem, problem=graded, prompt_ids=list(state.prompt_ids), cycle=state.cycle, replayed=replayed,
                    spare=False, summary=state.summary)
 
 
-def cycle_rewards(cycles: list[int], rewards: torch.Tensor, valid: torch.Tensor, group_size: int, prefix: str) -> dict[str, float]:
+def cycle_rewards(cycles: list[int], rewards: torch.Tensor, valid: torch.Tensor, group_size: int,
+                  prefix: str) -> dict[str, float]:
     """Mean valid reward per cycle index (`{prefix}reward_cycle_k`) and the change from each cycle to the next that is
     present (`{prefix}improvement_k` = reward of cycle k - reward of cycle k-1). `cycles[i]` is prompt i's cycle."""
     per, ok = rewards.view(-1, group_size), valid.view(-1, group_size)  # [P, G]
@@ -178,12 +180,14 @@ class ReasoningCacheRLModule(RubricRLModule):
         if states_per_trajectory < 1:
             problems.append(f"model.states_per_trajectory must be >= 1, got {states_per_trajectory}")
         if replay_size < 0 or not 0.0 <= replay_ratio < 1.0:
-            problems.append(f"model.replay_size must be >= 0 and model.replay_ratio in [0, 1), got {replay_size} and {replay_ratio}")
+            problems.append(f"model.replay_size must be >= 0 and model.replay_ratio in [0, 1), got {replay_size} and "
+                            f"{replay_ratio}")
         if replay_ratio > 0 and replay_size == 0:
             problems.append("model.replay_ratio > 0 needs a buffer: set model.replay_size > 0")
         if (summarizer is None) != (summarizer_model is None):
-            problems.append("model.summarizer (a separate engine) and model.summarizer_model (its weights and tokenizer, e.g. "
-                            "Qwen/Qwen3-4B-Instruct-2507) go together; leave both unset for the policy to summarize itself")
+            problems.append("model.summarizer (a separate engine) and model.summarizer_model (its weights and "
+                            "tokenizer, e.g. Qwen/Qwen3-4B-Instruct-2507) go together; leave both unset for the policy "
+                            "to summarize itself")
         if summarizer is not None and torch.cuda.is_available() and summarizer.in_process and engine.in_process:
             problems.append(f"model.summarizer: {SECOND_ENGINE_REFUSED}")
         if problems:
@@ -214,7 +218,8 @@ class ReasoningCacheRLModule(RubricRLModule):
 
     # -- 1. states -----------------------------------------------------------------------------------------------
 
-    def fresh_states(self, problems: list[ProofProblem], trajectories: list[RCTrajectory], step: int) -> list[ProofProblem]:
+    def fresh_states(self, problems: list[ProofProblem], trajectories: list[RCTrajectory],
+                     step: int) -> list[ProofProblem]:
         """m states per trajectory, seeded by seed, step and problem (so whichever rank or batch position a problem
         lands on)."""
         hp = self.hparams
@@ -233,7 +238,8 @@ class ReasoningCacheRLModule(RubricRLModule):
         keep = sorted(rng.sample(range(len(fresh)), len(fresh) - n_replay))
         chosen = [fresh[i] for i in keep] + [self._from_replay(e) for e in rng.sample(self.replay, n_replay)]
         if hp.replay_size > 0:
-            self.replay.extend(self._to_replay(p, s) for p, t in zip(problems, trajectories, strict=True) for s in t.states)
+            self.replay.extend(self._to_replay(p, s)
+                               for p, t in zip(problems, trajectories, strict=True) for s in t.states)
             del self.replay[:-hp.replay_size]
         return chosen
 
@@ -244,7 +250,8 @@ class ReasoningCacheRLModule(RubricRLModule):
                 "prompt_ids": list(state.prompt_ids)}
 
     def _from_replay(self, entry: dict) -> ProofProblem:
-        problem = ProofProblem(entry["index"], entry["problem"], entry["rubric"], entry["source"], line=entry.get("line", 0))
+        problem = ProofProblem(entry["index"], entry["problem"], entry["rubric"], entry["source"],
+                               line=entry.get("line", 0))
         state = RCState(entry["cycle"], entry["summary"], entry["prompt_text"], entry["prompt_ids"])
         return state_prompt(problem, state, replayed=True, judge_problem=self.hparams.judge_problem)
 
@@ -298,7 +305,8 @@ class ReasoningCacheRLModule(RubricRLModule):
             metrics.update(self.grade_turns(batch, trajectories, "rc/turn_"))
         self.log_step(metrics, len(batch))
 
-    def grade_turns(self, problems: list[ProofProblem], trajectories: list[RCTrajectory], prefix: str) -> dict[str, float]:
+    def grade_turns(self, problems: list[ProofProblem], trajectories: list[RCTrajectory],
+                    prefix: str) -> dict[str, float]:
         """Grade every trajectory's own attempts against the original problem (`{prefix}reward_cycle_k`), plus the
         judge counters of these grades (`{prefix}judge_*`); nothing here is trained on."""
         attempts = [a for t in trajectories for a in t.attempts]

@@ -22,8 +22,8 @@ COLUMNS = ("reward", "valid", "length", "truncated", "policy_version", "score")
 
 #: metrics that count events: summed over ranks
 SUMMED = {"judge/ok", "judge/truncated", "judge/error", "judge/parse_fail", "judge/incomplete", "judge/proof_markup",
-          "judge/cache_hits", "judge/calls", "judge/outages", "train/tokens_per_sec", "rc/states", "rollout/groups_generated", "rollout/groups_kept",
-          "rollout/rollouts_judged", "rollout/groups_short"}
+          "judge/cache_hits", "judge/calls", "judge/outages", "train/tokens_per_sec", "rc/states",
+          "rollout/groups_generated", "rollout/groups_kept", "rollout/rollouts_judged", "rollout/groups_short"}
 #: metrics that are maxima or phase times: the slowest or largest rank
 MAXED = {"judge/down_s", "rollout/sync_time_s", "rc/summarizer_s", "rc/reason_s"}
 

@@ -170,7 +170,8 @@ def hack_signals(records: Sequence[dict], first_length: float | None) -> dict[st
         "signal/length_drift": mean_len / base - 1 if base else 0.0,
         "signal/repetition": sum(repeated_ngram_share(t) for t in texts) / len(records),
         "signal/char_repetition": sum(char_repetition(t) for t in texts) / len(records),
-        "signal/flat_groups": sum(len(set(s)) == 1 for s in groups.values() if len(s) > 1) / max(sum(len(s) > 1 for s in groups.values()), 1),
+        "signal/flat_groups": (sum(len(set(s)) == 1 for s in groups.values() if len(s) > 1)
+                               / max(sum(len(s) > 1 for s in groups.values()), 1)),
         "signal/saturated": sum(s == MAX_SCORE for s in scored) / len(scored) if scored else 0.0,
     }
 

@@ -108,7 +108,8 @@ def flat_groups(rewards: Tensor, group_size: int, *, valid: Tensor | None = None
     With `valid` (as in `group_advantages_masked`), only valid members are compared; a group with at most one
     valid member is flat too.
 
-    >>> flat_groups(torch.tensor([1.0, 1.0, 0.0, 0.5, 3.0, 0.0]), group_size=2, valid=torch.tensor([True] * 5 + [False]))
+    >>> flat_groups(torch.tensor([1.0, 1.0, 0.0, 0.5, 3.0, 0.0]), group_size=2,
+    ...             valid=torch.tensor([True] * 5 + [False]))
     tensor([ True, False,  True])
     """
     _check_groups(rewards, group_size)

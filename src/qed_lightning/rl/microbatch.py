@@ -13,18 +13,18 @@ Three layouts (`RubricRLModule(micro_batch_layout=...)`; "auto" picks by attenti
   k completions, and the completions run as `[k, T]` right-padded rows attending to it. Autograd flows through the
   cached keys/values, so the gradient is that of k separate `prompt + completion` rows (tested in float64:
   log-probs to 1e-10, gradients to float32 rounding, since Qwen3's RMSNorm computes in float32), for `Lp + k * T`
-  tokens of compute instead of `k * (Lp + T)`. TRL's GRPOTrainer (the benchmark baseline) runs the prompt once per completion;
-  the paper's prompts (~0.5k tokens) are short against its 49k-token proofs, so the saving is small there, and
-  large where prompts are long against completions (reasoning-cache states carry a summary; short-completion
+  tokens of compute instead of `k * (Lp + T)`. TRL's GRPOTrainer (the benchmark baseline) runs the prompt once per
+  completion; the paper's prompts (~0.5k tokens) are short against its 49k-token proofs, so the saving is small
+  there, and large where prompts are long against completions (reasoning-cache states carry a summary; short-completion
   runs). Putting several prompts in one micro-batch (right-padded prompt rows, a mask over the cache) was measured
   no faster on CPU, so a micro-batch holds one prompt. Gradient checkpointing drops the cache (transformers forces
   `use_cache=False` in checkpointed layers), so "auto" then falls back to "padded".
 For "packed" and "padded", `gather_index` points, in the flattened `[B * (L - 1)]` next-token positions, at the
-position predicting each completion token. `qed_lightning.model.forward.completion_logits` gathers only the real completion positions, as a
-flat `[N, D]` (N = real completion tokens, in the row-major order of the `[n, T]` mask), never the padded
-`[n, T_max, D]`: a ragged micro-batch (one 40k-token completion and 25 short ones) would pad every short one to 40k
-(~5 GB of hidden states at 4B scale, twice with backward). Per-token results go back onto the `[n, T]` grid (one
-line per sequence, the layout `policy_loss` takes) with `scatter_tokens`.
+position predicting each completion token. `qed_lightning.model.forward.completion_logits` gathers only the real
+completion positions, as a flat `[N, D]` (N = real completion tokens, in the row-major order of the `[n, T]` mask),
+never the padded `[n, T_max, D]`: a ragged micro-batch (one 40k-token completion and 25 short ones) would pad every
+short one to 40k (~5 GB of hidden states at 4B scale, twice with backward). Per-token results go back onto the
+`[n, T]` grid (one line per sequence, the layout `policy_loss` takes) with `scatter_tokens`.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def share_prefix(prompts: Sequence[Sequence[int]], completions: Sequence[Sequenc
     return SharedPrefixBatch(torch.tensor([prompt], dtype=torch.long), ids, mask, list(members))
 
 
-def pad_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], members: list[int], pad_id: int = 0) -> PackedSequences:
+def pad_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], members: list[int],
+                  pad_id: int = 0) -> PackedSequences:
     """One right-padded row per sequence (`[n, W]`, plain position ids); see the module docstring."""
     width = max(len(prompts[k]) + len(completions[k]) for k in members)
     ids = torch.full((len(members), width), pad_id, dtype=torch.long)
@@ -137,7 +138,8 @@ def _grid(index_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return gather, mask
 
 
-def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], members: list[int]) -> PackedSequences:
+def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                   members: list[int]) -> PackedSequences:
     """Lay out sequences `members` as one row; completion token j of sequence k is predicted at row position
     offset_k + len(prompt_k) + j - 1, which is where `gather_index` points."""
     ids: list[int] = []
