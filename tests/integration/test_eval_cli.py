@@ -122,7 +122,8 @@ def test_agreement_subcommand_grades_human_samples_once(tmp_path, capsys, judge_
 
 def test_transformers_engine_and_generate_verify_refine_on_the_tiny_model(tiny_model_dir, tmp_path):
     summary = run(["--config", DEMO, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path), "--n", "1",
-                   "--max_new_tokens", "8", "--benchmark.init_args.limit", "2", "--engine", "qed_lightning.rollout.HFEngine",
+                   "--max_new_tokens", "8", "--benchmark.init_args.limit", "2",
+                   "--engine", "qed_lightning.rollout.HFEngine",
                    "--scaffold", "qed_lightning.eval.GenerateVerifyRefine", "--scaffold.rounds", "1"])
     overall = summary["scaffolds"]["gvr"]["overall"]
     assert overall["n"] == 2 and summary["this_run"]["generated"] == 2

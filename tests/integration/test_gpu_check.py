@@ -53,7 +53,8 @@ def test_gpu_check_dry_run_measures_every_section(tmp_path):
     assert all(r["status"] == "ok" for n, r in sections.items() if n != "flash_attn"), sections
     assert results["setup_s"] + sum(r["used_s"] for r in sections.values()) <= float(plan[2])
     assert results["gemm"]["tflops"] > 0
-    assert {(r["row_tokens"], r["loss_chunk_tokens"]) for r in results["sft"]} == {(256, 64), (256, 0), (512, 64), (512, 0)}
+    assert ({(r["row_tokens"], r["loss_chunk_tokens"]) for r in results["sft"]}
+            == {(256, 64), (256, 0), (512, 64), (512, 0)})
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in results["sft"])
     assert results["memory"]["layers_target"] == 4 and results["memory"]["parameters_target"] > 0
     strategies = results["strategies"]

@@ -20,7 +20,8 @@ SERVED_NAME = "tiny-judge"
 STARTUP_S = 180.0
 # Short texts: the judge prompt must stay well inside the tiny model's 2,048-token context (~2 chars per token).
 PROBLEM = "Prove that $n^2 + n$ is even for every integer $n$."
-RUBRIC = "## Checkpoints (7 pts total)\n- **3 pts**: writes $n^2+n = n(n+1)$\n- **4 pts**: one of two consecutive integers is even"
+RUBRIC = ("## Checkpoints (7 pts total)\n- **3 pts**: writes $n^2+n = n(n+1)$\n"
+          "- **4 pts**: one of two consecutive integers is even")
 PROOF = "<think>factor it</think>Since $n^2+n = n(n+1)$ and one of $n, n+1$ is even, the product is even."
 
 

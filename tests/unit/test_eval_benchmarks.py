@@ -17,8 +17,8 @@ def _write(path: Path, rows: list[dict]) -> str:
 
 
 def _imo_row(i: int, **overrides) -> dict:
-    row = {"problem_id": f"P{i}", "problem": f"Prove claim {i}.", "solution": "Because.", "grading_guidelines": "(Partial) 1.",
-           "category": "Algebra", "level": "Basic", "source": "test"}
+    row = {"problem_id": f"P{i}", "problem": f"Prove claim {i}.", "solution": "Because.",
+           "grading_guidelines": "(Partial) 1.", "category": "Algebra", "level": "Basic", "source": "test"}
     return {**row, **overrides}
 
 
@@ -56,7 +56,8 @@ def test_columns_map_other_names(tmp_path):
     columns = {"problem_id": "ID", "problem": "Problem", "reference_solution": "Solution", "guidelines": "Guidelines",
                "category": "Topic"}
     (problem,) = IMOProofBench(path, columns=columns).load()
-    assert (problem.problem_id, problem.problem, problem.guidelines, problem.meta) == ("q1", "Prove it.", "g", {"category": "Geometry"})
+    assert ((problem.problem_id, problem.problem, problem.guidelines, problem.meta)
+            == ("q1", "Prove it.", "g", {"category": "Geometry"}))
     with pytest.raises(DataError, match=r"maps level -> 'Level'.*no such column"):
         IMOProofBench(path, columns={**columns, "level": "Level"}).load()
 

@@ -74,7 +74,8 @@ def test_callback_uses_the_module_judge_by_default_and_shards_over_ranks(samples
     engine = FakeEngine(tok, _reply)
     client = FakeJudgeClient(lambda prompt: "<points>6 out of 7</points>")
     module = FakeModule(engine, tok, judge=ProofBenchJudge(client))
-    callback = ProofBenchEvalCallback(IMOProofBench(str(samples_dir / "imo_proofbench.jsonl"), limit=2), every_n_steps=1)
+    callback = ProofBenchEvalCallback(IMOProofBench(str(samples_dir / "imo_proofbench.jsonl"), limit=2),
+                                      every_n_steps=1)
     callback.setup(None, module, "fit")
     engine.policy_version = 5
     values = callback.evaluate(module, step=5, rank=1, world_size=2)  # rank 1 of 2 gets the second problem only

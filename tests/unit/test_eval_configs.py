@@ -52,7 +52,8 @@ def test_config_builds_its_components_without_a_model(path, monkeypatch, tmp_pat
 
 def test_scaffolds_are_chosen_by_class_path(tmp_path):
     _, evaluator, _ = make_evaluator(["--config", str(REPO / "configs/eval/demo.yaml"), "--output_dir", str(tmp_path),
-                                      "--scaffold", "qed_lightning.eval.GenerateVerifyRefine", "--scaffold.rounds", "3"])
+                                      "--scaffold", "qed_lightning.eval.GenerateVerifyRefine",
+                                      "--scaffold.rounds", "3"])
     assert (evaluator.scaffold.name, evaluator.scaffold.rounds) == ("gvr", 3)
 
 

@@ -13,8 +13,8 @@ from qed_lightning.eval.benchmarks import EvalProblem, without_self_evaluation
 from qed_lightning.eval.metrics import ProofScore
 from qed_lightning.rewards import ProofBenchJudge, RubricJudge
 
-PROBLEM = EvalProblem("p1", "Prove that 1 + 1 = 2.", reference_solution="By definition.", guidelines="(Partial) 1. Tries.",
-                      rubric="## Checkpoints (7 pts total)\n- **7 pts**: the proof")
+PROBLEM = EvalProblem("p1", "Prove that 1 + 1 = 2.", reference_solution="By definition.",
+                      guidelines="(Partial) 1. Tries.", rubric="## Checkpoints (7 pts total)\n- **7 pts**: the proof")
 
 # hand-written judge replies and the score the IMO-ProofBench protocol reads from each (None = unparsable)
 REPLIES = {

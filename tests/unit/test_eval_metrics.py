@@ -77,7 +77,8 @@ def _row(pid, sample, score, category, status="ok", truncated=False, tokens=100)
 
 def test_summary_breaks_down_per_category_with_histogram():
     rows = [_row("a", 0, 7, "Algebra"), _row("a", 1, 6, "Algebra"),
-            _row("g", 0, 0, "Geometry", status="truncated", truncated=True, tokens=300), _row("g", 1, None, "Geometry", status="error")]
+            _row("g", 0, 0, "Geometry", status="truncated", truncated=True, tokens=300),
+            _row("g", 1, None, "Geometry", status="error")]
     summary = summarize(rows)["direct"]
     # overall: (7 + 6 + 0 + 0)/4 = 3.25 -> 46.428571%; run 0: (7+0)/2 -> 50%, run 1: (6+0)/2 -> 42.857143%
     assert summary["overall"]["score_pct"] == pytest.approx(46.428571, abs=1e-5)
@@ -85,7 +86,8 @@ def test_summary_breaks_down_per_category_with_histogram():
     assert summary["overall"]["tokens_mean"] == pytest.approx(150.0)
     # Algebra: (7 + 6)/2 = 6.5 -> 92.857143%, best 100%; Geometry: 0%, one failure and one truncation out of 2
     algebra, geometry = summary["by_category"]["Algebra"], summary["by_category"]["Geometry"]
-    assert algebra["score_pct"] == pytest.approx(92.857143, abs=1e-5) and algebra["best_of_n_pct"] == pytest.approx(100.0)
+    assert algebra["score_pct"] == pytest.approx(92.857143, abs=1e-5)
+    assert algebra["best_of_n_pct"] == pytest.approx(100.0)
     assert geometry["score_pct"] == 0.0 and geometry["failure_rate"] == 0.5
     assert geometry["truncation_rate"] == 0.5 and geometry["no_proof_rate"] == 0.5
     assert summary["histogram"] == {"0": 1, "1": 0, "2": 0, "3": 0, "4": 0, "5": 0, "6": 1, "7": 1, "fail": 1}

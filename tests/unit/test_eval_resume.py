@@ -99,7 +99,8 @@ def test_an_interrupted_evaluation_resumes_without_regenerating_or_regrading(tmp
     assert summary["this_run"]["generated"] == 0 and summary["this_run"]["judge/calls"] == 0
     assert (tmp_path / "samples.jsonl").read_text() == first
     rows = [json.loads(line) for line in first.splitlines()]
-    assert sorted((r["problem_id"], r["sample"]) for r in rows) == [(p, k) for p in ("PB-Basic-001", "PB-Basic-002", "PB-Basic-003") for k in (0, 1)]
+    assert sorted((r["problem_id"], r["sample"]) for r in rows) == [
+        (p, k) for p in ("PB-Basic-001", "PB-Basic-002", "PB-Basic-003") for k in (0, 1)]
     assert summary["scaffolds"]["direct"]["overall"]["n"] == 6
     assert "direct" in capsys.readouterr().out  # the rich table
 

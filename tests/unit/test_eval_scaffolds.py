@@ -41,7 +41,9 @@ def _gvr_engine(tok: FakeTokenizer, self_grades: dict[str, list[int]]) -> FakeEn
         kind = _kind(text)
         problem = "A" if "Problem A" in text else "B" if "Problem B" in text else "C"
         if kind == "generate":
-            return ("<think>unfinished", 10, "length") if problem == "C" else (f"<think>x</think>{problem} draft", 10, "stop")
+            if problem == "C":
+                return ("<think>unfinished", 10, "length")
+            return (f"<think>x</think>{problem} draft", 10, "stop")
         if kind == "verify":
             grade = self_grades[problem].pop(0)
             return (f"<think>check</think>Critique of {problem}. <points>{grade} out of 7</points>", 5, "stop")
@@ -55,7 +57,8 @@ def test_generate_verify_refine_stops_at_full_marks_and_counts_every_token():
     outs = GenerateVerifyRefine(rounds=3).run(["Problem A", "Problem B", "Problem C"], engine, tok, SAMPLING)
     kinds = [[_kind(t) for t in call] for call in engine.calls]
     # generate all; verify A and B (C has no proof to check); refine B and C; verify B, C; refine C; verify C; refine C
-    assert kinds == [["generate"] * 3, ["verify"] * 2, ["refine"] * 2, ["verify"] * 2, ["refine"], ["verify"], ["refine"]]
+    assert kinds == [["generate"] * 3, ["verify"] * 2, ["refine"] * 2, ["verify"] * 2, ["refine"], ["verify"],
+                     ["refine"]]
     a, b, c = outs
     assert (a.response, a.tokens, a.calls) == ("<think>x</think>A draft", 10 + 5, 2)
     assert (b.response, b.tokens, b.calls) == ("<think>y</think>B revised", 10 + 5 + 20 + 5, 4)

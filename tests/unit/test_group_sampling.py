@@ -25,7 +25,8 @@ def _problems(*indices: int, spare: bool = False) -> list[ProofProblem]:
 
 
 def _groups(problems: list[ProofProblem], lengths: int = 3) -> Groups:
-    rollouts = [Completion([1], [2] * lengths, [0.0] * lengths, "stop", f"P{p.index} #{j}") for p in problems for j in range(G)]
+    rollouts = [Completion([1], [2] * lengths, [0.0] * lengths, "stop", f"P{p.index} #{j}")
+                for p in problems for j in range(G)]
     rewards = torch.tensor([r for p in problems for r in REWARDS[p.index]])
     return Groups(problems, rollouts, rewards, torch.ones(len(rollouts), dtype=torch.bool), [None] * len(rollouts))
 
@@ -120,7 +121,8 @@ def _module(monkeypatch, **kwargs):
     module = RubricRLModule("unused", engine=_Engine(), judge=_Judge(), group_size=G, max_new_tokens=4,
                             rollout_log="off", **kwargs)
     trained: list = []
-    monkeypatch.setattr(module.policy_update, "run", lambda rollouts, adv, mask, loss_fn, progress=None: trained.append((rollouts, adv, mask)) or {})
+    monkeypatch.setattr(module.policy_update, "run",
+                        lambda rollouts, adv, mask, loss_fn, progress=None: trained.append((rollouts, adv, mask)) or {})
     return module, trained
 
 

@@ -118,8 +118,8 @@ def _trainer(tmp_path):
 
 def _records(step, scores):
     return [{"step": step, "problem_id": i // 2, "group": i // 2, "sample": i % 2, "problem": "P", "rubric": "R",
-             "completion": f"proof {i}", "proof": f"proof {i}", "score": s, "status": "ok" if s is not None else "error",
-             "completion_tokens": 10} for i, s in enumerate(scores)]
+             "completion": f"proof {i}", "proof": f"proof {i}", "score": s,
+             "status": "ok" if s is not None else "error", "completion_tokens": 10} for i, s in enumerate(scores)]
 
 
 def test_audit_writes_side_file_joined_by_readers_and_warns(tmp_path, caplog):

@@ -26,8 +26,8 @@ P1 = r"Prove that $\frac{a}{b} + \frac{b}{a} \ge 2$ for positive reals {a, b}."
 P2 = "Prove that there are infinitely many primes."
 SAMPLING = SamplingConfig(temperature=0.8, max_new_tokens=64, seed=5)
 
-FIRST_INSTRUCTIONS = ("Solve the problem from scratch. Reason step by step, check each claim before you rely on it, and end "
-                      "with a complete and rigorous proof of the statement.")
+FIRST_INSTRUCTIONS = ("Solve the problem from scratch. Reason step by step, check each claim before you rely on it, "
+                      "and end with a complete and rigorous proof of the statement.")
 LATER_INSTRUCTIONS = (
     "The summary above describes an earlier attempt at this problem. Improve on it: verify its argument and repair any "
     "gap you find, prove the result in a different way, try another strategy if the attempt stalled, or continue from "
@@ -109,7 +109,8 @@ class ScriptedSummarizer(_Scripted):
 
 
 class SelfSummarizingPolicy(ScriptedPolicy):
-    """A thinking policy that also answers summary prompts: '<think>\\nplan\\n</think>\\n\\nI summarized cycle N: ...'."""
+    """A thinking policy that also answers summary prompts:
+    '<think>\\nplan\\n</think>\\n\\nI summarized cycle N: ...'."""
 
     def answer(self, prompt: str) -> str:
         if "### LATEST CANDIDATE SOLUTION" in prompt:
@@ -158,7 +159,8 @@ def test_reasoning_prompts_carry_the_latest_summary_only(tiny_tokenizer):
     for state in traj.states:  # one chat-templated user turn with the generation prompt
         assert tiny_tokenizer.decode(state.prompt_ids) == _chat(state.prompt_text)
         text = state.prompt_text
-        assert text.index("### PROBLEM") < text.index("### SUMMARY OF PREVIOUS ATTEMPT") < text.index("### INSTRUCTIONS")
+        assert (text.index("### PROBLEM") < text.index("### SUMMARY OF PREVIOUS ATTEMPT")
+                < text.index("### INSTRUCTIONS"))
     # attempt k answers state k
     assert [a.prompt_ids for a in traj.attempts] == [traj.states[0].prompt_ids, traj.states[1].prompt_ids]
     assert [a.text for a in traj.attempts] == ["<think>\nthinking about cycle 0\n</think>\n\nproof 0",
@@ -286,7 +288,8 @@ def _module(tiny_tokenizer, monkeypatch, **kwargs):
                                     states_per_trajectory=2, seed=1, **kwargs)
     module.tokenizer = tiny_tokenizer
     logged: list[dict] = []
-    monkeypatch.setattr(module.policy_update, "run", lambda rollouts, advantages, valid, loss_fn, progress=None: {"train/loss": 0.0})
+    monkeypatch.setattr(module.policy_update, "run",
+                        lambda rollouts, advantages, valid, loss_fn, progress=None: {"train/loss": 0.0})
     monkeypatch.setattr(module, "log_step", lambda metrics, batch_size: logged.append(metrics))
     return module, policy, logged
 
@@ -296,7 +299,8 @@ def _batch() -> list[ProofProblem]:
             ProofProblem(1, P2, "## Checkpoints (7 pts total)\n- **7 pts**: Euclid", "s")]
 
 
-def test_training_step_grades_fresh_rollouts_of_sampled_states_against_the_original_problem(tiny_tokenizer, monkeypatch):
+def test_training_step_grades_fresh_rollouts_of_sampled_states_against_the_original_problem(tiny_tokenizer,
+                                                                                             monkeypatch):
     module, policy, logged = _module(tiny_tokenizer, monkeypatch)
     batch = _batch()
     module.training_step(batch, 0)
@@ -336,7 +340,8 @@ def test_trajectory_turns_are_graded_only_when_asked(tiny_tokenizer, monkeypatch
     module.training_step(_batch(), 0)
     turns = module.judge.requests[12:]  # after the 12 trained rollouts: the 2 x 3 attempts of the trajectories
     assert [r.problem for r in turns] == [P1] * 3 + [P2] * 3
-    assert [r.response for r in turns[:3]] == [f"<think>\nthinking about cycle {k}\n</think>\n\nproof {k}" for k in range(3)]
+    assert [r.response for r in turns[:3]] == [f"<think>\nthinking about cycle {k}\n</think>\n\nproof {k}"
+                                               for k in range(3)]
     assert logged[0]["rc/turn_reward_cycle_0"] == 0.0 and "rc/turn_improvement_2" in logged[0]
 
 
@@ -358,8 +363,8 @@ def test_replay_buffer_feeds_later_steps_and_survives_a_checkpoint(tiny_tokenize
 
 def test_config_errors_name_the_flags(tiny_tokenizer):
     with pytest.raises(ValueError, match="model.replay_size > 0") as info:
-        ReasoningCacheRLModule("unused", engine=ScriptedPolicy(tiny_tokenizer), judge=CapturingJudge(), replay_ratio=0.5,
-                               summarizer=ScriptedSummarizer(tiny_tokenizer))
+        ReasoningCacheRLModule("unused", engine=ScriptedPolicy(tiny_tokenizer), judge=CapturingJudge(),
+                               replay_ratio=0.5, summarizer=ScriptedSummarizer(tiny_tokenizer))
     assert "model.summarizer_model" in str(info.value)
 
 

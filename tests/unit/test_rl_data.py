@@ -109,14 +109,18 @@ def test_reward_mean_range_keeps_problems_inside_and_counts_both(tiny_model_dir,
 
 
 def test_reward_mean_is_checked_only_when_the_range_is_set(tiny_model_dir, tmp_path):
-    rows = [{"problem": "Prove it.", "rubrics": RUBRIC, "reward_mean": 1.5}, {"problem": "Q.", "rubrics": RUBRIC, "reward_mean": 0.5}]
+    rows = [{"problem": "Prove it.", "rubrics": RUBRIC, "reward_mean": 1.5},
+            {"problem": "Q.", "rubrics": RUBRIC, "reward_mean": 0.5}]
     path = _write(tmp_path / "d.jsonl", rows)
     ProofRLDataModule(path, tokenizer=str(tiny_model_dir), prompts_per_step=1).setup("fit")  # unused column: fine
     with pytest.raises(DataError, match=r"line 1, column 'reward_mean': expected a number in \[0, 1\], got 1.5"):
-        ProofRLDataModule(path, tokenizer=str(tiny_model_dir), prompts_per_step=1, reward_mean_range=(0, 1)).setup("fit")
+        ProofRLDataModule(path, tokenizer=str(tiny_model_dir), prompts_per_step=1,
+                          reward_mean_range=(0, 1)).setup("fit")
     bare = _write(tmp_path / "b.jsonl", [{"problem": "Q.", "rubrics": RUBRIC}])
-    with pytest.raises(DataError, match=r"reward_mean_range needs the base model's pass rate: a column 'reward_mean' or 'scores'"):
-        ProofRLDataModule(bare, tokenizer=str(tiny_model_dir), prompts_per_step=1, reward_mean_range=(0, 1)).setup("fit")
+    with pytest.raises(DataError, match=r"reward_mean_range needs the base model's pass rate: "
+                       r"a column 'reward_mean' or 'scores'"):
+        ProofRLDataModule(bare, tokenizer=str(tiny_model_dir), prompts_per_step=1,
+                          reward_mean_range=(0, 1)).setup("fit")
 
 
 def test_unverified_rubrics_are_kept_counted_and_listed(tiny_model_dir, tmp_path):
@@ -129,11 +133,13 @@ def test_unverified_rubrics_are_kept_counted_and_listed(tiny_model_dir, tmp_path
 
 
 def test_per_sample_scores_are_range_checked_even_without_the_difficulty_range(tiny_model_dir, tmp_path):
-    rows = [{"problem": "A.", "rubrics": RUBRIC, "scores": [7, 0]}, {"problem": "B.", "rubrics": RUBRIC, "scores": [7, 9]},
-            {"problem": "C.", "rubrics": RUBRIC, "scores": [-1]}, {"problem": "D.", "rubrics": RUBRIC}]  # D: no scores, fine
+    rows = [{"problem": "A.", "rubrics": RUBRIC, "scores": [7, 0]},
+            {"problem": "B.", "rubrics": RUBRIC, "scores": [7, 9]},
+            {"problem": "C.", "rubrics": RUBRIC, "scores": [-1]},
+            {"problem": "D.", "rubrics": RUBRIC}]  # D: no scores, fine
     path = _write(tmp_path / "d.jsonl", rows)
-    with pytest.raises(DataError, match=r"2 of 4 rows are invalid[\s\S]*line 2, column 'scores': score 9 \(item 1\) is not "
-                       r"an integer 0..7\n  line 3, column 'scores': score -1 \(item 0\)") as err:
+    with pytest.raises(DataError, match=r"2 of 4 rows are invalid[\s\S]*line 2, column 'scores': score 9 \(item 1\) "
+                       r"is not an integer 0..7\n  line 3, column 'scores': score -1 \(item 0\)") as err:
         ProofRLDataModule(path, tokenizer=str(tiny_model_dir), prompts_per_step=1).setup("fit")
     assert path in str(err.value)
     data = ProofRLDataModule(path, tokenizer=str(tiny_model_dir), prompts_per_step=1, on_invalid_row="skip",
@@ -145,7 +151,8 @@ def test_per_sample_scores_are_range_checked_even_without_the_difficulty_range(t
 def test_duplicate_problems_are_reported_and_never_validate(tiny_model_dir, tmp_path, caplog):
     statements = ["Prove A.", "Prove B.", "Prove  A.\n", "Prove C.", "Prove D.", "Prove B.", "Prove E.", "Prove A."]
     rows = [{"problem": s, "rubrics": RUBRIC} for s in statements]
-    assert duplicate_lines([ProofProblem(i, s, "", line=i + 1) for i, s in enumerate(statements)]) == [[1, 3, 8], [2, 6]]
+    assert (duplicate_lines([ProofProblem(i, s, "", line=i + 1) for i, s in enumerate(statements)])
+            == [[1, 3, 8], [2, 6]])
     for seed in range(5):  # whatever the shuffle, no duplicated statement is drawn into validation
         data = ProofRLDataModule(_write(tmp_path / "d.jsonl", rows), tokenizer=str(tiny_model_dir), prompts_per_step=1,
                                  val_size=3, seed=seed)

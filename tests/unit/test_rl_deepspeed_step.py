@@ -63,6 +63,7 @@ def test_grad_clip_goes_to_deepspeed_and_its_norm_is_logged():
 def test_non_finite_steps_under_deepspeed_abort_after_the_limit():
     module = _module(norm=float("nan"), max_nonfinite_steps=2)
     opt = _Optimizer()
-    module.policy_update.clip_and_step(opt, loss=1.0)  # counted (DeepSpeed has applied it: it cannot be skipped from outside)
+    # counted (DeepSpeed has applied it: it cannot be skipped from outside)
+    module.policy_update.clip_and_step(opt, loss=1.0)
     with pytest.raises(FloatingPointError, match="2 consecutive non-finite steps"):
         module.policy_update.clip_and_step(opt, loss=1.0)

@@ -13,7 +13,8 @@ def test_table_metrics_by_hand():
                 for n, finish, version in [(2, "stop", 3), (4, "length", 3), (1, "stop", 2), (3, "stop", 3)]]
     rewards = torch.tensor([0.5, 0.5, 1.0, 0.0])
     valid = torch.tensor([True, True, True, False])  # the last grade failed and was dropped
-    grades = [Grade(score=s, reward=r, status=st) for s, r, st in [(4, 0.5, "ok"), (4, 0.5, "ok"), (7, 1.0, "ok"), (None, None, "error")]]
+    grades = [Grade(score=s, reward=r, status=st)
+              for s, r, st in [(4, 0.5, "ok"), (4, 0.5, "ok"), (7, 1.0, "ok"), (None, None, "error")]]
     m = table_metrics(rollout_table(rollouts, rewards, valid, grades), group_size=2, step=3)
     assert m["rollout/reward_mean"] == pytest.approx(2 / 3)
     assert m["rollout/reward_std"] == pytest.approx(torch.tensor([0.5, 0.5, 1.0]).std().item())
@@ -25,7 +26,8 @@ def test_table_metrics_by_hand():
 
 def test_reduce_ops_and_one_process_is_identity():
     assert [reduce_op(k) for k in ("judge/ok", "judge/error", "rc/states", "train/tokens_per_sec")] == ["sum"] * 4
-    assert [reduce_op(k) for k in ("time/train_s", "judge/latency_max_s", "rollout/logprob_diff_max", "judge/down_s")] == ["max"] * 4
+    assert ([reduce_op(k) for k in ("time/train_s", "judge/latency_max_s", "rollout/logprob_diff_max", "judge/down_s")]
+            == ["max"] * 4)
     assert [reduce_op(k) for k in ("train/clip_frac", "judge/latency_mean_s", "rc/reward_cycle_1")] == ["mean"] * 3
     metrics = {"judge/ok": 3.0, "train/entropy": 0.5}
     assert reduce_over_ranks(metrics) is metrics  # no process group: nothing to combine

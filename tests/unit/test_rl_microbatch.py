@@ -31,7 +31,8 @@ def test_packed_and_padded_layouts_match_one_at_a_time(tiny_model_dir):
     expected = [_single(model, prompts[k], completions[k]) for k in members]
     for layout in (pack_sequences, pad_sequences):
         mb = layout(prompts, completions, members)
-        logits, targets = completion_logits(model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits, mb.input_ids, mb)
+        logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
+        logits, targets = completion_logits(logits, mb.input_ids, mb)
         assert targets.tolist() == [t for k in members for t in completions[k]]  # [N], real tokens only
         logp = scatter_tokens(token_logprobs(logits[None], targets[None])[0], mb.mask)
         for row, k in enumerate(members):
@@ -77,7 +78,8 @@ def test_shared_prefix_matches_one_at_a_time_in_values_and_gradients(tiny_model_
     # Qwen3's RMSNorm computes in float32 even for float64 weights, so the prompt's gradient (summed over rows here,
     # over separate passes in `want`) differs at float32 rounding: 1e-7 of the largest entry, not 1e-16
     for name, g in want.items():
-        torch.testing.assert_close(got[name], g, atol=1e-6 * float(g.abs().max()), rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], g, atol=1e-6 * float(g.abs().max()), rtol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
     assert any(g.abs().sum() > 0 for g in want.values())
 
 
@@ -104,7 +106,8 @@ def test_chunked_token_stats_match_full_logits_in_value_and_gradient(tiny_model_
     mb = pad_sequences(prompts, completions, [0, 1, 2])
 
     def full():
-        logits, targets = completion_logits(model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits, mb.input_ids, mb)
+        logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
+        logits, targets = completion_logits(logits, mb.input_ids, mb)
         return (scatter_tokens(token_logprobs(logits[None], targets[None], 0.8)[0], mb.mask),
                 scatter_tokens(entropy_from_logits(logits[None], 0.8)[0], mb.mask))
 
@@ -112,14 +115,16 @@ def test_chunked_token_stats_match_full_logits_in_value_and_gradient(tiny_model_
         def fn():
             rows, _ = final_hidden_states(model, input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False)
             states, targets = completion_logits(rows, mb.input_ids, mb)  # the same gather, on hidden states
-            return chunked_token_stats(states, targets, mb.mask, model.get_output_embeddings(), 0.8, entropy=True, chunk_tokens=chunk)
+            return chunked_token_stats(states, targets, mb.mask, model.get_output_embeddings(), 0.8, entropy=True,
+                                       chunk_tokens=chunk)
         return fn
 
     def shared():
         sp = share_prefix(prompts, completions, [0, 1, 2])
         states = shared_prefix_logits(model, sp, hidden=True)  # [n, T, H]
         real = sp.mask.bool()
-        return chunked_token_stats(states[real], sp.input_ids[real], sp.mask, model.get_output_embeddings(), 0.8, entropy=True, chunk_tokens=2)
+        return chunked_token_stats(states[real], sp.input_ids[real], sp.mask, model.get_output_embeddings(), 0.8,
+                                   entropy=True, chunk_tokens=2)
 
     want_lp, want_ent, want_grads = run(full)
     for stats in (chunked(1), chunked(4), chunked(100), shared):
