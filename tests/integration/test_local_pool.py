@@ -3,7 +3,13 @@
 "wait": the push returns at once (the reload runs in the background); the running request finishes on the weights
 it started with and its log-probs are the OLD model's; a request sent during the drain runs on the new weights,
 whose log-probs are the NEW model's. "keep" (PipelineRL): the running request is frozen for the reload and goes on
-with the new weights, and its sample records both versions."""
+with the new weights, and its sample records both versions.
+
+Also checked on the same servers (issue 19): the push's version is recorded at once (`policy_version`, as on every
+other rank) while the servers' version (`serving_version`) follows the reload; weights go to `<run>/.weights` in the
+servers' dtype (asked through the worker extension), a killed run's leftovers there are removed at start, an old
+version is removed once the servers loaded a newer one, and the bytes are in the push's stats; a failed reload is
+raised by `check_alive`, by the next push and by `close`, which stops the servers and removes the weights first."""
 
 from __future__ import annotations
 
@@ -51,9 +57,17 @@ def _while_running(pool: LocalVLLMPool, prompt: list[int], seed: int, push) -> d
 
 
 def test_weights_pushed_while_generating_and_each_samples_versions(tiny_model_dir, tiny_tokenizer, tmp_path):
-    pool = LocalVLLMPool(cpus=["1"], update_mode="wait", max_model_len=2048, log_dir=str(tmp_path / "logs"))
+    pool = LocalVLLMPool(cpus=["1"], update_mode="wait", max_model_len=2048)
+    run = tmp_path / "run"
+    (run / ".weights" / "v7").mkdir(parents=True)  # what a killed run left
+    (run / ".weights" / "v7" / "model-00001.safetensors").write_bytes(b"x" * 1000)
+    pool.use_run_dir(run)
     pool.start(str(tiny_model_dir))
+    weights = run / ".weights"
     try:
+        assert not (weights / "v7").exists() and pool.sync_dir == weights.resolve()
+        assert pool.push_dtype == torch.float32  # the CPU server's dtype, asked through the worker extension
+        assert pool.log_paths[pool.urls[0]] == (run / "vllm_logs" / "vllm_server_0.log").resolve()
         prompt = chat_prompt(tiny_tokenizer)
         old = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
         new = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -61,8 +75,9 @@ def test_weights_pushed_while_generating_and_each_samples_versions(tiny_model_di
         after: dict = {}
 
         def push_wait(running: dict) -> None:
-            pool.push_weights(iter_full_parameters(new), 1)
+            after["stats"] = pool.push_weights(iter_full_parameters(new), 1)
             after["returned_while_running"] = "sample" not in running  # the trainer does not wait for the drain
+            after["versions"] = (pool.policy_version, pool.serving_version)  # recorded at once; loaded: not yet
             after["sample"] = pool.generate([prompt], SamplingConfig(temperature=T, max_new_tokens=24, seeds=(3,)))[0][0]
 
         running = _while_running(pool, prompt, 11, push_wait)["sample"]
@@ -70,17 +85,36 @@ def test_weights_pushed_while_generating_and_each_samples_versions(tiny_model_di
         torch.testing.assert_close(torch.tensor(running.logprobs), trainer_logprobs(old, prompt, running.completion_ids),
                                    atol=1e-4, rtol=0)  # finished on the weights it started with
         fresh = after["sample"]
-        assert fresh.policy_version == 1 and after["returned_while_running"]
+        assert fresh.policy_version == 1 and after["returned_while_running"] and after["versions"] == (1, 0)
+        assert after["stats"]["push_bytes"] == sum(t.numel() * 4 for _, t in iter_full_parameters(new))  # fp32
         torch.testing.assert_close(torch.tensor(fresh.logprobs), trainer_logprobs(new, prompt, fresh.completion_ids),
                                    atol=1e-4, rtol=0)
         pool.wait_for_push()
-        assert pool.policy_version == 1
+        assert (pool.policy_version, pool.serving_version) == (1, 1)
 
         pool.update_mode = "keep"  # PipelineRL's in-flight update: the running request continues on new weights
         _train_one_step(new)
         mixed = _while_running(pool, prompt, 12, lambda running: pool.push_weights(iter_full_parameters(new), 2))["sample"]
         assert (mixed.policy_version, mixed.end_version) == (1, 2)
-        assert pool.policy_version == 2
+        assert pool.policy_version == 2 == pool.serving_version
+        assert sorted(p.name for p in weights.glob("v*")) == ["v2"]  # v1 removed once the server loaded v2
+
+        def failing_reload(path, version=None):  # an injected failure, as _reload_all raises one
+            raise RuntimeError(f"{pool.describe_server(pool.urls[0])} failed to load weight version v{version}: injected")
+
+        pool.update_mode, pool._reload_all = "wait", failing_reload
+        pool.push_weights(iter_full_parameters(new), 3)
+        pool._pushes[-1].result()  # the background reload failed: recorded, not dropped
+        message = rf"vLLM server {pool.urls[0]} \(log .*vllm_server_0.log\) failed to load weight version v3: injected"
+        with pytest.raises(RuntimeError, match=message):
+            pool.check_alive()  # what the stream's take calls while it waits
+        with pytest.raises(RuntimeError, match=message):
+            pool.push_weights(iter_full_parameters(new), 4)  # raised before anything is written
+        assert not (weights / "v4").exists()
+        pool._failure_raised = False  # as if nobody had raised it yet: close raises it, after its cleanup
+        with pytest.raises(RuntimeError, match=message):
+            pool.close()
+        assert not weights.exists() and (run / "vllm_logs" / "vllm_server_0.log").exists()
     finally:
         pool.close()
     assert_no_server_left(tiny_model_dir)
