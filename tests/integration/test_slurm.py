@@ -206,7 +206,8 @@ def test_vllm_pool_sbatch_starts_each_server_on_its_inherited_device_with_the_sy
     record = tmp_path / "servers.jsonl"
     _fake_tool(venv / "bin" / "python", f"{sys.executable} -c 'import json, os, sys; print(json.dumps("
                f"[os.environ[\"CUDA_VISIBLE_DEVICES\"], sys.argv[1:]]))' \"$@\" >> {record}\n")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu017",
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NODELIST": "gpu017",
            "SLURM_SUBMIT_DIR": str(tmp_path), "QED_VENV": str(venv), "GPUS_PER_NODE": "2", "SYNC": sync,
            "CUDA_VISIBLE_DEVICES": "4,5"}
     proc = subprocess.run(["bash", str(REPO / "scripts/slurm/vllm_pool.sbatch"), "/models/policy"], env=env,

@@ -53,7 +53,7 @@ def test_pool_servers_index_the_inherited_cuda_devices():
 
     assert visible_devices("0", "4,5,6,7") == "4" and visible_devices("2,3", "4,5,6,7") == "6,7"
     assert visible_devices("1", None) == "1" and visible_devices("0,1", "") == "0,1"
-    with pytest.raises(ValueError, match=r"engine.gpus entry '4' asks for local device 4, but CUDA_VISIBLE_DEVICES=4,5"):
+    with pytest.raises(ValueError, match=r"gpus entry '4' asks for local device 4, but CUDA_VISIBLE_DEVICES=4,5"):
         visible_devices("4", "4,5")
     pool = LocalVLLMPool(gpus=["0", "2,3"])
     env = pool._server_env("2,3", {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "RANK": "0", "LOCAL_RANK": "0",

@@ -176,3 +176,27 @@ def test_pool_urls_from_a_list_the_environment_or_the_pool_file(tmp_path, monkey
         resolve_urls(["env:MISSING"])
     engine = VLLMServerEngine(["env:POOL"], sync_dir=str(tmp_path))
     assert engine.urls == []  # resolved when training starts (the pool may still be coming up)
+
+
+def test_a_dead_engine_fails_the_wait_for_rollouts_within_liveness_s():
+    """AsyncRollouts waits for its background generation with a liveness check (issue 19): a generator whose server
+    died is reported by the engine's `check_alive` while the request itself would still be waiting."""
+    import threading
+
+    release = threading.Event()
+
+    class Hung(SlowEngine):
+        def generate(self, prompts, sampling, n=1):
+            release.wait(30)
+            return super().generate(prompts, sampling, n)
+
+        def check_alive(self, stalled_s=None):
+            raise RuntimeError("vLLM server http://127.0.0.1:1 (log x.log) is gone (weight version 0)")
+
+    wrapper = AsyncRollouts(Hung(), max_lag=1, liveness_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="is gone"):
+        wrapper.generate([[1, 2]], SamplingConfig(), 1)
+    assert time.monotonic() - started < 3.0
+    release.set()
+    wrapper.close()

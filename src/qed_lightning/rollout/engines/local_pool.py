@@ -61,7 +61,7 @@ from torch import Tensor
 
 from qed_lightning.parallel.distributed import broadcast_from_rank0, gather_objects, rank
 from qed_lightning.rollout.base import Completion, SamplingConfig
-from qed_lightning.rollout.engines.server_engine import WORKER_EXTENSION, VLLMServerEngine, free_port, write_safetensors
+from qed_lightning.rollout.engines.server_engine import WORKER_EXTENSION, VLLMServerEngine, free_port
 from qed_lightning.rollout.engines.server_guard import guard_command, parse_cpus
 
 log = logging.getLogger(__name__)
@@ -404,10 +404,7 @@ class LocalVLLMPool(VLLMServerEngine):
         if self.client is None:
             raise RuntimeError("LocalVLLMPool.push_weights before start")
         self._raise_failure()
-        target = (self.sync_dir / f"v{version}").resolve() if rank() == 0 else None
-        if target is not None:
-            shutil.rmtree(target, ignore_errors=True)
-        written_bytes = write_safetensors(named_tensors, target, self.shard_bytes, self.push_dtype)
+        target = self._write_checkpoint(named_tensors, version)
         written = time.perf_counter()
         self._requested = version
         self.set_policy_version(version)  # on every rank alike: the next push's decision is the same everywhere
@@ -419,7 +416,7 @@ class LocalVLLMPool(VLLMServerEngine):
             self._reload(target, version)
         if self.update_mode != "wait":
             self._raise_failure()
-        return {"wake_s": 0.0, "load_s": written - started, "push_bytes": float(written_bytes)}
+        return {"wake_s": 0.0, "load_s": written - started, "push_bytes": float(self.pushed_bytes)}
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         self.push_weights(named_tensors, self.policy_version + 1)
@@ -447,9 +444,7 @@ class LocalVLLMPool(VLLMServerEngine):
             return
         self.reload_s.append(time.perf_counter() - started)
         self._write_state(LOADED, str(version))
-        for old in self.sync_dir.glob("v*"):  # only older checkpoints: a newer one may be queued already
-            if old.is_dir() and old.name[1:].isdigit() and int(old.name[1:]) < version:
-                shutil.rmtree(old, ignore_errors=True)
+        self._remove_versions_before(version)  # only older ones: a newer one may be queued already
 
     def wait_for_push(self) -> None:
         """Block until the pushes so far reached the servers (tests; the end of training); raise a failed one."""

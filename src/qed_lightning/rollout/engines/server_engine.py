@@ -343,15 +343,26 @@ class VLLMServerEngine(RolloutEngine):
 
     def _sync_checkpoint(self, named_tensors: Iterator[tuple[str, Tensor]]) -> None:
         self._syncs += 1
-        target = (self.sync_dir / f"v{self._syncs}").resolve() if rank() == 0 else None
-        if target is not None:
-            shutil.rmtree(target, ignore_errors=True)  # a leftover of an earlier run must not mix in
-        self.pushed_bytes = write_safetensors(named_tensors, target, self.shard_bytes, self.push_dtype)
+        target = self._write_checkpoint(named_tensors, self._syncs)
         if target is None:
             return
         self._reload_all(target)
-        for old in self.sync_dir.glob("v*"):  # the servers have read it: keep only the newest
-            if old.is_dir() and old.resolve() != target:
+        self._remove_versions_before(self._syncs)  # every server has read the new one
+
+    def _write_checkpoint(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> Path | None:
+        """Write the weights in the servers' dtype to `sync_dir/v<version>` on rank 0 (the other ranks only walk
+        them: a sharded trainer gathers each parameter collectively); returns the folder (None on other ranks) and
+        sets `pushed_bytes`. The checkpoint push of this engine and of `LocalVLLMPool`."""
+        target = (self.sync_dir / f"v{version}").resolve() if rank() == 0 else None
+        if target is not None:
+            shutil.rmtree(target, ignore_errors=True)  # a leftover of an earlier run must not mix in
+        self.pushed_bytes = write_safetensors(named_tensors, target, self.shard_bytes, self.push_dtype)
+        return target
+
+    def _remove_versions_before(self, version: int) -> None:
+        """Remove the pushed versions older than `version` (once every server has loaded a newer one)."""
+        for old in self.sync_dir.glob("v*"):
+            if old.is_dir() and old.name[1:].isdigit() and int(old.name[1:]) < version:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _reload_all(self, path: Path, version: int | None = None) -> None:
