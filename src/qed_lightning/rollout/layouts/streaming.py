@@ -226,7 +226,11 @@ class GroupStream:
                     raise TimeoutError(f"the rollout stream had {len(chosen)} of {self.P} groups after {timeout_s} s")
                 stalled = now - max(self._progress, waiting)
                 if now - checked >= self.liveness_s or stalled > self.stall_timeout_s:
-                    self.engine.check_alive(stalled if stalled > self.stall_timeout_s else None)
+                    self._cond.release()  # the check may take a while (HTTP): groups keep completing meanwhile
+                    try:
+                        self.engine.check_alive(stalled if stalled > self.stall_timeout_s else None)
+                    finally:
+                        self._cond.acquire()
                     checked = now
                 self._cond.wait(1.0)
             chosen.sort(key=lambda g: g.key)  # data order: expansion threads may finish (and get their seq) out of order
