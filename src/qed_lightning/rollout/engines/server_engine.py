@@ -196,7 +196,7 @@ class VLLMServerEngine(RolloutEngine):
         missing = [u for u, served in zip(self.urls, names) if self.model not in served]
         if missing:
             raise ValueError(f"VLLMServerEngine: servers {missing} do not serve {self.model!r}")
-        self.push_dtype = self._serving_dtype()
+        self.push_dtype = self._serving_dtype() if self.sync != "none" else None  # a frozen pool gets no pushes
         if self.reset_on_start and model and Path(model).is_dir() and self.sync == "checkpoint":
             if rank() == 0:
                 self._reload_all(Path(model).resolve())
