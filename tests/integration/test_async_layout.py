@@ -2,10 +2,16 @@
 demo configs, so the layout starts a REAL vLLM server on core 1 (LocalVLLMPool), keeps the trainer on core 0, and
 streams complete, graded groups (GroupStream) while the trainer steps. Checked: it learns with max_lag 1 and every
 trained sample is within max_lag; with max_lag 0 it reproduces the sequential (colocated) run; stage 3 runs its RC
-loop in the stream; the server goes away with the run."""
+loop in the stream; the server goes away with the run; a server killed mid-run ends the run within a bound, with one
+error naming the server, its log and the weight version, and the run's temporary weights removed."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from qed_lightning.cli import make_cli
-from runs import read_metrics, series
+from runs import read_metrics, series, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -23,15 +29,19 @@ REPO = Path(__file__).resolve().parents[2]
 LAYOUT = REPO / "configs/layout/one_node_async.yaml"
 
 
-def _run(tiny_model_dir: Path, root: Path, *overrides: str, stage: str = "demo/rl.yaml", layout: bool = True):
-    make_cli(args=[
+def _args(tiny_model_dir: Path, root: Path, *overrides: str, stage: str = "demo/rl.yaml", layout: bool = True):
+    return [
         "--config", str(REPO / "configs" / stage), *(["--config", str(LAYOUT)] if layout else []),
         "--trainer.default_root_dir", str(root), "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
         "--model.init_args.model_name_or_path", str(tiny_model_dir), "--model.init_args.export_dir", str(root / "hf"),
         "--model.init_args.judge.init_args.cache_path", str(root / "grades.sqlite"),
         "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"), "--data.init_args.val_size", "0",
         *overrides,
-    ])
+    ]
+
+
+def _run(tiny_model_dir: Path, root: Path, *overrides: str, stage: str = "demo/rl.yaml", layout: bool = True):
+    make_cli(args=_args(tiny_model_dir, root, *overrides, stage=stage, layout=layout))
     return read_metrics(root)
 
 
@@ -111,3 +121,39 @@ def test_dynamic_sampling_and_the_overlong_penalty_compose_with_the_stream(tiny_
     assert series(rows, "rollout/zero_adv_group_frac") == [0.0, 0.0, 0.0]
     assert len(series(rows, "rollout/skipped_groups")) == 3  # counted every step (the unit tests pin the count)
     assert max(series(rows, "rollout/policy_lag_max")) <= 1.0
+
+
+def test_a_pool_server_killed_mid_run_ends_the_run_with_one_error_naming_it(tiny_model_dir, tmp_path):
+    """Issue 19: before, the trainer trained the groups already generated and then waited forever (2 of 2 tries).
+    Now the stream's bounded wait checks the pool (its server process, its /health, a failed reload): the run
+    exits non-zero within a minute or two of the kill, with the server's URL, its log and the weight version, and
+    the run's temporary weights (`<run>/.weights`) are removed on the way out."""
+    root = tmp_path / "run"
+    cmd = [sys.executable, "-m", "qed_lightning.cli",
+           *_args(tiny_model_dir, root, "--trainer.max_steps", "400", "--model.init_args.max_new_tokens", "24")]
+    log = tmp_path / "run.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO,
+                                start_new_session=True)
+    try:
+        loaded, deadline = root / ".weights" / "loaded_version", time.monotonic() + 600
+        while not (loaded.exists() and loaded.read_text().strip() not in ("", "0", "1")):  # 2 steps trained, loaded
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "the run did not reach step 2 in 600 s"
+            time.sleep(0.5)
+        (server,) = [p for p in servers_of(tiny_model_dir) if "server_guard" not in " ".join(p.cmdline())]
+        server.kill()
+        killed = time.monotonic()
+        code = proc.wait(timeout=300)
+        took = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert code != 0 and took < 120, (code, took, text[-4000:])
+    named = re.findall(r"vLLM server http://127\.0\.0\.1:\d+ \(log \S+/vllm_logs/vllm_server_0\.log\) [^\n]*"
+                       r"weight version v?\d+", text)
+    assert named, text[-4000:]
+    assert not (root / ".weights").exists() and (root / "vllm_logs" / "vllm_server_0.log").exists()
+    assert_no_server_left(tiny_model_dir)

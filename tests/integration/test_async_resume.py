@@ -1,6 +1,7 @@
 """Streaming groups across a real SIGKILL: an asynchronous-layout run (max_lag 2: the stream runs two releases ahead
 of the trainer, so every checkpoint holds carried groups) is killed after a checkpoint and resumed with `--ckpt_path last`; no group is lost or trained twice, and the
-killed run's vLLM server does not outlive it."""
+killed run's vLLM server does not outlive it; its temporary weights are removed, and logged, when the resumed run
+starts."""
 
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def test_carried_groups_survive_a_sigkill_and_resume_without_loss_or_repeat(tiny
     # writing it and pointing last.ckpt at it); read now, before the resumed run replaces it
     killed = _stream_state(root / "checkpoints" / "last.ckpt")
     assert killed["pending"], "no group was carried over at the checkpoint: the test would prove nothing"
+    leftovers = sorted(p.name for p in (root / ".weights").iterdir())  # the killed run's pushed weights and state
+    assert leftovers, "the killed run left no temporary weights: their clean-up at the next start is not exercised"
 
     resumed_log = tmp_path / "resumed.log"
     with open(resumed_log, "w") as fh:
@@ -69,6 +72,10 @@ def test_carried_groups_survive_a_sigkill_and_resume_without_loss_or_repeat(tiny
                               env=env, cwd=REPO, timeout=1200)
     assert done.returncode == 0, resumed_log.read_text()[-4000:]
     assert "Restoring states from the checkpoint path" in resumed_log.read_text()
+    # the resumed run found the killed run's temporary weights, logged them with their size, removed them, and its
+    # own are gone with it
+    assert f"removing {len(leftovers)} leftover(s) of an earlier run in" in resumed_log.read_text()
+    assert f"GB): {', '.join(leftovers)}" in resumed_log.read_text() and not (root / ".weights").exists()
     (final_ckpt,) = (root / "checkpoints").glob(f"*step={STEPS}.ckpt")
     final = _stream_state(final_ckpt)
     trained = _trained(final)

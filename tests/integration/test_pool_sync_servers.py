@@ -5,7 +5,7 @@ checkpoint, and both servers reload from it (`sync: checkpoint`; `sync: nccl` sh
 broadcast group but needs GPUs, see tests/unit/test_pool_sync.py for its fan-out). Checked through `qed-fit`: the
 samples of every step match the trainer's log-probs (both ranks, both servers: on-policy after each push), and
 after training each server serves the final weights: its sampler log-probs match a transformers forward of the
-exported model to 1e-4.
+exported model to 1e-4; each push's bytes are logged (`rollout/push_bytes`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from sampling import T, chat_prompt, trainer_logprobs
 from transformers import AutoModelForCausalLM
 from vllm_server import pool_server
 
+from qed_lightning.parallel.distributed import iter_full_parameters
 from qed_lightning.rollout import SamplingConfig, VLLMServerEngine
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -49,6 +50,9 @@ def test_fsdp2_trainers_push_each_parameter_once_to_every_server(tiny_model_dir,
 
         final = AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32).eval()
         initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+        # the bytes each push wrote, logged: the servers' dtype (float32 CPU servers, asked at start) once per push
+        nbytes = sum(t.numel() * 4 for _, t in iter_full_parameters(final))
+        assert series(rows, "rollout/push_bytes") == [float(nbytes)] * STEPS
         prompt = chat_prompt(tiny_tokenizer)
         for url in (a, b):
             probe = VLLMServerEngine([url], sync="none", reset_on_start=False)

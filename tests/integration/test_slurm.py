@@ -192,3 +192,43 @@ def test_gpu_check_compiles_and_fails_fast_without_a_gpu(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert python.returncode == 2 and "no CUDA device" in python.stderr
     assert not any(tmp_path.glob("model"))  # nothing was built before the check
+
+
+def _fake_tool(path: Path, body: str) -> None:
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.mark.parametrize("sync", ["checkpoint", "nccl"])
+def test_vllm_pool_sbatch_starts_each_server_on_its_inherited_device_with_the_syncs_settings(sync, tmp_path):
+    """The pool script run as SLURM would (a fake `scontrol`, an `srun` that runs the node's task here, a `python`
+    that records how each server was started): servers index the task's CUDA_VISIBLE_DEVICES (4,5 -> server 0 on
+    GPU 4, server 1 on GPU 5), and `SYNC=nccl` starts them with vLLM's NCCL weight transfer."""
+    bin_dir, venv = tmp_path / "bin", tmp_path / "venv"
+    bin_dir.mkdir()
+    (venv / "bin").mkdir(parents=True)
+    _fake_tool(bin_dir / "scontrol", "echo gpu017\n")
+    _fake_tool(bin_dir / "srun", 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    record = tmp_path / "servers.jsonl"
+    _fake_tool(venv / "bin" / "python", f"{sys.executable} -c 'import json, os, sys; print(json.dumps("
+               f"[os.environ[\"CUDA_VISIBLE_DEVICES\"], sys.argv[1:]]))' \"$@\" >> {record}\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NODELIST": "gpu017",
+           "SLURM_SUBMIT_DIR": str(tmp_path), "QED_VENV": str(venv), "GPUS_PER_NODE": "2", "SYNC": sync,
+           "CUDA_VISIBLE_DEVICES": "4,5"}
+    proc = subprocess.run(["bash", str(REPO / "scripts/slurm/vllm_pool.sbatch"), "/models/policy"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    servers = sorted(json.loads(line) for line in record.read_text().splitlines())
+    assert [devices for devices, _ in servers] == ["4", "5"]
+    for _, argv in servers:
+        assert argv[:2] == ["-m", "vllm.entrypoints.openai.api_server"] and "/models/policy" in argv
+        has_transfer = "--weight-transfer-config" in argv
+        assert has_transfer == (sync == "nccl")
+        if has_transfer:
+            assert json.loads(argv[argv.index("--weight-transfer-config") + 1]) == {"backend": "nccl"}
+    assert (tmp_path / "runs/pool/urls-77.txt").read_text().split() == ["http://gpu017:8000", "http://gpu017:8001"]
+    env["SYNC"] = "ncl"
+    bad = subprocess.run(["bash", str(REPO / "scripts/slurm/vllm_pool.sbatch"), "/m"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "SYNC=ncl: use checkpoint or nccl" in bad.stderr

@@ -148,6 +148,23 @@ def test_checkpoint_sync_streams_small_shards_with_an_index(tmp_path):
     assert write_safetensors(iter(tensors), None) == 0  # other ranks only walk the parameters
 
 
+def test_pushes_are_written_in_the_servers_dtype(tmp_path):
+    """fp32 master weights pushed to a bf16 server are cast at write time: half the bytes; integer buffers keep
+    their dtype. The same cast feeds the NCCL sender's metadata and tensors."""
+    from safetensors.torch import load_file
+
+    from qed_lightning.rollout.pool_sync import full_parameter_meta
+
+    tensors = [("w", torch.randn(256)), ("steps", torch.arange(4))]
+    total = write_safetensors(iter(tensors), tmp_path, dtype=torch.bfloat16)
+    saved = load_file(str(tmp_path / "model-00001.safetensors"))
+    assert (saved["w"].dtype, saved["steps"].dtype, total) == (torch.bfloat16, torch.int64, 256 * 2 + 4 * 8)
+    torch.testing.assert_close(saved["w"], tensors[0][1].to(torch.bfloat16))
+    model = torch.nn.Linear(3, 2)
+    assert [m[1] for m in full_parameter_meta(model, torch.bfloat16)] == [torch.bfloat16, torch.bfloat16]
+    assert [m[1] for m in full_parameter_meta(model)] == [torch.float32, torch.float32]
+
+
 def test_pool_urls_from_a_list_the_environment_or_the_pool_file(tmp_path, monkeypatch):
     from qed_lightning.rollout.engines.server_engine import resolve_urls
 
@@ -159,3 +176,27 @@ def test_pool_urls_from_a_list_the_environment_or_the_pool_file(tmp_path, monkey
         resolve_urls(["env:MISSING"])
     engine = VLLMServerEngine(["env:POOL"], sync_dir=str(tmp_path))
     assert engine.urls == []  # resolved when training starts (the pool may still be coming up)
+
+
+def test_a_dead_engine_fails_the_wait_for_rollouts_within_liveness_s():
+    """AsyncRollouts waits for its background generation with a liveness check (issue 19): a generator whose server
+    died is reported by the engine's `check_alive` while the request itself would still be waiting."""
+    import threading
+
+    release = threading.Event()
+
+    class Hung(SlowEngine):
+        def generate(self, prompts, sampling, n=1):
+            release.wait(30)
+            return super().generate(prompts, sampling, n)
+
+        def check_alive(self, stalled_s=None):
+            raise RuntimeError("vLLM server http://127.0.0.1:1 (log x.log) is gone (weight version 0)")
+
+    wrapper = AsyncRollouts(Hung(), max_lag=1, liveness_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="is gone"):
+        wrapper.generate([[1, 2]], SamplingConfig(), 1)
+    assert time.monotonic() - started < 3.0
+    release.set()
+    wrapper.close()

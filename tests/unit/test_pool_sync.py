@@ -54,3 +54,17 @@ def test_one_group_for_the_pool_each_server_told_its_offset_and_called_at_once()
 def test_a_client_per_server_needs_a_worker_count_each():
     with pytest.raises(ValueError, match="2 server clients but 1 worker counts"):
         PoolWeightSyncClient([object(), object()], [1])
+
+
+def test_the_nccl_rendezvous_port_is_a_free_one_unless_set():
+    """A fixed default (29600) collided when two trainers shared a node: unset, the first push picks a free port."""
+    import socket
+
+    from qed_lightning.rollout.engines.server_engine import VLLMServerEngine, free_port
+
+    engine = VLLMServerEngine(["http://a:8000"], sync="nccl", nccl_master_address="10.0.0.1")
+    assert engine.nccl_port is None
+    port = free_port("")
+    with socket.socket() as sock:
+        sock.bind(("", port))  # it is free: binding it succeeds
+    assert VLLMServerEngine(["http://a:8000"], sync="nccl", nccl_master_address="x", nccl_port=29700).nccl_port == 29700

@@ -3,6 +3,8 @@ the launcher's environment, checked for torchrun, srun and Lightning's own launc
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from qed_lightning.parallel import ProcessRanks, process_ranks
@@ -56,3 +58,20 @@ def test_a_lone_cpu_process_keeps_the_uni_process_executor_and_a_lone_gpu_proces
     assert cpu.backend is None and cpu.environment() == {}
     gpu = plan_launch(ProcessRanks(), distributed=False, cuda_device=3, tensor_parallel_size=1, seed=0)
     assert gpu.backend == "external_launcher" and gpu.environment()["LOCAL_RANK"] == "3"  # the trainer's device
+
+
+def test_export_launch_restores_the_environment_after_the_engine_is_created(monkeypatch):
+    """vLLM reads RANK/LOCAL_RANK/WORLD_SIZE and a rendezvous only while its engine starts; left behind, a child of
+    this process believes it is one rank of a group (a rehearsal hung on it). Values set before are put back."""
+    from qed_lightning.rollout.engines.launch import export_launch
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "7")
+    launch = plan_launch(ProcessRanks(0, 1, 0), distributed=False, cuda_device=0, tensor_parallel_size=1, seed=0)
+    with export_launch(launch):
+        seen = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
+        assert seen == {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+        assert os.environ["MASTER_PORT"].isdigit()
+    assert [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k in os.environ] == []
+    assert os.environ["WORLD_SIZE"] == "7"

@@ -192,6 +192,32 @@ def test_a_failing_generator_fails_the_step_that_waits_for_it():
     stream.close()
 
 
+def test_a_stalled_or_dead_generator_fails_the_waiting_step_within_its_bounds():
+    """`take` never waits forever (issue 19): no group for `stall_timeout_s` raises the engine's account of what it
+    waits on; a dead engine (its `check_alive` raises, as `LocalVLLMPool`'s does for a dead server) is reported within
+    `liveness_s`, with nothing in flight to fail."""
+    engine = GatedEngine()  # no gate opens: nothing ever completes
+    stream = GroupStream(engine, 2, G, 0, source=_problem, expand=lambda p, release: [p],
+                         sampling=lambda ps, release: SamplingConfig(), grade=_grade, poll_s=0.01,
+                         stall_timeout_s=1.0, liveness_s=0.2)
+    stream.start()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"GatedEngine produced nothing for \d+ s \(weight version 0\)"):
+        stream.take(0)
+    assert 1.0 <= time.monotonic() - started < 5.0
+
+    def dead(stalled_s=None):
+        raise RuntimeError("vLLM server http://127.0.0.1:1 (log x.log) exited with code -9")
+
+    engine.check_alive, stream.stall_timeout_s = dead, 3600.0
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with code -9"):
+        stream.take(0)
+    assert time.monotonic() - started < 3.0
+    stream.close()
+    engine.open(*range(10))
+
+
 def test_the_streams_source_is_the_loaders_order_across_epochs():
     from qed_lightning.data.rl import ProblemBatches
 

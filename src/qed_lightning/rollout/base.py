@@ -13,6 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -149,6 +150,25 @@ class RolloutEngine(ABC):
     def set_policy_version(self, version: int) -> None:
         self.policy_version = version
 
+    @property
+    def serving_version(self) -> int:
+        """The version of the weights generation runs on now: `policy_version`, except for an engine that loads
+        pushed weights in the background (`LocalVLLMPool`), where `policy_version` is the newest pushed (the same
+        on every rank) and this one follows the loads."""
+        return self.policy_version
+
+    def use_run_dir(self, path: Path) -> None:  # noqa: B027 - optional hook
+        """The run's folder (`trainer.default_root_dir`), told before `start`: an engine that writes temporary files
+        (pushed weights, server logs) keeps them there."""
+
+    def check_alive(self, stalled_s: float | None = None) -> None:
+        """Raise one error naming what failed if the engine cannot make progress (a dead server, a failed weight
+        load); with `stalled_s`, the caller has seen nothing come back for that long: raise a TimeoutError saying
+        what the engine waits on. Cheap enough to call every few seconds."""
+        if stalled_s is not None:
+            raise TimeoutError(f"{type(self).__name__} produced nothing for {stalled_s:.0f} s "
+                               f"(weight version {self.serving_version})")
+
     def sleep(self) -> None:  # noqa: B027 - optional hook
         """Release accelerator memory while the trainer steps (no-op by default)."""
 
@@ -184,6 +204,16 @@ class WrappingEngine(RolloutEngine):
 
     def set_policy_version(self, version: int) -> None:
         self.engine.set_policy_version(version)
+
+    @property
+    def serving_version(self) -> int:
+        return self.engine.serving_version
+
+    def use_run_dir(self, path: Path) -> None:
+        self.engine.use_run_dir(path)
+
+    def check_alive(self, stalled_s: float | None = None) -> None:
+        self.engine.check_alive(stalled_s)
 
     @property
     def max_model_len(self) -> int | None:  # type: ignore[override]

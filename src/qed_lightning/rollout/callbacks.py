@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -57,13 +58,14 @@ class WeightSyncCallback(Callback):
         raise RuntimeError("no WeightSyncCallback owns this engine: the module must return one from "
                            "configure_callbacks (RubricRLModule does)")
 
-    def _start(self, pl_module: L.LightningModule) -> None:
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.engine.use_run_dir(Path(trainer.default_root_dir))  # where its temporary files go
         self.engine.start(pl_module.hparams.model_name_or_path)
         self.engine.attach(pl_module.model, pl_module.tokenizer)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start(pl_module)
+        self._start(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -82,7 +84,7 @@ class WeightSyncCallback(Callback):
         """Start the engine; when Lightning restored a checkpoint (`qed-fit validate --ckpt_path`, or the sanity check
         of a resumed fit), push its weights first: the engine started from `model_name_or_path`, and would otherwise
         score the starting model."""
-        self._start(pl_module)
+        self._start(trainer, pl_module)
         if self.restored_step is None:
             return
         fitting = trainer.state.fn == "fit"
@@ -104,6 +106,8 @@ class WeightSyncCallback(Callback):
         self.syncs += 1
         metrics.update({"rollout/sync_time_s": time.perf_counter() - started, "rollout/wake_s": times.get("wake_s", 0.0),
                         "rollout/policy_version": float(step)})
+        if "push_bytes" in times:  # what the push wrote or sent (an engine that knows)
+            metrics["rollout/push_bytes"] = times["push_bytes"]
         pl_module.log_dict(metrics, batch_size=1)
         return metrics
 

@@ -30,10 +30,13 @@ from torch import Tensor
 from qed_lightning.parallel.distributed import checkpoint_entries, full_shape, iter_full_parameters
 
 
-def write_safetensors(named_tensors: Iterable[tuple[str, Tensor]], out: Path | None, shard_bytes: int = 2**30) -> int:
+def write_safetensors(named_tensors: Iterable[tuple[str, Tensor]], out: Path | None, shard_bytes: int = 2**30,
+                      dtype: torch.dtype | None = None) -> int:
     """Stream (name, tensor) pairs into safetensors shards of about `shard_bytes` plus their index; returns the bytes
-    written. With `out=None` the pairs are only consumed (the other ranks of a sharded trainer take part in each
-    parameter's gather). At most one shard is held in memory."""
+    written. Floating-point tensors are cast to `dtype` (the servers' dtype: fp32 master weights would double the
+    bytes of a bf16 server) on their own device, before the copy to the host. With `out=None` the pairs are only
+    consumed (the other ranks of a sharded trainer take part in each parameter's gather). At most one shard is held
+    in memory."""
     from safetensors.torch import save_file
 
     shard: dict[str, Tensor] = {}
@@ -55,7 +58,7 @@ def write_safetensors(named_tensors: Iterable[tuple[str, Tensor]], out: Path | N
     for name, tensor in named_tensors:
         if out is None:
             continue
-        data = tensor.detach().to("cpu").contiguous()
+        data = cast(tensor.detach(), dtype).to("cpu").contiguous()
         shard[name] = data
         size += data.numel() * data.element_size()
         total += data.numel() * data.element_size()
@@ -66,6 +69,11 @@ def write_safetensors(named_tensors: Iterable[tuple[str, Tensor]], out: Path | N
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     return total
+
+
+def cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """`tensor` in `dtype` if it is floating point and a dtype is given (integer buffers keep theirs)."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def rank_offsets(worker_counts: list[int]) -> list[int]:
@@ -109,21 +117,24 @@ class PoolWeightSyncClient:
         self._all(lambda i, c: c.finish_weight_update(weight_version))
 
 
-def full_parameter_meta(model: torch.nn.Module) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+def full_parameter_meta(model: torch.nn.Module,
+                        dtype: torch.dtype | None = None) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """(name, dtype, full shape) of every entry `iter_full_parameters(model)` yields, in its order, gathering
-    nothing."""
-    return [(name, tensor.dtype, full_shape(tensor)) for name, tensor in checkpoint_entries(model)]
+    nothing; floating-point entries in `dtype` if given (what `full_parameter_source` sends)."""
+    return [(name, dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype, full_shape(tensor))
+            for name, tensor in checkpoint_entries(model)]
 
 
-def full_parameter_source(model: torch.nn.Module):
-    """`model`'s parameters as a vLLM `WeightSource` (see the module docstring); vLLM is imported on use."""
+def full_parameter_source(model: torch.nn.Module, dtype: torch.dtype | None = None):
+    """`model`'s parameters as a vLLM `WeightSource` (see the module docstring), floating-point ones cast to `dtype`
+    (the servers': half the bytes of fp32 masters over NCCL for bf16 servers); vLLM is imported on use."""
     from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
     class FullParameterSource(WeightSource):
         def metadata(self) -> list[ParamMeta]:
-            return [ParamMeta(name, dtype, shape) for name, dtype, shape in full_parameter_meta(model)]
+            return [ParamMeta(name, dt, shape) for name, dt, shape in full_parameter_meta(model, dtype)]
 
         def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-            return iter_full_parameters(model)
+            return ((name, cast(tensor, dtype)) for name, tensor in iter_full_parameters(model))
 
     return FullParameterSource()

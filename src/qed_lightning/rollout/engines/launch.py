@@ -24,8 +24,10 @@ CPU from the launcher's variables. The CPU build runs this same path in the 2-pr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -97,16 +99,28 @@ def current_launch(tensor_parallel_size: int, seed: int) -> EngineLaunch:
     return plan_launch(process_ranks(), distributed, cuda, tensor_parallel_size, seed)
 
 
-def export_launch(launch: EngineLaunch) -> None:
+@contextlib.contextmanager
+def export_launch(launch: EngineLaunch) -> Iterator[None]:
     """Set the launch's variables (and a rendezvous for a process that has no group yet: a lone GPU process, or
-    tensor parallelism under a launcher that exported none) before vLLM reads them."""
-    os.environ.update(launch.environment())
-    if launch.backend == EXTERNAL_LAUNCHER and not torch.distributed.is_initialized():
-        if launch.ranks.world_size > 1 and "MASTER_ADDR" not in os.environ:
-            raise RuntimeError("a vLLM engine shared by several processes needs their rendezvous: start them with "
-                               "torchrun, srun + Lightning, or export MASTER_ADDR and MASTER_PORT")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    tensor parallelism under a launcher that exported none) while vLLM creates its engine, and restore the
+    environment afterwards: vLLM reads them only while it starts, and a RANK or LOCAL_RANK left behind would make a
+    child of this process (a later run, a rehearsal) believe it was launched as one rank of a group."""
+    saved = {key: os.environ.get(key) for key in (*launch.environment(), "MASTER_ADDR", "MASTER_PORT")}
+    try:
+        os.environ.update(launch.environment())
+        if launch.backend == EXTERNAL_LAUNCHER and not torch.distributed.is_initialized():
+            if launch.ranks.world_size > 1 and "MASTER_ADDR" not in os.environ:
+                raise RuntimeError("a vLLM engine shared by several processes needs their rendezvous: start them with "
+                                   "torchrun, srun + Lightning, or export MASTER_ADDR and MASTER_PORT")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _free_port() -> int:

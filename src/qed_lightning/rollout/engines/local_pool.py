@@ -19,16 +19,34 @@ What it adds to `VLLMServerEngine`:
   the trainer process pinned to the others with one torch thread per core (restored by `close`), so generation and
   training do not fight over cores; whole prefills (see `vllm_engine`: seeded requests crash a chunked CPU prefill).
 
-The checkpoints a push writes go to `sync_dir` (a temporary folder by default: the servers are on this node).
+Weights and failures (issue 19: nothing waits forever, cleanup runs whatever failed):
+- a push writes the weights in the servers' dtype (asked at start: bf16 servers get bf16, not the trainer's fp32
+  masters) to `sync_dir/v<version>`, by default `<run folder>/.weights`; a version is removed once every server
+  has loaded a newer one, everything on `close`, and what a killed run left there is removed (and logged, with its
+  size) when the next run in that folder starts. `push_bytes` in the push's stats is logged as
+  `rollout/push_bytes`;
+- every rank records a push's version at once (`policy_version`, identical on every rank: the next push's decision
+  cannot differ between ranks, which under FSDP2 or ZeRO-3 would leave one rank gathering alone); the version the
+  servers have loaded (`serving_version`, which the group stream waits for) is read by every rank from the state
+  rank 0's reload thread writes in `sync_dir`;
+- a failed reload is recorded there too and never dropped: the next push raises it on every rank (rank 0's verdict
+  is broadcast), the stream's `check_alive` raises it, and so does `close`, after it has stopped the servers and
+  removed the weights. `check_alive` also reports a server whose process exited or that refuses connections; each
+  error names the server's URL, its log file and the weight version;
+- devices: `gpus` entries index the inherited `CUDA_VISIBLE_DEVICES` (server 0 on local device 0 of a trainer
+  started with `CUDA_VISIBLE_DEVICES=4,5,6,7` gets GPU 4); one node only (the servers listen on 127.0.0.1 of global
+  rank 0's node: a trainer over several nodes is refused at start, use `VLLMServerEngine` with
+  scripts/slurm/vllm_pool.sbatch); servers are started through `server_guard` (parent-death signal and CPU
+  pinning set in the child, no `preexec_fn` in this multi-threaded process).
 """
 
 from __future__ import annotations
 
-import ctypes
+import atexit
 import logging
 import os
 import shutil
-import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -41,42 +59,54 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from qed_lightning.parallel.distributed import broadcast_from_rank0, rank
+from qed_lightning.parallel.distributed import broadcast_from_rank0, gather_objects, rank
 from qed_lightning.rollout.base import Completion, SamplingConfig
-from qed_lightning.rollout.engines.server_engine import WORKER_EXTENSION, VLLMServerEngine, write_safetensors
+from qed_lightning.rollout.engines.server_engine import WORKER_EXTENSION, VLLMServerEngine, free_port
+from qed_lightning.rollout.engines.server_guard import guard_command, parse_cpus
 
 log = logging.getLogger(__name__)
 
+#: rank and rendezvous variables of the trainer, not passed on to the servers it starts
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
+                    "MASTER_PORT")
+LOADED, FAILED = "loaded_version", "push_failed.txt"  # state files in `sync_dir` (see the module docstring)
 
-def parse_cpus(spec: str) -> set[int]:
-    """CPU ids from a list like "0", "1-3" or "0,2-3".
 
-    >>> sorted(parse_cpus("0,2-3"))
-    [0, 2, 3]
+def visible_devices(devices: str, inherited: str | None) -> str:
+    """The CUDA devices of a server on this process's local devices `devices` ("0" or "0,1"): entries of the
+    inherited `CUDA_VISIBLE_DEVICES` when it is set, else the indices themselves.
+
+    >>> visible_devices("0,1", "4,5,6,7"), visible_devices("2", None)
+    ('4,5', '2')
     """
-    out: set[int] = set()
-    for part in spec.split(","):
-        lo, _, hi = part.strip().partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
+    local = [d.strip() for d in devices.split(",") if d.strip()]
+    parent = [d.strip() for d in (inherited or "").split(",") if d.strip()]
+    if not parent:
+        return ",".join(local)
+    for d in local:
+        if not d.isdigit() or int(d) >= len(parent):
+            raise ValueError(f"LocalVLLMPool: engine.gpus entry {devices!r} asks for local device {d}, but "
+                             f"CUDA_VISIBLE_DEVICES={inherited} gives this trainer {len(parent)} (index 0-"
+                             f"{len(parent) - 1} into that list)")
+    return ",".join(parent[int(d)] for d in local)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _die_with_parent(cpus: set[int] | None):
-    """`preexec_fn` of a server's guard: SIGTERM when the trainer dies (even by SIGKILL), and its cores, if given
-    (the server inherits them)."""
-    def setup() -> None:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-    return setup
+def remove_leftovers(folder: Path) -> int:
+    """Remove what a run that did not close (killed) left in its weights folder; log what and its size. Returns
+    the bytes removed."""
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    if not entries:
+        return 0
+    size = folder_bytes(folder)
+    log.warning("removing %d leftover(s) of an earlier run in %s (%.2f GB): %s", len(entries), folder, size / 1e9,
+                ", ".join(e.name for e in entries))
+    for entry in entries:
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return size
 
 
 class LocalVLLMPool(VLLMServerEngine):
@@ -84,12 +114,15 @@ class LocalVLLMPool(VLLMServerEngine):
 
     Args:
         cpus: one CPU server per entry, bound to those cores ("1", "2-3"); used when `gpus` is empty.
-        gpus: one GPU server per entry, on those CUDA devices ("4", or "4,5" for tensor parallelism over two).
+        gpus: one GPU server per entry, on those local CUDA devices ("4", or "4,5" for tensor parallelism over two;
+            indices into an inherited `CUDA_VISIBLE_DEVICES`).
         trainer_cpus: pin the trainer process to these cores, one torch thread each (CPU layouts); None = leave it.
         max_model_len: longest prompt + completion. dtype: the servers' dtype ("auto" = float32 on CPU).
-        kv_cache_gib: KV-cache GiB of a CPU server (whole GiB: `VLLM_CPU_KVCACHE_SPACE`). gpu_memory_utilization: share of a GPU a server takes.
+        kv_cache_gib: KV-cache GiB of a CPU server (whole GiB: `VLLM_CPU_KVCACHE_SPACE`).
+        gpu_memory_utilization: share of a GPU a server takes.
         update_mode: "wait" or "keep" (module docstring).
-        sync_dir: where pushed checkpoints go (None = a temporary folder). log_dir: server logs (None = sync_dir).
+        sync_dir: where pushed checkpoints go (None = `<run folder>/.weights`, or a temporary folder outside a
+            trainer). log_dir: server logs (None = `<run folder>/vllm_logs`, else `sync_dir/logs`).
         server_args: further `vllm serve` flags. startup_timeout_s: how long `start` waits for the servers.
         timeout_s / max_concurrency / max_retries: per request, as `VLLMServerEngine`.
     """
@@ -117,23 +150,31 @@ class LocalVLLMPool(VLLMServerEngine):
         cpus = ["1"] if cpus is None and not gpus else list(cpus or [])
         if bool(cpus) == bool(gpus):
             raise ValueError("LocalVLLMPool: give either engine.cpus (CPU servers) or engine.gpus (GPU servers), not both")
-        super().__init__(["local"], sync="checkpoint", sync_dir=sync_dir or "<temporary>", reset_on_start=False,
+        super().__init__(["local"], sync="checkpoint", sync_dir=sync_dir or "<run folder>", reset_on_start=False,
                          timeout_s=timeout_s, max_concurrency=max_concurrency, max_retries=max_retries,
                          startup_timeout_s=startup_timeout_s, update_mode=update_mode)
         self.cpus, self.gpus, self.trainer_cpus = cpus, list(gpus or []), trainer_cpus
         self.max_model_len = max_model_len
         self.dtype, self.kv_cache_gib, self.gpu_memory_utilization = dtype, kv_cache_gib, gpu_memory_utilization
+        self.sync_dir = Path(sync_dir) if sync_dir else None
         self.log_dir = Path(log_dir) if log_dir else None
+        self.run_dir: Path | None = None
         self.server_args = list(server_args or [])
         self._own_sync_dir = sync_dir is None
+        self.log_paths: dict[str, Path] = {}
         self._procs: list[subprocess.Popen] = []
         self._pusher: ThreadPoolExecutor | None = None
-        self._push: Future | None = None
+        self._pushes: list[Future] = []
         self._requested = 0  # the newest version pushed
+        self._failure: str | None = None  # rank 0: a failed reload, as raised everywhere
+        self._failure_raised = False
         self.reload_s: list[float] = []  # seconds each reload took on the servers (pause, load, resume)
         self._trainer_affinity: tuple[set[int], int] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    def use_run_dir(self, path: Path) -> None:
+        self.run_dir = Path(path)
 
     def start(self, model: str | None = None) -> None:
         """Start the servers from `model` (the policy's starting weights), wait for them, pin the trainer."""
@@ -141,23 +182,46 @@ class LocalVLLMPool(VLLMServerEngine):
             return
         if model is None:
             raise ValueError("LocalVLLMPool needs the policy's model folder to start its servers")
-        if self._own_sync_dir:
-            self.sync_dir = Path(tempfile.mkdtemp(prefix="qed_local_pool_"))
-        self.sync_dir.mkdir(parents=True, exist_ok=True)
-        logs = self.log_dir or self.sync_dir
-        logs.mkdir(parents=True, exist_ok=True)
-        urls = [self._launch(model, i, devices, logs / f"vllm_server_{i}.log")
-                for i, devices in enumerate(self.gpus or self.cpus)] if rank() == 0 else []
-        self.url_entries = urls = broadcast_from_rank0(urls)  # one pool per node: rank 0 starts it, every rank uses it
+        hosts = sorted(set(gather_objects(socket.gethostname())))
+        if len(hosts) > 1:
+            raise ValueError(f"LocalVLLMPool runs on one node (its servers listen on 127.0.0.1 of global rank 0), but "
+                             f"this trainer spans {len(hosts)} ({', '.join(hosts)}): use VLLMServerEngine with "
+                             "scripts/slurm/vllm_pool.sbatch")
+        urls, logs = [], []
+        if rank() == 0:
+            logs_dir = self._prepare_dirs()
+            for i, devices in enumerate(self.gpus or self.cpus):
+                logs.append(logs_dir / f"vllm_server_{i}.log")
+                urls.append(self._launch(model, i, devices, logs[-1]))
+            atexit.register(self.close)  # an exception ends a fit without teardown hooks: cleanup runs anyway
+        self.sync_dir, self.url_entries, logs = broadcast_from_rank0((self.sync_dir, urls, logs))
+        self.log_paths = dict(zip(self.url_entries, logs))  # one pool per node: rank 0 starts it, every rank uses it
         try:
             super().start(model)
         except TimeoutError as err:
-            tails = "\n".join(self._log_tail(logs / f"vllm_server_{i}.log") for i in range(len(urls)))
+            tails = "\n".join(self._log_tail(path) for path in logs)
             self.close()
             raise TimeoutError(f"{err}\n{tails}") from err
-        for url in self.urls:  # label the starting weights as version 0 (vLLM calls them "default")
-            self._post(f"{url}/update_weight_version", {"new_version": str(self.policy_version)})
+        if rank() == 0:
+            for url in self.urls:  # label the starting weights as version 0 (vLLM calls them "default")
+                self._post(f"{url}/update_weight_version", {"new_version": str(self.policy_version)})
+            self._write_state(LOADED, str(self.policy_version))
         self._pin_trainer()
+
+    def _prepare_dirs(self) -> Path:
+        """Rank 0: the weights folder (a killed run's leftovers removed) and the logs folder."""
+        if self.sync_dir is None and self.run_dir is not None:
+            self.sync_dir = self.run_dir / ".weights"
+            remove_leftovers(self.sync_dir)
+        elif self.sync_dir is None:
+            self.sync_dir = Path(tempfile.mkdtemp(prefix="qed_local_pool_"))
+        self.sync_dir = self.sync_dir.resolve()
+        self.sync_dir.mkdir(parents=True, exist_ok=True)
+        for name in (LOADED, FAILED):
+            (self.sync_dir / name).unlink(missing_ok=True)
+        logs = self.log_dir or (self.run_dir / "vllm_logs" if self.run_dir is not None else self.sync_dir / "logs")
+        logs.mkdir(parents=True, exist_ok=True)
+        return logs.resolve()
 
     def _server_command(self, model: str, port: int, devices: str) -> list[str]:
         cpu = not self.gpus
@@ -166,35 +230,38 @@ class LocalVLLMPool(VLLMServerEngine):
                "--generation-config", "vllm", "--enable-scale-out", "--worker-extension-cls", WORKER_EXTENSION,
                "--dtype", "float32" if cpu and self.dtype == "auto" else self.dtype]
         if cpu:  # whole prefills (seeded requests, see vllm_engine); eager (no graphs to capture on CPU)
-            cmd += ["--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(self.max_model_len, 4096))]
+            cmd += ["--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens",
+                    str(max(self.max_model_len, 4096))]
         else:
             cmd += ["--tensor-parallel-size", str(len(devices.split(","))),
                     "--gpu-memory-utilization", str(self.gpu_memory_utilization)]
         return cmd + self.server_args
 
-    def _launch(self, model: str, i: int, devices: str, log_path: Path) -> str:
-        port = _free_port()
-        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    def _server_env(self, devices: str, environ: dict[str, str]) -> dict[str, str]:
+        """A server's environment: this one less the trainer's rank variables, plus its devices or cores."""
+        env = {k: v for k, v in environ.items() if k not in LAUNCH_VARIABLES}
+        env["VLLM_SERVER_DEV_MODE"] = "1"
         if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = devices
-            cores = None
+            env["CUDA_VISIBLE_DEVICES"] = visible_devices(devices, environ.get("CUDA_VISIBLE_DEVICES"))
         else:
-            cores = parse_cpus(devices)
             env.update(VLLM_CPU_OMP_THREADS_BIND=devices, VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gib),
-                       OMP_NUM_THREADS=str(len(cores)))
-        guard = [sys.executable, "-m", "qed_lightning.rollout.engines.server_guard", "--"]
+                       OMP_NUM_THREADS=str(len(parse_cpus(devices))))
+        return env
+
+    def _launch(self, model: str, i: int, devices: str, log_path: Path) -> str:
+        port = free_port()
+        env = self._server_env(devices, dict(os.environ))
+        cmd = guard_command(self._server_command(model, port, devices), cpus=None if self.gpus else devices)
         with open(log_path, "w") as fh:
-            proc = subprocess.Popen(guard + self._server_command(model, port, devices), stdout=fh,
-                                    stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                    preexec_fn=_die_with_parent(cores))
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self._procs.append(proc)
-        log.info("started vLLM server %d (pid %d) on %s %s, log %s", i, proc.pid, "GPUs" if self.gpus else "cores",
-                 devices, log_path)
+        log.info("started vLLM server %d (pid %d) on %s %s, log %s", i, proc.pid,
+                 f"GPUs {env['CUDA_VISIBLE_DEVICES']}" if self.gpus else "cores", devices, log_path)
         return f"http://127.0.0.1:{port}"
 
     poll_ready_s = 1.0
 
-    def _check_alive(self) -> None:
+    def _check_started(self) -> None:
         """A server that exits during start-up fails `start` at once (its log is quoted by `start`)."""
         dead = [p for p in self._procs if p.poll() is not None]
         if dead:
@@ -204,6 +271,21 @@ class LocalVLLMPool(VLLMServerEngine):
     def _log_tail(path: Path, lines: int = 30) -> str:
         text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else ["(no log)"]
         return f"--- {path} ---\n" + "\n".join(text)
+
+    def describe_server(self, url: str) -> str:
+        return f"vLLM server {url} (log {self.log_paths.get(url, 'unknown')})"
+
+    def check_alive(self, stalled_s: float | None = None) -> None:
+        """A failed reload, a server process that exited (rank 0 started them) or a server that refuses
+        connections raises one error naming the server, its log and the weight version; see `RolloutEngine`."""
+        failure = self._read_state(FAILED)
+        if failure:
+            raise RuntimeError(failure)
+        for url, proc in zip(self.urls, self._procs):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{self.describe_server(url)} exited with code {proc.returncode} while serving "
+                                   f"weight version {self.serving_version}")
+        super().check_alive(stalled_s)
 
     def _pin_trainer(self) -> None:
         if self.trainer_cpus is None or self.gpus or self._trainer_affinity is not None:
@@ -215,13 +297,30 @@ class LocalVLLMPool(VLLMServerEngine):
         log.info("trainer pinned to cores %s (%d torch threads)", sorted(cores), len(cores))
 
     def close(self) -> None:
-        if self._push is not None:
-            self._push.result()
-            self._push = None
-        if self._pusher is not None:
-            self._pusher.shutdown(wait=True)
-            self._pusher = None
-        super().close()
+        """Stop the servers and remove the pushed weights whatever failed; then raise a failed reload nobody has
+        raised yet."""
+        atexit.unregister(self.close)
+        try:
+            for push in self._pushes:  # `_reload` records its failures; this only lets a running one finish
+                push.result()
+        finally:
+            self._pushes = []
+            if self._pusher is not None:
+                self._pusher.shutdown(wait=True)
+                self._pusher = None
+            super().close()
+            self._stop_servers()
+            if self._trainer_affinity is not None:
+                cores, threads = self._trainer_affinity
+                os.sched_setaffinity(0, cores)
+                torch.set_num_threads(threads)
+                self._trainer_affinity = None
+            self._remove_weights()
+        if self._failure is not None and not self._failure_raised:
+            self._failure_raised = True
+            raise RuntimeError(self._failure)
+
+    def _stop_servers(self) -> None:
         for proc in self._procs:
             if proc.poll() is None:
                 proc.terminate()  # the guard stops the server's process group (SIGTERM, then SIGKILL)
@@ -232,13 +331,18 @@ class LocalVLLMPool(VLLMServerEngine):
                 proc.kill()
                 proc.wait(timeout=10)
         self._procs = []
-        if self._trainer_affinity is not None:
-            cores, threads = self._trainer_affinity
-            os.sched_setaffinity(0, cores)
-            torch.set_num_threads(threads)
-            self._trainer_affinity = None
-        if self._own_sync_dir and self.sync_dir is not None and self.sync_dir.exists():
-            shutil.rmtree(self.sync_dir, ignore_errors=True)
+
+    def _remove_weights(self) -> None:
+        """Rank 0: every pushed version and the state files; the folder itself if this pool made it and it is empty."""
+        if rank() != 0 or self.sync_dir is None or not self.sync_dir.exists():
+            return
+        for entry in self.sync_dir.iterdir():
+            if entry.is_dir() and entry.name[:1] == "v" and entry.name[1:].isdigit():
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.name in (LOADED, FAILED, LOADED + ".tmp"):
+                entry.unlink(missing_ok=True)
+        if self._own_sync_dir and not any(self.sync_dir.iterdir()):
+            self.sync_dir.rmdir()
 
     # -- generation ----------------------------------------------------------------------------------------------
 
@@ -269,46 +373,84 @@ class LocalVLLMPool(VLLMServerEngine):
 
     # -- weight pushes -------------------------------------------------------------------------------------------
 
+    @property
+    def serving_version(self) -> int:  # type: ignore[override]
+        """The version every server has loaded (rank 0's reload thread writes it; every rank reads it)."""
+        text = self._read_state(LOADED)
+        return int(text) if text else 0
+
+    def _state_path(self, name: str) -> Path | None:
+        return self.sync_dir / name if self.sync_dir is not None and self.client is not None else None
+
+    def _read_state(self, name: str) -> str | None:
+        path = self._state_path(name)
+        try:
+            return path.read_text() if path is not None else None
+        except FileNotFoundError:
+            return None
+
+    def _write_state(self, name: str, text: str) -> None:
+        path = self._state_path(name)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)  # atomic: a reader sees the old text or the new one
+
     def push_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> dict[str, float]:
-        """Write the weights to `sync_dir/v<version>` (every rank walks them), then reload the servers: with "wait"
-        in a background thread (the trainer goes on; reloads run in order, and one that a newer push overtook while
-        it waited is skipped; `policy_version` moves when a reload is done), with "keep" at once."""
+        """Write the weights to `sync_dir/v<version>` in the servers' dtype (every rank walks them), then reload
+        the servers: with "wait" in a background thread (the trainer goes on; reloads run in order, and one that a
+        newer push overtook while it waited is skipped), with "keep" at once. Every rank records `version` now;
+        a failed reload is raised on every rank by the next push (with "keep": by this one)."""
         started = time.perf_counter()
         if self.client is None:
             raise RuntimeError("LocalVLLMPool.push_weights before start")
-        target = (self.sync_dir / f"v{version}").resolve() if rank() == 0 else None
-        if target is not None:
-            shutil.rmtree(target, ignore_errors=True)
-        write_safetensors(named_tensors, target, self.shard_bytes)
+        self._raise_failure()
+        target = self._write_checkpoint(named_tensors, version)
         written = time.perf_counter()
         self._requested = version
-        if target is None:
-            self.set_policy_version(version)
-        elif self.update_mode == "wait":
+        self.set_policy_version(version)  # on every rank alike: the next push's decision is the same everywhere
+        if target is not None and self.update_mode == "wait":
             self._pusher = self._pusher or ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-push")
-            self._push = self._pusher.submit(self._reload, target, version)
-        else:
+            self._pushes = [p for p in self._pushes if not p.done()]
+            self._pushes.append(self._pusher.submit(self._reload, target, version))
+        elif target is not None:
             self._reload(target, version)
-        return {"wake_s": 0.0, "load_s": written - started}
+        if self.update_mode != "wait":
+            self._raise_failure()
+        return {"wake_s": 0.0, "load_s": written - started, "push_bytes": float(self.pushed_bytes)}
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         self.push_weights(named_tensors, self.policy_version + 1)
 
+    def _raise_failure(self) -> None:
+        """Rank 0's failed reload, raised on every rank (a collective: every rank calls it at the same point)."""
+        failure = broadcast_from_rank0(self._failure if rank() == 0 else None)
+        if failure is not None:
+            self._failure_raised = True
+            raise RuntimeError(failure)
+
     def _reload(self, target: Path, version: int) -> None:
-        if version < self._requested:  # a newer checkpoint is queued behind this one: load that instead
+        """Rank 0: load `target` on every server, record it (or the failure, never raised from this thread), and
+        remove the older versions, which no server reads any more."""
+        if self._failure is not None or version < self._requested:  # failed before, or a newer one is queued
             shutil.rmtree(target, ignore_errors=True)
             return
         started = time.perf_counter()
-        self._reload_all(target, version)
+        try:
+            self._reload_all(target, version)
+        except Exception as err:  # noqa: BLE001 - recorded, raised by the next push, the stream and close
+            self._failure = str(err)
+            self._write_state(FAILED, self._failure)
+            log.error("%s", self._failure)
+            return
         self.reload_s.append(time.perf_counter() - started)
-        self.set_policy_version(version)
-        for old in self.sync_dir.glob("v*"):  # only older checkpoints: a newer one may be queued already
-            if old.is_dir() and old.name[1:].isdigit() and int(old.name[1:]) < version:
-                shutil.rmtree(old, ignore_errors=True)
+        self._write_state(LOADED, str(version))
+        self._remove_versions_before(version)  # only older ones: a newer one may be queued already
 
     def wait_for_push(self) -> None:
-        """Block until the last push reached the servers (tests; the end of training)."""
-        if self._push is not None:
-            self._push.result()
-            self._push = None
-
+        """Block until the pushes so far reached the servers (tests; the end of training); raise a failed one."""
+        for push in self._pushes:
+            push.result()
+        self._pushes = []
+        if self._failure is not None:
+            self._failure_raised = True
+            raise RuntimeError(self._failure)

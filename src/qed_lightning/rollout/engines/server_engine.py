@@ -52,8 +52,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +73,13 @@ from qed_lightning.rollout.pool_sync import PoolWeightSyncClient, full_parameter
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "qed_lightning.rollout.engines.vllm_worker.QEDWorkerExtension"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now, on `host` ("" = every interface)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def resolve_urls(entries: list[str]) -> list[str]:
@@ -114,7 +123,8 @@ class VLLMServerEngine(RolloutEngine):
             request on connection errors and HTTP 5xx.
         startup_timeout_s: how long `start` waits for every server to answer `/v1/models`.
         nccl_master_address: this trainer's address as the servers see it (NCCL sync); nccl_port: the rendezvous
-            port of the pool's one broadcast group.
+            port of the pool's one broadcast group (None = a free port of this node, picked at the first push: a
+            fixed one collides when two trainers share a node).
         update_mode: how a checkpoint reload treats running requests: "none", "wait" or "keep" (module docstring).
     """
 
@@ -133,7 +143,7 @@ class VLLMServerEngine(RolloutEngine):
         max_retries: int = 3,
         startup_timeout_s: float = 900.0,
         nccl_master_address: str | None = None,
-        nccl_port: int = 29600,
+        nccl_port: int | None = None,
         update_mode: Literal["none", "wait", "keep"] = "none",
     ) -> None:
         problems = []
@@ -161,9 +171,12 @@ class VLLMServerEngine(RolloutEngine):
         self.nccl_port = nccl_port
         self.update_mode = update_mode
         self.policy_version = 0
+        self.push_dtype: torch.dtype | None = None  # the servers' dtype (asked at start): pushes are cast to it
+        self.pushed_bytes = 0  # bytes the last push wrote (checkpoint sync) or sent (NCCL)
         self.client: httpx.Client | None = None
         self.policy: torch.nn.Module | None = None
         self._sender = None  # the NCCL transfer engine of sync=nccl, created at the first push
+        self._nccl_bytes = 0
         self._syncs = 0
         self._turn = 0
         self._rank, self._world = 0, 1
@@ -183,11 +196,24 @@ class VLLMServerEngine(RolloutEngine):
         missing = [u for u, served in zip(self.urls, names) if self.model not in served]
         if missing:
             raise ValueError(f"VLLMServerEngine: servers {missing} do not serve {self.model!r}")
+        self.push_dtype = self._serving_dtype() if self.sync != "none" else None  # a frozen pool gets no pushes
         if self.reset_on_start and model and Path(model).is_dir() and self.sync == "checkpoint":
             if rank() == 0:
                 self._reload_all(Path(model).resolve())
             barrier()
-        log.info("rollout pool ready: %d server(s) serving %s", len(self.urls), self.model)
+        log.info("rollout pool ready: %d server(s) serving %s in %s", len(self.urls), self.model,
+                 self.push_dtype or "an unknown dtype (pushes keep the trainer's)")
+
+    def _serving_dtype(self) -> torch.dtype | None:
+        """The dtype of the first server's weights, through our worker extension's `model_dtype` RPC (None without
+        it: pushes then keep the trainer's dtype, which the server casts on load)."""
+        reply = self.client.post(f"{self.urls[0]}/collective_rpc", json={"method": "model_dtype"})
+        if reply.status_code != 200:
+            log.warning("%s has no qed worker extension (--worker-extension-cls %s): weights are pushed in the "
+                        "trainer's dtype (fp32 master weights: twice the bytes of a bf16 server)", self.urls[0],
+                        WORKER_EXTENSION)
+            return None
+        return getattr(torch, reply.json()["results"][0])
 
     def attach(self, policy: torch.nn.Module, tokenizer) -> None:
         self.policy = policy  # the NCCL sync reads parameters straight from it
@@ -195,7 +221,7 @@ class VLLMServerEngine(RolloutEngine):
     def _wait_ready(self, url: str) -> list[str]:
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
-            self._check_alive()
+            self._check_started()
             try:
                 reply = self.client.get(f"{url}/v1/models", timeout=10.0)
                 if reply.status_code == 200:
@@ -208,8 +234,28 @@ class VLLMServerEngine(RolloutEngine):
 
     poll_ready_s = 2.0  # seconds between `/v1/models` probes while a server starts
 
-    def _check_alive(self) -> None:
+    def _check_started(self) -> None:
         """Raise if a server is known to be gone while `start` waits for it (servers we did not start: unknown)."""
+
+    def describe_server(self, url: str) -> str:
+        """How errors name a server (a pool that started it adds its log file)."""
+        return f"rollout server {url}"
+
+    def check_alive(self, stalled_s: float | None = None) -> None:
+        """Raise naming the first server that refuses connections (`/health`); with `stalled_s`, a TimeoutError
+        naming the servers the caller waited on (see `RolloutEngine.check_alive`)."""
+        for url in self.urls:
+            try:
+                httpx.get(f"{url}/health", timeout=30.0)
+            except httpx.ConnectError as err:
+                raise RuntimeError(f"{self.describe_server(url)} is gone (weight version {self.serving_version}): "
+                                   f"{err}") from err
+            except httpx.TimeoutException:
+                pass  # busy is not dead; a stall is the caller's `stalled_s`
+        if stalled_s is not None:
+            servers = ", ".join(self.describe_server(url) for url in self.urls)
+            raise TimeoutError(f"no rollout came back for {stalled_s:.0f} s from {servers} (weight version "
+                               f"{self.serving_version})")
 
     def close(self) -> None:
         if self._sender is not None:
@@ -280,6 +326,10 @@ class VLLMServerEngine(RolloutEngine):
 
     # -- weight sync ---------------------------------------------------------------------------------------------
 
+    def push_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> dict[str, float]:
+        times = super().push_weights(named_tensors, version)
+        return {**times, "push_bytes": float(self.pushed_bytes)}
+
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         if self.client is None:
             self.start()
@@ -293,15 +343,26 @@ class VLLMServerEngine(RolloutEngine):
 
     def _sync_checkpoint(self, named_tensors: Iterator[tuple[str, Tensor]]) -> None:
         self._syncs += 1
-        target = (self.sync_dir / f"v{self._syncs}").resolve() if rank() == 0 else None
-        if target is not None:
-            shutil.rmtree(target, ignore_errors=True)  # a leftover of an earlier run must not mix in
-        write_safetensors(named_tensors, target, self.shard_bytes)
+        target = self._write_checkpoint(named_tensors, self._syncs)
         if target is None:
             return
         self._reload_all(target)
-        for old in self.sync_dir.glob("v*"):  # the servers have read it: keep only the newest
-            if old.is_dir() and old.resolve() != target:
+        self._remove_versions_before(self._syncs)  # every server has read the new one
+
+    def _write_checkpoint(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> Path | None:
+        """Write the weights in the servers' dtype to `sync_dir/v<version>` on rank 0 (the other ranks only walk
+        them: a sharded trainer gathers each parameter collectively); returns the folder (None on other ranks) and
+        sets `pushed_bytes`. The checkpoint push of this engine and of `LocalVLLMPool`."""
+        target = (self.sync_dir / f"v{version}").resolve() if rank() == 0 else None
+        if target is not None:
+            shutil.rmtree(target, ignore_errors=True)  # a leftover of an earlier run must not mix in
+        self.pushed_bytes = write_safetensors(named_tensors, target, self.shard_bytes, self.push_dtype)
+        return target
+
+    def _remove_versions_before(self, version: int) -> None:
+        """Remove the pushed versions older than `version` (once every server has loaded a newer one)."""
+        for old in self.sync_dir.glob("v*"):
+            if old.is_dir() and old.name[1:].isdigit() and int(old.name[1:]) < version:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _reload_all(self, path: Path, version: int | None = None) -> None:
@@ -310,17 +371,22 @@ class VLLMServerEngine(RolloutEngine):
         rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(path), "is_checkpoint_format": True}}
 
         def one(url: str) -> None:
-            if self.update_mode != "none":
-                self._post(f"{url}/pause?mode={self.update_mode}", {})
             try:
-                self._post(f"{url}/collective_rpc", rpc)
-                self._refresh_tied_lm_head(url)
-                self._post(f"{url}/reset_prefix_cache", {})  # refused (harmlessly) while "keep" holds requests
-                if version is not None and self.update_mode != "none":
-                    self._post(f"{url}/update_weight_version", {"new_version": str(version)})
-            finally:
                 if self.update_mode != "none":
-                    self._post(f"{url}/resume", {})
+                    self._post(f"{url}/pause?mode={self.update_mode}", {})
+                try:
+                    self._post(f"{url}/collective_rpc", rpc)
+                    self._refresh_tied_lm_head(url)
+                    self._post(f"{url}/reset_prefix_cache", {})  # refused (harmlessly) while "keep" holds requests
+                    if version is not None and self.update_mode != "none":
+                        self._post(f"{url}/update_weight_version", {"new_version": str(version)})
+                finally:
+                    if self.update_mode != "none":
+                        self._post(f"{url}/resume", {})
+            except Exception as err:
+                raise RuntimeError(f"{self.describe_server(url)} failed to load weight version "
+                                   f"{'v' + str(version) if version is not None else path.name} from {path}: "
+                                   f"{err}") from err
 
         with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
             list(pool.map(one, self.urls))
@@ -347,7 +413,11 @@ class VLLMServerEngine(RolloutEngine):
         if self._sender is None:
             workers = [int(self.client.get(f"{url}/get_world_size").json()["world_size"]) for url in self.urls]
             pool = PoolWeightSyncClient([HTTPVLLMWeightSyncClient(url, timeout=self.timeout_s) for url in self.urls], workers)
+            self.nccl_port = self.nccl_port or free_port("")
             info = NCCLTrainerInitInfo(master_address=self.nccl_master_address, master_port=self.nccl_port,
                                        world_size=1 + sum(workers), rank=rank())
-            self._sender = NCCLTrainerWeightTransferEngine.trainer_init(info, client=pool, source=full_parameter_source(self.policy))
+            source = full_parameter_source(self.policy, self.push_dtype)
+            self._sender = NCCLTrainerWeightTransferEngine.trainer_init(info, client=pool, source=source)
+            self._nccl_bytes = sum(math.prod(m.shape) * m.dtype.itemsize for m in source.metadata())
         self._sender.send_weights()
+        self.pushed_bytes = self._nccl_bytes

@@ -189,13 +189,13 @@ class VLLMEngine(RolloutEngine):
             raise RuntimeError(SECOND_ENGINE_REFUSED)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: weights can be swapped without IPC
         self.launch = current_launch(self.kwargs["tensor_parallel_size"], self.seed)
-        export_launch(self.launch)
         if len(self.launch.tp_group) > 1:  # every rank creates every subgroup, in the same order
             self._tp_group, _ = torch.distributed.new_subgroups_by_enumeration(
                 [list(g) for g in tp_groups(self.launch.ranks.world_size, len(self.launch.tp_group))])
         from vllm import LLM
 
-        self.llm = LLM(model=self.model, logprobs_mode="processed_logprobs", **self._llm_args(cuda))
+        with export_launch(self.launch):  # the rank variables vLLM reads while it starts, removed afterwards
+            self.llm = LLM(model=self.model, logprobs_mode="processed_logprobs", **self._llm_args(cuda))
         if cuda:
             _LIVE_GPU_ENGINES.append(self)
         # a tied lm_head has no checkpoint entry, so every in-place reload warns about it; _refresh_tied_lm_head

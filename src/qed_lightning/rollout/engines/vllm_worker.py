@@ -18,3 +18,7 @@ class QEDWorkerExtension:
 
         _refresh_tied_lm_head(self.model_runner.get_model())
         return True
+
+    def model_dtype(self) -> str:
+        """The dtype the server holds its weights in ("bfloat16"): pushes are written or sent in it."""
+        return str(self.model_runner.model_config.dtype).removeprefix("torch.")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -59,11 +59,13 @@ class AsyncRollouts(WrappingEngine):
         engine: the generator (must not share the trainer's policy module).
         max_lag: the most optimizer steps a sample's policy may be behind the trainer (1 = the paper's one step).
         overlap: False keeps only the lag bound (no background generation).
+        liveness_s: while the trainer waits for rollouts, how often it checks the engine (a dead server raises,
+            naming it, instead of a wait as long as the engine's request timeout).
     """
 
-    def __init__(self, engine: RolloutEngine, max_lag: int = 1, overlap: bool = True) -> None:
+    def __init__(self, engine: RolloutEngine, max_lag: int = 1, overlap: bool = True, liveness_s: float = 10.0) -> None:
         super().__init__(engine, max_lag)
-        self.overlap = overlap
+        self.overlap, self.liveness_s = overlap, liveness_s
         self.trainer_step: int | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
         self._next: tuple[list[list[int]], SamplingConfig, int] | None = None
@@ -86,12 +88,12 @@ class AsyncRollouts(WrappingEngine):
         key = _key(prompts, sampling, n)
         if self._pending is not None and self._pending[0] == key:
             started = time.perf_counter()
-            groups = self._pending[1].result()
+            groups = self._wait(self._pending[1])
             self._pending = None
             self._metrics["rollout/prefetch_hit"] = 1.0
             self._metrics["rollout/prefetch_wait_s"] += time.perf_counter() - started
         else:
-            groups = self._worker.submit(self.engine.generate, prompts, sampling, n).result()
+            groups = self._wait(self._worker.submit(self.engine.generate, prompts, sampling, n))
         groups = self._drop_stale(groups, prompts, sampling, n)
         if self._next is not None and self._pending is None:
             nxt, self._next = self._next, None
@@ -107,15 +109,23 @@ class AsyncRollouts(WrappingEngine):
         self._metrics["rollout/stale_dropped"] += float(sum(len(groups[i]) for i in stale))
         seeds = tuple(sampling.prompt_seed(i) for i in stale) if sampling.prompt_seed(0) is not None else None
         redo = SamplingConfig(sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_new_tokens, seeds=seeds)
-        fresh = self._worker.submit(self.engine.generate, [prompts[i] for i in stale], redo, n).result()
+        fresh = self._wait(self._worker.submit(self.engine.generate, [prompts[i] for i in stale], redo, n))
         groups = list(groups)
         for i, group in zip(stale, fresh):
             groups[i] = group
         return groups
 
+    def _wait(self, job: Future):
+        """`job`'s result, checking the engine every `liveness_s` while it runs."""
+        while not job.done():
+            wait([job], timeout=self.liveness_s)
+            if not job.done():
+                self.engine.check_alive()
+        return job.result()
+
     def _finish_pending(self) -> None:
         if self._pending is not None:  # let the in-flight batch finish on the weights it started with
-            self._pending[1].result()
+            self._wait(self._pending[1])
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         self._finish_pending()

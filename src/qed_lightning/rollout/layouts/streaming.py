@@ -23,6 +23,11 @@ waits for the slowest proof of "its" batch. `GroupStream` is that queue for one 
   their samples are not saved) and the ledger of (problem position, prompt index, step) trained so far (step -1:
   rejected by `accept`).
 
+`take` never waits forever: every `liveness_s` it asks the engine whether it can still make progress
+(`check_alive`: a dead server, a failed weight load), and when no group has completed for `stall_timeout_s` it
+raises the engine's account of what it waits on (`check_alive(stalled_s)`); either way one error naming the server,
+its log file and the weight version (for `LocalVLLMPool`).
+
 A sample's policy version is the weights' version of its first token (the engine's `Completion.policy_version`);
 with PipelineRL's in-flight mixing (`update_mode: keep`) its last token's version is `end_version`.
 """
@@ -91,13 +96,17 @@ class GroupStream:
         source, expand, sampling, grade: the training data's n-th problem; a problem's GRPO prompts given its
             release; the sampling of prompts for a release; rewards, validity and grades of a group.
         poll_s: how often the feeder looks at the engine's weight version.
+        stall_timeout_s: `take` raises when no group has completed for this long. liveness_s: how often `take`
+            checks the engine while it waits (module docstring).
     """
 
     def __init__(self, engine: RolloutEngine, prompts_per_step: int, group_size: int, max_lag: int, source: Source,
-                 expand: Expand, sampling: Sampling, grade: Grade, poll_s: float = 0.05) -> None:
+                 expand: Expand, sampling: Sampling, grade: Grade, poll_s: float = 0.05,
+                 stall_timeout_s: float = 3600.0, liveness_s: float = 10.0) -> None:
         self.engine, self.P, self.G, self.max_lag = engine, prompts_per_step, group_size, max_lag
         self.source, self.expand, self.sampling, self.grade = source, expand, sampling, grade
-        self.poll_s = poll_s
+        self.poll_s, self.stall_timeout_s, self.liveness_s = poll_s, stall_timeout_s, liveness_s
+        self._progress = time.monotonic()  # when a group last completed (or `take` began waiting)
         self.released = self.cursor = self.seq = 0
         self.pending: dict[tuple[int, int], StreamGroup] = {}  # submitted, not trained
         self.unexpanded: dict[int, tuple[ProofProblem, int]] = {}  # source position -> (problem, release)
@@ -145,7 +154,7 @@ class GroupStream:
 
     def _feed(self, min_version: int) -> None:
         with self._cond:
-            while self.engine.policy_version < min_version and not self._closed:
+            while self.engine.serving_version < min_version and not self._closed:
                 self._cond.wait(self.poll_s)
             for n, (problem, release) in sorted(self.unexpanded.items()):
                 self._expanders.submit(self._guard, self._expand_one, n, problem, release)
@@ -155,7 +164,7 @@ class GroupStream:
             with self._cond:
                 if self._closed:
                     return
-                while self.released <= self.engine.policy_version + self.max_lag:
+                while self.released <= self.engine.serving_version + self.max_lag:
                     self._release(self.P, self.released)
                     self.released += 1
                 self._cond.wait(self.poll_s)
@@ -191,6 +200,7 @@ class GroupStream:
                 return
             group.rollouts, group.rewards, group.valid, group.grades = rollouts, rewards, valid, grades
             group.done, self._done = self._done, self._done + 1
+            self._progress = time.monotonic()
             self._cond.notify_all()
 
     # -- consuming -----------------------------------------------------------------------------------------------
@@ -198,18 +208,30 @@ class GroupStream:
     def take(self, step: int, accept: Callable[[StreamGroup], bool] | None = None,
              timeout_s: float | None = None) -> StepGroups:
         """The first `prompts_per_step` complete, fresh (and accepted) groups, in submission order; blocks until
-        there are that many. Stale groups are regenerated, rejected ones replaced (module docstring)."""
+        there are that many, checking the engine every `liveness_s` and at most `stall_timeout_s` without a group
+        completing (or `timeout_s` in all). Stale groups are regenerated, rejected ones replaced (module docstring)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
+            waiting = checked = time.monotonic()  # a stall counts while the trainer waits, not while it trains
             while True:
                 if self._error is not None:
-                    raise RuntimeError("the rollout stream failed") from self._error
+                    self.engine.check_alive()  # a dead server explains a failed request better than the request
+                    raise RuntimeError(f"the rollout stream failed: {self._error}") from self._error
                 self._drop_stale(step)
                 chosen = self._choose(accept)
                 if len(chosen) == self.P:
                     break
-                if deadline is not None and time.monotonic() > deadline:
+                now = time.monotonic()
+                if deadline is not None and now > deadline:
                     raise TimeoutError(f"the rollout stream had {len(chosen)} of {self.P} groups after {timeout_s} s")
+                stalled = now - max(self._progress, waiting)
+                if now - checked >= self.liveness_s or stalled > self.stall_timeout_s:
+                    self._cond.release()  # the check may take a while (HTTP): groups keep completing meanwhile
+                    try:
+                        self.engine.check_alive(stalled if stalled > self.stall_timeout_s else None)
+                    finally:
+                        self._cond.acquire()
+                    checked = now
                 self._cond.wait(1.0)
             chosen.sort(key=lambda g: g.key)  # data order: expansion threads may finish (and get their seq) out of order
             for group in chosen:

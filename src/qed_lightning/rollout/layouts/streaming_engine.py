@@ -30,10 +30,19 @@ class StreamingRollouts(WrappingEngine):
         engine: the generator (thread-safe, not the trainer's own policy module).
         max_lag: the most optimizer steps a trained sample's weights may be behind the trainer's (the paper: ~1);
             0 = the generator waits for every step's weights (sequential, same samples as the colocated layout).
+        stall_timeout_s: a training step that waits this long without any group completing fails, with the
+            engine's account of what it waits on (servers, logs, weight version); a generous bound for a paper
+            step (a group of 8 x 49k tokens takes minutes on a pool).
+        liveness_s: how often a waiting step checks the generator (dead server, failed weight load).
     """
 
-    def __init__(self, engine: RolloutEngine, max_lag: int = 1) -> None:
+    def __init__(self, engine: RolloutEngine, max_lag: int = 1, stall_timeout_s: float = 3600.0,
+                 liveness_s: float = 10.0) -> None:
         super().__init__(engine, max_lag)
+        if stall_timeout_s <= 0 or liveness_s <= 0:
+            raise ValueError(f"StreamingRollouts: stall_timeout_s ({stall_timeout_s}) and liveness_s ({liveness_s}) "
+                             "must be > 0")
+        self.stall_timeout_s, self.liveness_s = stall_timeout_s, liveness_s
         self.stream: GroupStream | None = None
 
     def attach(self, policy, tokenizer) -> None:
@@ -94,7 +103,8 @@ class StreamCallback(Callback):
         host = check_host(pl_module, "StreamingRollouts")
         stream = GroupStream(self.engine.engine, loader.batch_size, host.group_size, self.engine.max_lag,
                              source=loader.problem_at, expand=host.stream_prompts, sampling=host.sampling,
-                             grade=host.grade_rollouts)
+                             grade=host.grade_rollouts, stall_timeout_s=self.engine.stall_timeout_s,
+                             liveness_s=self.engine.liveness_s)
         self.engine.open_stream(stream, self._restored, min_version=trainer.global_step)
         self._restored = None
 
@@ -102,6 +112,11 @@ class StreamCallback(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         stream = self.engine.group_stream()
         self._restored = stream.state_dict() if stream is not None else self._restored  # for a checkpoint after this
+        self.engine.close_stream()
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A failed fit gets no `on_train_end`: stop the stream's threads, so none keeps asking a dead server."""
         self.engine.close_stream()
 
     @override
