@@ -4,7 +4,8 @@ One optimizer step = sample, grade, advantage, loss, step:
 1. sample: `group_size` (G) rollouts of each of the step's prompts from the rollout engine, at temperature T, with
    the sampler's log-prob of every token;
 2. grade: the judge scores the text after the last `</think>` against the problem's rubric, reward = score / 7;
-3. advantage: `r - mean(group)` (no std division, as the reference); failed grades are zero (paper) or dropped;
+3. advantage: `r - mean(group)` (no std division, as the reference); failed grades are zero (paper) or dropped,
+   and past the judge's `max_failure_fraction` of the step's grades the run stops instead (`judge/failure_fraction`);
 4. loss: the clipped importance-ratio objective with `logp` from logits / T and `logp_old` from the sampler,
    entropy bonus, optional k3 KL; aggregated as a token sum over the step divided by its sequence count, over
    packed micro-batches (`micro_batch_tokens`) whose gradients accumulate to exactly the full-step gradient;
@@ -289,6 +290,8 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         version = self.global_step  # the weights' version now; the optimizer step below increments it
         groups, extra = self.sample_and_grade(batch)  # 1. sample + 2. grade
         rollouts, rewards, valid, grades = groups.rollouts, groups.rewards, groups.valid, groups.grades
+        # a judge that failed too many of the step's grades (all ranks) stops the run here, before it trains on them
+        extra["judge/failure_fraction"] = self.judge.check_failures(grades, self.global_step)
         with self.phases.phase("train") as progress:
             advantages = group_advantages_masked(rewards, valid, hp.group_size, scale=hp.advantage_scale)  # 3. advantage
             self.engine.sleep()
