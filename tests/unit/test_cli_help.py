@@ -1,5 +1,6 @@
-"""`--help` describes every knob: each `__init__` argument of the stage modules and data modules has a description
-that jsonargparse reads from its docstring (Google-style `Args:`, one entry per argument)."""
+"""`--help` describes every knob: each `__init__` argument of the stage modules, data modules and judges has a
+description that jsonargparse reads from its docstring (Google-style `Args:`, one entry per argument), and so has the
+strategies' collective timeout."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from qed_lightning.modules.base import QEDModule
 from qed_lightning.modules.rc_rl import ReasoningCacheRLModule
 from qed_lightning.modules.rubric_rl import RubricRLModule
 from qed_lightning.modules.sft import SFTModule
+from qed_lightning.rewards import ProofBenchJudge, RubricJudge
 
-CLASSES = [SFTModule, RubricRLModule, ReasoningCacheRLModule, SFTDataModule, ProofRLDataModule]
+CLASSES = [SFTModule, RubricRLModule, ReasoningCacheRLModule, SFTDataModule, ProofRLDataModule, RubricJudge,
+           ProofBenchJudge]
 
 
 def init_arguments(cls: type) -> set[str]:
@@ -47,3 +50,13 @@ def test_init_arguments_walks_the_bases():
     names = init_arguments(RubricRLModule)
     assert {"group_size", "clip_low", "aggregation", "optimizer", "lr_scheduler", "dtype"} <= names
     assert {"cycles", "group_size"} <= init_arguments(ReasoningCacheRLModule)
+
+
+@pytest.mark.parametrize("strategy", ["FSDP2Strategy", "DeepSpeedStrategy"])
+def test_the_strategies_collective_timeout_has_a_help_text(strategy):
+    import qed_lightning.parallel as parallel
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(getattr(parallel, strategy), "x", fail_untyped=False, sub_configs=True)
+    (timeout,) = [a.help for a in parser._actions if a.dest == "x.timeout"]
+    assert "4 h" in str(timeout), timeout

@@ -163,6 +163,10 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
     the optimizer is offloaded; see the module docstring. On CPU, `DS_ACCELERATOR=cpu` is set for DeepSpeed and the
     processes talk over gloo; DeepSpeed builds a small shared-memory op (and CPU Adam, when offloading) on first use.
     Its collective `timeout` defaults to `RL_COLLECTIVE_TIMEOUT` (4 h) instead of torch's 30 minutes.
+
+    Args:
+        timeout: how long a rank may wait inside one collective before the job is aborted (default 4 h,
+            `RL_COLLECTIVE_TIMEOUT`; torch's own default, 30 min, is shorter than a paper-scale RL step's skew).
     """
 
     def __init__(self, *args, timeout: timedelta | None = RL_COLLECTIVE_TIMEOUT, **kwargs) -> None:

@@ -89,7 +89,29 @@ class _LoopThread:
 
 
 class BaseJudge:
-    """Grades rollouts with an LLM judge; see the module docstring. Subclasses set the prompt and the parser."""
+    """Grades rollouts with an LLM judge; see the module docstring. Subclasses set the prompt and the parser.
+
+    Args:
+        client: the judge backend (`OpenAIJudgeClient`, `EngineJudgeClient`, or `ScriptedJudgeClient` in demos).
+        prompt: a packaged template name or a template file.
+        require_think_close: grade only rollouts that closed their thinking (paper); False grades the whole
+            response when there is no `</think>`.
+        on_failure: reward of a failed grade: "zero" (paper) or "drop" (None; excluded from its group).
+        banding: map scores to the IMO scale (1..5 -> 1) before dividing by 7.
+        cache_path: name of the grade cache (None = no cache); each rank writes `<stem>.rank<R>.jsonl` next to it
+            and every rank reads all of them when it starts (`rewards/cache.py`).
+        max_down_s: circuit breaker: when every call of a batch fails, pause and probe the judge for up to this
+            many seconds, then stop the run with `JudgeDownError` (0 = never pause: failures follow on_failure).
+        probe_interval_s: seconds between probes while the judge is down.
+        placeholders: aliases for a template file written with other placeholder names, `{their_name: our_field}`
+            (fields: problem, rubric, proof, reference_solution, guidelines), so the file is used unchanged.
+        verdict: which score tag of the reply counts when there are several: "last" (ours) or "first" (reference).
+        max_failure_fraction: the share of an RL step's judged grades (all ranks) that may fail (timeout, HTTP
+            error, unparsable or unfinished reply) before the run stops with the judge's URL and the failures by kind,
+            rather than train on them (`on_failure`); logged as `judge/failure_fraction`. 1 = never stop.
+        max_concurrency: judge requests in flight for the whole job; each rank allows `max_concurrency //
+            world_size` (at least 1), replacing its client's own `max_concurrency`. None = the client's, per rank.
+    """
 
     request_fields: ClassVar[tuple[str, ...]] = ("problem",)
     prompt_fields: ClassVar[frozenset[str]] = frozenset({"proof"})
@@ -340,23 +362,9 @@ class RubricJudge(BaseJudge):
     Args:
         client: the judge backend (`OpenAIJudgeClient`, `EngineJudgeClient`, or `ScriptedJudgeClient` in demos).
         prompt: a packaged template name or a template file with `{problem}`, `{rubric}`, `{proof}`.
-        require_think_close: grade only rollouts that closed their thinking (paper); False grades the whole
-            response when there is no `</think>`.
-        on_failure: reward of a failed grade: "zero" (paper) or "drop" (None; excluded from its group).
-        banding: map scores to the IMO scale (1..5 -> 1) before dividing by 7.
-        cache_path: name of the grade cache (None = no cache); each rank writes `<stem>.rank<R>.jsonl` next to it
-            and every rank reads all of them when it starts (`rewards/cache.py`).
-        max_down_s: circuit breaker: when every call of a batch fails, pause and probe the judge for up to this
-            many seconds, then stop the run with `JudgeDownError` (0 = never pause: failures follow on_failure).
-        probe_interval_s: seconds between probes while the judge is down.
-        placeholders: aliases for a template file written with other placeholder names, `{their_name: our_field}`
-            (fields: problem, rubric, proof, reference_solution, guidelines), so the file is used unchanged.
-        verdict: which score tag of the reply counts when there are several: "last" (ours) or "first" (reference).
-        max_failure_fraction: the share of an RL step's judged grades (all ranks) that may fail (timeout, HTTP
-            error, unparsable or unfinished reply) before the run stops with the judge's URL and the failures by kind,
-            rather than train on them (`on_failure`); logged as `judge/failure_fraction`. 1 = never stop.
-        max_concurrency: judge requests in flight for the whole job; each rank allows `max_concurrency //
-            world_size` (at least 1), replacing its client's own `max_concurrency`. None = the client's, per rank.
+
+    `BaseJudge`'s other arguments pass through (`require_think_close`, `on_failure`, `banding`, `cache_path`,
+    `max_down_s`, `probe_interval_s`, `placeholders`, `verdict`, `max_failure_fraction`, `max_concurrency`).
     """
 
     request_fields = ("problem", "rubric")
