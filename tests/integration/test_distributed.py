@@ -137,8 +137,8 @@ def test_rl_ddp_and_fsdp2_on_two_processes_match_one_process(tiny_model_dir, tmp
 def test_a_rank_left_behind_in_grading_stops_the_run_naming_it_and_its_phase(tiny_model_dir, tmp_path):
     """2 DDP processes of the demo RL config, rank 1's judge answering 300 s late: rank 0 is at step 0's first
     collective after sampling and grading, and waits there at most `model.step_wait_timeout_s` (5 s) before the run
-    stops with one error naming rank 1 and its phase (rank 1 stops when it reaches the rendezvous, or when the
-    launcher ends the job; Lightning's own launcher leaves it running, so the test ends it); without the bound it would wait the 300 s inside the collective
+    stops with one error naming rank 1 and its phase, and rank 0 ends rank 1 (which Lightning's launcher started and
+    would leave asleep in its judge call); without the bound it would wait the 300 s inside the collective
     (up to the strategy's collective timeout, which would abort it without a reason)."""
     import contextlib
     import os
@@ -164,7 +164,10 @@ def test_a_rank_left_behind_in_grading_stops_the_run_naming_it_and_its_phase(tin
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
         try:
             code = proc.wait(timeout=600)
-        finally:  # Lightning's launcher leaves rank 1 running (asleep in its judge call) when rank 0 raises: end it
+            time.sleep(2)
+            with pytest.raises(ProcessLookupError):  # rank 1, started by rank 0 (Lightning's launcher), ended with it
+                os.killpg(proc.pid, 0)
+        finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
     output = log.read_text()

@@ -50,7 +50,7 @@ from qed_lightning.modules.optim_step import ManualStep
 from qed_lightning.modules.rl_loss import PolicyGradientSteps
 from qed_lightning.modules.rl_metrics import reduce_over_ranks, rollout_table, table_metrics
 from qed_lightning.modules.rl_records import keep_rollouts, report_progress
-from qed_lightning.parallel.distributed import StepRendezvous, gather_objects
+from qed_lightning.parallel.distributed import StepRendezvous, StepWaitTimeout, end_launched_ranks, gather_objects
 from qed_lightning.phases import Phase, StepPhases
 from qed_lightning.report.records import RolloutLog
 from qed_lightning.rewards import GradeRequest, RubricJudge
@@ -301,7 +301,11 @@ class RubricRLModule(PolicyGradientSteps, QEDModule):
         hp = self.hparams
         version = self.global_step  # the weights' version now; the optimizer step below increments it
         groups, extra = self.sample_and_grade(batch)  # 1. sample + 2. grade
-        extra["time/step_wait_s"] = self.rendezvous.wait(self.global_step)  # every rank here before any collective
+        try:
+            extra["time/step_wait_s"] = self.rendezvous.wait(self.global_step)  # every rank here before any collective
+        except StepWaitTimeout:
+            end_launched_ranks(self.trainer.strategy)  # a slow rank Lightning started would go on alone
+            raise
         rollouts, rewards, valid, grades = groups.rollouts, groups.rewards, groups.valid, groups.grades
         # a judge that failed too many of the step's grades (all ranks) stops the run here, before it trains on them
         extra["judge/failure_fraction"] = self.judge.check_failures(grades, self.global_step)

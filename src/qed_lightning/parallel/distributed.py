@@ -109,6 +109,14 @@ def iter_full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Te
         yield name, data
 
 
+def end_launched_ranks(strategy: object) -> None:
+    """Kill the ranks Lightning's own launcher started from this process (one node, `trainer.devices` > 1: rank 0
+    starts the others), which Lightning leaves running when rank 0 stops on an ordinary error. Under `srun` or
+    `torchrun` there are none here: their launcher ends every task of a failed job."""
+    for proc in getattr(getattr(strategy, "launcher", None), "procs", None) or []:
+        proc.kill()  # a process that already ended is skipped
+
+
 class StepWaitTimeout(RuntimeError):
     """Some ranks did not reach a step's first collective within the bound: names them and the phase each is in."""
 
