@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 #: the collective timeout both strategies default to: above a paper-scale RL step's worst case (~2 h: 128 sequences
 #: of up to 49k tokens per rank, then a judge at up to 900 s x 3 attempts per grade) and above the ranks' bounded
-#: wait before a step's first collective (`model.step_wait_timeout_s`, 3 h), so that bound speaks first
+#: wait before a step's first collective (`model.step_wait_timeout_s`, 3 h), which is not a collective
 RL_COLLECTIVE_TIMEOUT = timedelta(hours=4)
 
 
