@@ -1,4 +1,6 @@
-"""A test-only callback that records, per rank, how the module's rollout engine was created and driven."""
+"""Test-only components a `qed-fit` subprocess loads by class path (its PYTHONPATH holds this folder): a callback
+that records, per rank, how the module's rollout engine was created and driven, and a judge client that is slow on
+one rank."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import os
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
+
+from qed_lightning.testing import ScriptedJudgeClient
 
 
 class EngineProbe(Callback):
@@ -25,3 +29,20 @@ class EngineProbe(Callback):
             "handoff_counts": engine.handoff_counts, "policy_version": engine.policy_version,
         }
         Path(trainer.default_root_dir, f"engine-rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class SlowRankJudgeClient(ScriptedJudgeClient):
+    """A scripted judge that answers every call `delay_s` late on training rank `rank` (its server is overloaded)."""
+
+    def __init__(self, rank: int = 1, delay_s: float = 60.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.slow_rank, self.slow_delay_s = rank, delay_s
+
+    async def complete(self, prompt: str) -> str:
+        import asyncio
+
+        from qed_lightning.parallel.distributed import rank
+
+        if rank() == self.slow_rank:
+            await asyncio.sleep(self.slow_delay_s)
+        return await super().complete(prompt)

@@ -134,6 +134,48 @@ def test_rl_ddp_and_fsdp2_on_two_processes_match_one_process(tiny_model_dir, tmp
             assert values == pytest.approx(one_metrics[key], rel=1e-9, abs=1e-12), (name, key)
 
 
+def test_a_rank_left_behind_in_grading_stops_the_run_naming_it_and_its_phase(tiny_model_dir, tmp_path):
+    """2 DDP processes of the demo RL config, rank 1's judge answering 300 s late: rank 0 is at step 0's first
+    collective after sampling and grading, and waits there at most `model.step_wait_timeout_s` (5 s) before the run
+    stops with one error naming rank 1 and its phase, and rank 0 ends rank 1 (which Lightning's launcher started and
+    would leave asleep in its judge call); without the bound it would wait the 300 s inside the collective
+    (up to the strategy's collective timeout, which would abort it without a reason)."""
+    import contextlib
+    import os
+    import signal
+    import time
+
+    root = tmp_path / "slow"
+    cmd = [sys.executable, "-m", "qed_lightning.cli", "--config", str(REPO / "configs/demo/rl.yaml"),
+           "--config", str(REPO / "configs/strategy/ddp.yaml"), "--trainer.devices", "2",
+           "--trainer.default_root_dir", str(root), "--trainer.max_steps", "1", "--trainer.callbacks", "[]",
+           "--trainer.enable_checkpointing", "false", "--model.init_args.export_hf", "false",
+           "--model.init_args.model_name_or_path", str(tiny_model_dir), "--model.init_args.max_new_tokens", "8",
+           "--model.init_args.engine", '{"class_path": "qed_lightning.rollout.HFEngine"}',
+           "--model.init_args.step_wait_timeout_s", "5",
+           "--model.init_args.judge.init_args.cache_path", "null",
+           "--model.init_args.judge.init_args.client", '{"class_path": "engine_probe.SlowRankJudgeClient", '
+           '"init_args": {"rank": 1, "delay_s": 300, "rule": "char_fraction"}}',
+           "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"), "--data.init_args.val_size", "0"]
+    log = root.with_suffix(".log")
+    started = time.monotonic()
+    env = subprocess_env(PYTHONPATH=f"{REPO / 'src'}:{Path(__file__).parent}")  # SlowRankJudgeClient lives here
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        try:
+            code = proc.wait(timeout=600)
+            time.sleep(2)
+            with pytest.raises(ProcessLookupError):  # rank 1, started by rank 0 (Lightning's launcher), ended with it
+                os.killpg(proc.pid, 0)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert code != 0 and time.monotonic() - started < 300, output[-4000:]
+    assert "StepWaitTimeout: rank 0 waited" in output, output[-4000:]
+    assert "longer than model.step_wait_timeout_s=5 s: rank 1 in phase 'grade' (for " in output, output[-4000:]
+
+
 SYNC_SCRIPT = r'''
 import os, sys, torch, torch.distributed as dist
 from pathlib import Path

@@ -1,7 +1,8 @@
-"""`--help` describes every knob: each `__init__` argument of the stage modules and data modules has a description
-that jsonargparse reads from its docstring (Google-style `Args:`, one entry per argument). And `qed-fit`'s fast
-key check (`config_hints.early_key_check`): the names it reads from the source are the parser's, so it refuses
-exactly what the parser would, and lets through what it cannot read for sure."""
+"""`--help` describes every knob: each `__init__` argument of the stage modules, data modules and judges has a
+description that jsonargparse reads from its docstring (Google-style `Args:`, one entry per argument), and so has the
+strategies' collective timeout. And `qed-fit`'s fast key check (`config_hints.early_key_check`): the names it reads
+from the source are the parser's, so it refuses exactly what the parser would, and lets through what it cannot read
+for sure."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from qed_lightning.modules.base import QEDModule
 from qed_lightning.modules.rc_rl import ReasoningCacheRLModule
 from qed_lightning.modules.rubric_rl import RubricRLModule
 from qed_lightning.modules.sft import SFTModule
+from qed_lightning.rewards import ProofBenchJudge, RubricJudge
 
 REPO = Path(__file__).resolve().parents[2]
 
-CLASSES = [SFTModule, RubricRLModule, ReasoningCacheRLModule, SFTDataModule, ProofRLDataModule]
+STAGES = [SFTModule, RubricRLModule, ReasoningCacheRLModule, SFTDataModule, ProofRLDataModule]
+CLASSES = [*STAGES, RubricJudge, ProofBenchJudge]
 
 
 def init_arguments(cls: type) -> set[str]:
@@ -56,7 +59,7 @@ def test_init_arguments_walks_the_bases():
     assert {"cycles", "group_size"} <= init_arguments(ReasoningCacheRLModule)
 
 
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", STAGES, ids=lambda c: c.__name__)
 def test_the_fast_key_check_reads_the_parsers_names_from_source(cls):
     package = "qed_lightning.modules" if issubclass(cls, QEDModule) else "qed_lightning.data"
     parser = ArgumentParser()
@@ -94,3 +97,13 @@ def test_early_key_check_refuses_a_typo_and_leaves_the_rest_to_the_parser(capsys
     for argv in fine:
         assert early_key_check(argv, "qed-fit") is None, argv
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("strategy", ["FSDP2Strategy", "DeepSpeedStrategy"])
+def test_the_strategies_collective_timeout_has_a_help_text(strategy):
+    import qed_lightning.parallel as parallel
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(getattr(parallel, strategy), "x", fail_untyped=False, sub_configs=True)
+    (timeout,) = [a.help for a in parser._actions if a.dest == "x.timeout"]
+    assert "4 h" in str(timeout), timeout

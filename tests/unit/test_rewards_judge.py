@@ -515,3 +515,38 @@ def test_partial_failures_do_not_trip_the_breaker(server, make_judge):
     grades = judge.grade([req("QED"), req("QED QED")])
     assert sorted(g.status for g in grades) == ["error", "ok"]
     assert time.perf_counter() - start < 3.0  # no pause: the judge is answering
+
+
+# ---- a judge that cannot keep up -------------------------------------------------------------------------------
+def test_failed_grades_carry_their_kind_and_past_the_bound_the_step_stops_naming_the_judge(server, make_judge):
+    """Over real HTTP, one request at a time and no retries, so the faults land in order: a timeout, an HTTP 500,
+    a reply without a score, a 400; then two good grades and a truncated rollout (not judged). 4 of 6 judged grades
+    failed: under a bound of 0.7 the fraction is returned, over a bound of 0.5 the step stops, naming the judge's
+    URL, the counts by kind and the knob."""
+    server.inject("timeout", "http500", "no_score", "http400")
+    judge = make_judge(timeout_s=0.3, max_retries=1, max_failure_fraction=0.5)
+    judge.client.max_concurrency = 1
+    grades = judge.grade([req("QED"), req("QED QED"), req("QED"), req("QED"), req("QED"), req("QED"),
+                          req("", response="<think>cut")])
+    assert [g.failure for g in grades] == ["timeout", "http_500", "unparsable", "http_400", "", "", ""]
+    assert [g.status for g in grades] == ["error", "error", "parse_fail", "error", "ok", "ok", "truncated"]
+    judge.max_failure_fraction = 0.7
+    assert judge.check_failures(grades, step=3) == pytest.approx(4 / 6)
+    judge.max_failure_fraction = 0.5
+    with pytest.raises(Exception, match=re.escape(f"step 3: 4 of 6 judge grades failed (67% > model.judge.init_args."
+                                                  f"max_failure_fraction=0.5) at the judge {server.url} (judge-model): "
+                                                  "http_400 1, http_500 1, timeout 1, unparsable 1; last error:")):
+        judge.check_failures(grades, step=3)
+    assert judge.check_failures([], step=4) == 0.0  # nothing judged: nothing failed
+
+
+def test_the_jobs_judge_concurrency_is_shared_by_the_ranks(server, make_judge, monkeypatch):
+    from qed_lightning.parallel import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 8)  # one of 8 ranks of a job allowed 256 requests in all
+    judge = make_judge(max_concurrency=256)
+    assert judge.grade([req("QED")])[0].status == "ok" and judge.client.max_concurrency == 32
+    with pytest.raises(ValueError, match="max_concurrency=0: it must be >= 1"):
+        make_judge(max_concurrency=0)
+    with pytest.raises(ValueError, match=r"max_failure_fraction must be in \[0, 1\]"):
+        make_judge(max_failure_fraction=1.5)

@@ -96,6 +96,50 @@ def test_weight_sync_runs_the_handoff_then_pushes_each_sync_step_once():
     assert callback.syncs == 1
 
 
+class SleepingEngine(RecordingEngine):
+    """`RecordingEngine` with `VLLMEngine`'s sleep bookkeeping: what sleeps, and whether the weights went with it."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(discards=level == 2, handoff=True)
+        self._asleep: set[str] = set()
+
+    @property
+    def sleeping(self) -> frozenset[str]:
+        return frozenset(self._asleep)
+
+    def sleep(self) -> None:
+        self._asleep = {"weights", "kv_cache"}
+        self.calls.append("sleep")
+
+    def wake_up(self, tags=None) -> None:
+        super().wake_up(tags)
+        self._asleep -= set(tags or ("weights", "kv_cache"))
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_a_skipped_step_leaves_the_engine_awake_with_the_trainers_weights(level):
+    """A non-finite step skips the optimizer step, so `global_step` (the version to push) does not move. An engine
+    whose sleep discarded the weights (level 2) gets the same ones again; one that kept them (level 1) is woken."""
+    engine, module = SleepingEngine(level), Module()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    callback = WeightSyncCallback(engine, interval=1)
+    trainer = SimpleNamespace(global_step=0, optimizers=[optimizer], callbacks=[callback])
+    for step in (0, 1):  # the first step (global step 0) skipped, then a step after a finite one
+        trainer.global_step = step
+        callback.on_train_batch_end(trainer, module, None, None, 0)  # a finite step ends at global_step = step
+        engine.calls.clear()
+        engine.sleep()  # the next step sampled, slept, and was skipped: global_step stays
+        module.model.weight.grad = torch.ones(2, 3)
+        callback.on_train_batch_end(trainer, module, None, None, 0)
+        assert engine.sleeping == frozenset() and engine.policy_version == step
+        assert module.model.weight.grad is None  # the hand-off ran before the wake
+        expected = ["wake:weights", "load:2", "wake:kv_cache"] if level == 2 else ["wake:all"]
+        assert engine.calls == ["sleep", *expected]
+        assert module.logged[-1]["memory/handoff"] == 1.0 and "rollout/wake_s" in module.logged[-1]
+    callback.on_train_batch_end(trainer, module, None, None, 0)  # awake and in step: nothing more to do
+    assert engine.calls == ["sleep", *expected]
+
+
 def test_weight_sync_refuses_an_interval_when_sleep_discards_the_weights():
     with pytest.raises(ValueError, match="sync_interval=2.*sleep_level: 1"):
         WeightSyncCallback(RecordingEngine(discards=True), interval=2)

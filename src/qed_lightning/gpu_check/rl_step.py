@@ -54,6 +54,9 @@ class _NoJudge:
     def pop_metrics(self) -> dict:
         return {}
 
+    def check_failures(self, grades, step: int) -> float:
+        return 0.0  # fixed rewards: no grade ever fails
+
 
 class FixedRolloutRL(RubricRLModule):
     """`RubricRLModule` on fixed rollouts and rewards: no engine, no judge, the step's optimisation path as it is."""

@@ -4,7 +4,8 @@ One optimizer step = sample, grade, advantage, loss, step:
 1. sample: `group_size` (G) rollouts of each of the step's prompts from the rollout engine, at temperature T, with
    the sampler's log-prob of every token;
 2. grade: the judge scores the text after the last `</think>` against the problem's rubric, reward = score / 7;
-3. advantage: `r - mean(group)` (no std division, as the reference); failed grades are zero (paper) or dropped;
+3. advantage: `r - mean(group)` (no std division, as the reference); failed grades are zero (paper) or dropped,
+   and past the judge's `max_failure_fraction` of the step's grades the run stops instead (`judge/failure_fraction`);
 4. loss: the clipped importance-ratio objective with `logp` from logits / T and `logp_old` from the sampler,
    entropy bonus, optional k3 KL; aggregated as a token sum over the step divided by its sequence count, over
    packed micro-batches (`micro_batch_tokens`) whose gradients accumulate to exactly the full-step gradient;
@@ -30,6 +31,9 @@ advantage, loss, step on a list of prompts) is what `ReasoningCacheRLModule` reu
 `engine` (`VLLMEngine`, `HFEngine`, ...) and `judge` (`RubricJudge` with any client) are injected by `class_path`.
 Timing: each named step runs in a phase of `self.phases` (`phases.py`: "generate", "grade", "train"; the
 "train" phase advances once per micro-batch), whose times are the `time/*_s` metrics and whose listeners may follow it.
+Before the step's first collective the ranks meet (`self.rendezvous`, a phase listener, bounded by
+`step_wait_timeout_s`; the time waited is `time/step_wait_s`): a rank left behind in "generate" or "grade" ends the
+run with an error naming it and its phase, not a collective timeout.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from qed_lightning.modules.group_sampling import Groups, check_spares, fill_step
 from qed_lightning.modules.policy_update import PolicyUpdate
 from qed_lightning.modules.rl_metrics import reduce_over_ranks, rollout_table, table_metrics
 from qed_lightning.modules.rl_records import keep_rollouts, report_progress
-from qed_lightning.parallel.distributed import gather_objects
+from qed_lightning.parallel.distributed import StepRendezvous, StepWaitTimeout, end_launched_ranks, gather_objects
 from qed_lightning.phases import Phase, StepPhases
 from qed_lightning.report.records import RolloutLog
 from qed_lightning.rewards import GradeRequest, RubricJudge
@@ -96,6 +100,10 @@ class RubricRLModule(QEDModule):
         is_cap: the cap of `is_correction` (> 1).
         sync_interval: optimizer steps between weight pushes to the engine.
         max_nonfinite_steps: consecutive steps with a non-finite loss/gradient (skipped) before the run aborts.
+        step_wait_timeout_s: the longest a rank waits for the others before a step's first collective (they may
+            still be generating or grading), checked outside the collectives (`parallel.distributed.StepRendezvous`);
+            past it the run stops naming the slow ranks and their phase. Default 3 h: a paper-scale step's worst
+            case is ~2 h (docs/scaling.md, "Timeouts"). 0 = no bound (the strategy's collective timeout alone).
         val_samples: rollouts per problem in the validation pass.
         seed: sampling seed base (each prompt's seed is derived from it, the step and the problem).
         skip_flat_groups: dynamic sampling (DAPO): train only on groups whose rewards differ, refilling the step
@@ -135,6 +143,7 @@ class RubricRLModule(QEDModule):
         is_cap: float = 2.0,
         sync_interval: int = 1,
         max_nonfinite_steps: int = 3,
+        step_wait_timeout_s: float = 10800.0,
         val_samples: int = 1,
         seed: int = 0,
         skip_flat_groups: bool = False,
@@ -157,6 +166,8 @@ class RubricRLModule(QEDModule):
         if not 0 <= overlong_buffer <= max_new_tokens or overlong_penalty < 0:
             problems.append(f"model.overlong_buffer must be in [0, model.max_new_tokens={max_new_tokens}] and "
                             f"model.overlong_penalty >= 0, got {overlong_buffer} and {overlong_penalty}")
+        if step_wait_timeout_s < 0:
+            problems.append(f"model.step_wait_timeout_s must be >= 0 (0 = no bound), got {step_wait_timeout_s}")
         if is_cap <= 1.0:
             problems.append(f"model.is_cap must be > 1 (a cap on the ratio rho), got {is_cap}")
         if logits_chunk_tokens < 0:
@@ -182,9 +193,11 @@ class RubricRLModule(QEDModule):
         self.ref_model = None
         self.automatic_optimization = False
         # steps 4-5 (micro-batch loop, clipping, optimizer step, non-finite counter): one object, see policy_update.py
-        self.policy_update = PolicyUpdate(self, micro_batch_layout, micro_batch_tokens, logits_chunk_tokens, temperature,
-                                          grad_clip, max_nonfinite_steps)
-        self.phases = StepPhases()  # the step's named, timed phases (reset per step; listeners may watch them)
+        self.policy_update = PolicyUpdate(self, micro_batch_layout, micro_batch_tokens, logits_chunk_tokens,
+                                          temperature, grad_clip, max_nonfinite_steps)
+        # ranks meet before a step's first collective, for at most step_wait_timeout_s; each records its phase
+        self.rendezvous = StepRendezvous(step_wait_timeout_s, "model.step_wait_timeout_s")
+        self.phases = StepPhases([self.rendezvous])  # the step's named, timed phases (reset per step; listeners watch)
         self.last_rollouts: list[dict] = []  # the last step's kept rollout records (RolloutTable logs samples of them)
 
     _hparams_ignore = ("optimizer", "lr_scheduler", "engine", "judge")
@@ -318,7 +331,14 @@ class RubricRLModule(QEDModule):
         hp = self.hparams
         version = self.global_step  # the weights' version now; the optimizer step below increments it
         groups, extra = self.sample_and_grade(batch)  # 1. sample + 2. grade
+        try:
+            extra["time/step_wait_s"] = self.rendezvous.wait(self.global_step)  # every rank here before any collective
+        except StepWaitTimeout:
+            end_launched_ranks(self.trainer.strategy)  # a slow rank Lightning started would go on alone
+            raise
         rollouts, rewards, valid, grades = groups.rollouts, groups.rewards, groups.valid, groups.grades
+        # a judge that failed too many of the step's grades (all ranks) stops the run here, before it trains on them
+        extra["judge/failure_fraction"] = self.judge.check_failures(grades, self.global_step)
         with self.phases.phase("train") as progress:
             advantages = group_advantages_masked(rewards, valid, hp.group_size, scale=hp.advantage_scale)  # 3. advantage
             self.engine.sleep()

@@ -15,6 +15,12 @@ parts that live outside Lightning's strategy: per-rank vLLM engines and per-rank
 an offloaded optimizer it turns torch's Adam/AdamW into DeepSpeed's CPU Adam with the same hyperparameters
 (`deepspeed.initialize` refuses a torch optimizer on offloaded parameters, `zero_force_ds_cpu_optimizer`).
 
+Collective timeout (`timeout`, Lightning's own argument of both strategies): how long a rank may wait inside one
+collective before the watchdog aborts the job. torch's default, 30 minutes, is shorter than a paper-scale RL step can
+keep one rank waiting, so both default to `RL_COLLECTIVE_TIMEOUT` (4 h; the arithmetic is in docs/scaling.md,
+"Timeouts"). The skew between ranks before a step's first collective (one still generating or grading) is bounded
+apart, with an error naming the slow rank and its phase (`model.step_wait_timeout_s`, `distributed.StepRendezvous`).
+
 Lightning's FSDP1 `FSDPStrategy` is refused (`refuse_unsupported_strategy`): with manual optimisation the backward
 inside `training_step` runs inside the FSDP root's forward and fails (Lightning issues #19626, #19685), FSDP1 wraps
 the LightningModule, so weight sync and the HF export would read flat shards, and its precision plugin refuses
@@ -32,7 +38,6 @@ from datetime import timedelta
 from typing import Literal
 
 import torch
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
@@ -40,6 +45,11 @@ from lightning.fabric.utilities.seed import reset_seed
 from typing_extensions import override
 
 log = logging.getLogger(__name__)
+
+#: the collective timeout both strategies default to: above a paper-scale RL step's worst case (~2 h: 128 sequences
+#: of up to 49k tokens per rank, then a judge at up to 900 s x 3 attempts per grade) and above the ranks' bounded
+#: wait before a step's first collective (`model.step_wait_timeout_s`, 3 h), which is not a collective
+RL_COLLECTIVE_TIMEOUT = timedelta(hours=4)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -51,7 +61,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_distributed_checkpoint: True = each rank writes its shard (a checkpoint *directory*, `qed-export` turns
             it into a HF folder); False = the full state gathered on rank 0 into one file.
         process_group_backend: None = nccl on GPUs, gloo on CPU.
-        timeout: collective timeout.
+        timeout: how long a rank may wait inside one collective before the job is aborted (default 4 h,
+            `RL_COLLECTIVE_TIMEOUT`; torch's own default, 30 min, is shorter than a paper-scale RL step's skew).
     """
 
     def __init__(
@@ -60,7 +71,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         tensor_parallel_size: int = 1,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
+        timeout: timedelta | None = RL_COLLECTIVE_TIMEOUT,
     ) -> None:
         super().__init__(data_parallel_size, tensor_parallel_size, save_distributed_checkpoint, process_group_backend, timeout)
 
@@ -151,7 +162,15 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
     """Lightning's `DeepSpeedStrategy` (same arguments), also on a CPU accelerator, and with DeepSpeed's CPU Adam where
     the optimizer is offloaded; see the module docstring. On CPU, `DS_ACCELERATOR=cpu` is set for DeepSpeed and the
     processes talk over gloo; DeepSpeed builds a small shared-memory op (and CPU Adam, when offloading) on first use.
+    Its collective `timeout` defaults to `RL_COLLECTIVE_TIMEOUT` (4 h) instead of torch's 30 minutes.
+
+    Args:
+        timeout: how long a rank may wait inside one collective before the job is aborted (default 4 h,
+            `RL_COLLECTIVE_TIMEOUT`; torch's own default, 30 min, is shorter than a paper-scale RL step's skew).
     """
+
+    def __init__(self, *args, timeout: timedelta | None = RL_COLLECTIVE_TIMEOUT, **kwargs) -> None:
+        super().__init__(*args, timeout=timeout, **kwargs)
 
     @override
     def setup_environment(self) -> None:

@@ -14,7 +14,7 @@ For tests and CPU demos, `qed_lightning.testing.ScriptedJudgeClient` stands in f
 
 from qed_lightning.rewards.cache import GradeCache, grade_cache_key
 from qed_lightning.rewards.clients import JudgeClient, JudgeError, OpenAIJudgeClient
-from qed_lightning.rewards.judge import BaseJudge, JudgeDownError, ProofBenchJudge, RubricJudge
+from qed_lightning.rewards.judge import BaseJudge, JudgeDownError, JudgeFailuresError, ProofBenchJudge, RubricJudge
 from qed_lightning.rewards.parsing import band_score, extract_proof, parse_points, parse_score, strip_self_evaluation
 from qed_lightning.data.rubric import render_rubric, rubric_total
 from qed_lightning.rewards.templates import JudgePrompt, load_prompt
@@ -39,6 +39,7 @@ __all__ = [
     "GradeRequest",
     "JudgeClient",
     "JudgeDownError",
+    "JudgeFailuresError",
     "JudgeError",
     "JudgePrompt",
     "OpenAIJudgeClient",

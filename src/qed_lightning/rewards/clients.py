@@ -51,15 +51,25 @@ class JudgeError(Exception):
         retryable: whether another attempt could succeed.
         retry_after: seconds the server asked us to wait (HTTP 429 `Retry-After`), if any.
         reply: the partial reply text of an "incomplete" reply ("" otherwise), kept for inspection, never parsed.
+        status: the HTTP status of an "http" or "rate_limited" error (None for a connection error).
     """
 
     def __init__(self, kind: JudgeErrorKind, message: str, retryable: bool = True, retry_after: float | None = None,
-                 reply: str = ""):
+                 reply: str = "", status: int | None = None):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.retryable = retryable
         self.retry_after = retry_after
         self.reply = reply
+        self.status = status
+
+    @property
+    def failure(self) -> str:
+        """The failure's kind as the judge counts it: "timeout", "http_<status>", "connection", "malformed",
+        "incomplete"."""
+        if self.status is not None:
+            return f"http_{self.status}"
+        return "connection" if self.kind == "http" else self.kind
 
 
 class JudgeClient(ABC):
@@ -115,7 +125,8 @@ class OpenAIJudgeClient(JudgeClient):
         timeout_s: per-attempt limit in seconds, not counting the wait for a concurrency slot (reference: 900).
         max_retries: attempts in total, >= 1 (reference: 3).
         backoff_s: wait before the second attempt; doubles after each further failure.
-        max_concurrency: requests in flight at once (per event loop).
+        max_concurrency: requests in flight at once (per event loop, so per rank); a judge's own `max_concurrency`
+            (the limit for the whole job) replaces it with its share of each rank.
     """
 
     def __init__(
@@ -247,8 +258,8 @@ class OpenAIJudgeClient(JudgeClient):
             return
         detail = self._redact(f"POST {url} returned HTTP {status}: {response.text[:300]}")
         if status == 429:
-            raise JudgeError("rate_limited", detail, retry_after=_retry_after(response))
-        raise JudgeError("http", detail, retryable=status >= 500)
+            raise JudgeError("rate_limited", detail, retry_after=_retry_after(response), status=status)
+        raise JudgeError("http", detail, retryable=status >= 500, status=status)
 
     def _reply_text(self, response: httpx.Response, url: str) -> str:
         try:

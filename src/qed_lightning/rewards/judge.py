@@ -9,6 +9,13 @@ Ours: the same, with failures counted apart. `on_failure="zero"` (paper-exact) g
 banding of the reward (`banding=True`: 1..5 -> 1), an optional on-disk grade cache, and `judge/` metrics
 (`pop_metrics`).
 
+A judge that cannot keep up (8 ranks sending hundreds of long prompts to one server) fails grades rather than
+stops: a run could train for hours on a reward that is mostly timeouts scored 0. So the RL step measures the share
+of its judged grades that failed, over every rank (`check_failures`: logged as `judge/failure_fraction`), and past
+`max_failure_fraction` the step stops before it trains, with one error naming the judge's URL and the failures by
+kind (`Grade.failure`: timeout, HTTP status, connection, malformed, incomplete, unparsable). `max_concurrency` is the
+job's limit of requests in flight to the judge; each rank takes `max_concurrency // world_size` of it (at least 1).
+
 Reward integrity (the policy is trained to raise its grade, so its proof is untrusted input to the judge): a judge
 reply that did not finish (token limit, content filter) is status "incomplete" (`judge/incomplete`), never a score
 and never cached; the proof reaches the judge fenced by a per-call random id with its verdict tags escaped, and the
@@ -42,7 +49,7 @@ from qed_lightning.data.rubric import render_rubric
 from qed_lightning.rewards.templates import load_prompt
 from qed_lightning.rewards.types import Grade, GradeRequest
 
-__all__ = ["BaseJudge", "JudgeDownError", "ProofBenchJudge", "RubricJudge"]
+__all__ = ["BaseJudge", "JudgeDownError", "JudgeFailuresError", "ProofBenchJudge", "RubricJudge"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,6 +59,10 @@ FAILED = ("error", "parse_fail", "incomplete")
 
 class JudgeDownError(RuntimeError):
     """The judge did not answer for longer than `max_down_s`: the run stops rather than train on zeros."""
+
+
+class JudgeFailuresError(RuntimeError):
+    """More of a step's grades failed than `max_failure_fraction` allows: the run stops rather than train on them."""
 
 
 class _LoopThread:
@@ -78,7 +89,29 @@ class _LoopThread:
 
 
 class BaseJudge:
-    """Grades rollouts with an LLM judge; see the module docstring. Subclasses set the prompt and the parser."""
+    """Grades rollouts with an LLM judge; see the module docstring. Subclasses set the prompt and the parser.
+
+    Args:
+        client: the judge backend (`OpenAIJudgeClient`, `EngineJudgeClient`, or `ScriptedJudgeClient` in demos).
+        prompt: a packaged template name or a template file.
+        require_think_close: grade only rollouts that closed their thinking (paper); False grades the whole
+            response when there is no `</think>`.
+        on_failure: reward of a failed grade: "zero" (paper) or "drop" (None; excluded from its group).
+        banding: map scores to the IMO scale (1..5 -> 1) before dividing by 7.
+        cache_path: name of the grade cache (None = no cache); each rank writes `<stem>.rank<R>.jsonl` next to it
+            and every rank reads all of them when it starts (`rewards/cache.py`).
+        max_down_s: circuit breaker: when every call of a batch fails, pause and probe the judge for up to this
+            many seconds, then stop the run with `JudgeDownError` (0 = never pause: failures follow on_failure).
+        probe_interval_s: seconds between probes while the judge is down.
+        placeholders: aliases for a template file written with other placeholder names, `{their_name: our_field}`
+            (fields: problem, rubric, proof, reference_solution, guidelines), so the file is used unchanged.
+        verdict: which score tag of the reply counts when there are several: "last" (ours) or "first" (reference).
+        max_failure_fraction: the share of an RL step's judged grades (all ranks) that may fail (timeout, HTTP
+            error, unparsable or unfinished reply) before the run stops with the judge's URL and the failures by kind,
+            rather than train on them (`on_failure`); logged as `judge/failure_fraction`. 1 = never stop.
+        max_concurrency: judge requests in flight for the whole job; each rank allows `max_concurrency //
+            world_size` (at least 1), replacing its client's own `max_concurrency`. None = the client's, per rank.
+    """
 
     request_fields: ClassVar[tuple[str, ...]] = ("problem",)
     prompt_fields: ClassVar[frozenset[str]] = frozenset({"proof"})
@@ -97,9 +130,17 @@ class BaseJudge:
         probe_interval_s: float = 30.0,
         placeholders: dict[str, str] | None = None,
         verdict: Literal["last", "first"] = "last",
+        max_failure_fraction: float = 0.5,
+        max_concurrency: int | None = None,
     ):
         if on_failure not in ("zero", "drop"):
             raise ValueError(f"on_failure must be 'zero' (paper: a failure scores 0) or 'drop', got {on_failure!r}.")
+        if not 0.0 <= max_failure_fraction <= 1.0:
+            raise ValueError(f"judge max_failure_fraction must be in [0, 1] (1 = never stop), got {max_failure_fraction}")
+        if max_concurrency is not None and (max_concurrency < 1 or not hasattr(client, "max_concurrency")):
+            raise ValueError(f"judge max_concurrency={max_concurrency}: it must be >= 1, and the client "
+                             f"({type(client).__name__}) must have a max_concurrency to set (OpenAIJudgeClient has)")
+        self.max_failure_fraction, self.max_concurrency = max_failure_fraction, max_concurrency
         self.client = client
         self.prompt = load_prompt(prompt, placeholders)
         if verdict == "first":  # the same reply reads to another score: grades made so never share a cache key
@@ -141,6 +182,10 @@ class BaseJudge:
         """Grade all requests concurrently; callable from any thread (it runs on the judge's own event loop)."""
         with self._stats_lock:
             if self._runner is None:
+                if self.max_concurrency is not None:  # the job's limit, shared by the ranks (before any connection)
+                    from qed_lightning.parallel.distributed import world_size  # torch: only when asked for
+
+                    self.client.max_concurrency = max(1, self.max_concurrency // world_size())
                 self._runner = _LoopThread()
                 weakref.finalize(self, self._runner.close)  # an unclosed judge does not leave its thread behind
             runner = self._runner
@@ -229,17 +274,42 @@ class BaseJudge:
             self._last_error = str(err)
             log.debug("judge call failed: %s", err)
             status = "incomplete" if err.kind == "incomplete" else "error"
-            return self._failure(status, err.reply, time.perf_counter() - start)
+            return self._failure(status, err.reply, time.perf_counter() - start, err.failure)
         latency = time.perf_counter() - start
         score = self.parse(verdict_region(reply, fenced))
         if score is None:
             self._last_error = f"parse_fail: no valid score in reply {reply[-200:]!r}"
-            return self._failure("parse_fail", reply, latency)
+            return self._failure("parse_fail", reply, latency, "unparsable")
         return Grade(score=score, reward=self.reward_of(score), status="ok", reply=reply, latency_s=latency)
 
-    def _failure(self, status: Literal["error", "parse_fail", "incomplete"], reply: str, latency: float) -> Grade:
+    def _failure(self, status: Literal["error", "parse_fail", "incomplete"], reply: str, latency: float,
+                 failure: str) -> Grade:
         reward = 0.0 if self.on_failure == "zero" else None
-        return Grade(score=None, reward=reward, status=status, reply=reply, latency_s=latency)
+        return Grade(score=None, reward=reward, status=status, reply=reply, latency_s=latency, failure=failure)
+
+    def check_failures(self, grades: list[Grade], step: int) -> float:
+        """The share of a step's judged grades (ok or failed; truncated rollouts are not judged) that failed, over
+        every rank (a gather: every rank calls it at the same point and gets the same answer). Past
+        `max_failure_fraction`, raise `JudgeFailuresError` (on every rank) naming the judge and the failures by kind."""
+        from qed_lightning.parallel.distributed import gather_objects, world_size  # torch: only when asked for
+
+        failures = Counter(g.failure or g.status for g in grades if g.status in FAILED)
+        judged = sum(g.status == "ok" or g.status in FAILED for g in grades)
+        if world_size() > 1:
+            per_rank = gather_objects((judged, failures))
+            judged, failures = sum(n for n, _ in per_rank), sum((c for _, c in per_rank), Counter())
+        failed = sum(failures.values())
+        fraction = failed / judged if judged else 0.0
+        if fraction > self.max_failure_fraction:
+            where = getattr(self.client, "base_url", None) or self.client.model_name
+            kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(failures.items()))
+            raise JudgeFailuresError(
+                f"step {step}: {failed} of {judged} judge grades failed ({fraction:.0%} > "
+                f"model.judge.init_args.max_failure_fraction={self.max_failure_fraction}) at the judge {where} "
+                f"({self.client.model_name}): {kinds}; last error: {self._last_error}. The judge cannot keep up or "
+                "is misconfigured: check its server, lower model.judge.init_args.max_concurrency (the job's "
+                "requests in flight), raise the client's timeout_s, or raise max_failure_fraction (1 = never stop).")
+        return fraction
 
     # ---- metrics --------------------------------------------------------------------------------------------
     def _record(self, grades: list[Grade]) -> None:
@@ -292,18 +362,9 @@ class RubricJudge(BaseJudge):
     Args:
         client: the judge backend (`OpenAIJudgeClient`, `EngineJudgeClient`, or `ScriptedJudgeClient` in demos).
         prompt: a packaged template name or a template file with `{problem}`, `{rubric}`, `{proof}`.
-        require_think_close: grade only rollouts that closed their thinking (paper); False grades the whole
-            response when there is no `</think>`.
-        on_failure: reward of a failed grade: "zero" (paper) or "drop" (None; excluded from its group).
-        banding: map scores to the IMO scale (1..5 -> 1) before dividing by 7.
-        cache_path: name of the grade cache (None = no cache); each rank writes `<stem>.rank<R>.jsonl` next to it
-            and every rank reads all of them when it starts (`rewards/cache.py`).
-        max_down_s: circuit breaker: when every call of a batch fails, pause and probe the judge for up to this
-            many seconds, then stop the run with `JudgeDownError` (0 = never pause: failures follow on_failure).
-        probe_interval_s: seconds between probes while the judge is down.
-        placeholders: aliases for a template file written with other placeholder names, `{their_name: our_field}`
-            (fields: problem, rubric, proof, reference_solution, guidelines), so the file is used unchanged.
-        verdict: which score tag of the reply counts when there are several: "last" (ours) or "first" (reference).
+
+    `BaseJudge`'s other arguments pass through (`require_think_close`, `on_failure`, `banding`, `cache_path`,
+    `max_down_s`, `probe_interval_s`, `placeholders`, `verdict`, `max_failure_fraction`, `max_concurrency`).
     """
 
     request_fields = ("problem", "rubric")

@@ -49,6 +49,8 @@ class Grade:
         reply: the judge's raw reply text ("" when there was none; the partial text of an "incomplete" reply).
         latency_s: seconds the judge call took (0.0 for truncated rollouts and cache hits).
         cached: True when the grade came from the on-disk grade cache.
+        failure: why a failed grade failed: "timeout", "http_<status>", "connection", "malformed", "incomplete"
+            or "unparsable" (a reply without a valid score); "" for the other statuses.
     """
 
     score: int | None
@@ -57,3 +59,4 @@ class Grade:
     reply: str = ""
     latency_s: float = 0.0
     cached: bool = False
+    failure: str = ""

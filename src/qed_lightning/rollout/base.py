@@ -119,6 +119,12 @@ class RolloutEngine(ABC):
         """True when `sleep` drops the weights, which then must be pushed after every optimizer step."""
         return False
 
+    @property
+    def sleeping(self) -> frozenset[str]:
+        """The memory kinds ("weights", "kv_cache") that `sleep` released and no `wake_up` has mapped again; empty
+        while awake (always, for an engine that never sleeps)."""
+        return frozenset()
+
     def start(self, model: str | None = None) -> None:  # noqa: B027 - optional hook
         """Heavy set-up, once, when training or validation starts; `model` is the policy's `model_name_or_path`
         (or a frozen engine's own model). Idempotent."""

@@ -3,7 +3,9 @@
 `WeightSyncCallback` owns the policy's engine: `start` and `attach` when training (or validation) starts; after
 every optimizer step the memory hand-off for a colocated engine (`rollout.handoff`: gradients and allocator cache
 freed); every `interval` steps `push_weights` of the policy's parameters (HF names, full tensors), which bumps the
-engine's policy version to the trainer's global step, so each rollout records which weights produced it. Under a
+engine's policy version to the trainer's global step, so each rollout records which weights produced it. A step
+skipped as non-finite leaves the global step (and the weights) where they were: the engine is then woken, and given
+the same weights again where its sleep discarded them (`sleep_level` 2), so the next step can generate. Under a
 sharded strategy the parameters are gathered one at a time (`iter_full_parameters`), never as a second full copy of
 the model on one rank; every rank walks them (each gather is a collective), and each rank's engine (or rank 0, for
 a server pool) takes them. Other callbacks that need the current weights (the evaluation callback) ask the owner
@@ -94,11 +96,14 @@ class WeightSyncCallback(Callback):
             self.syncs += 1
 
     def push(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Give the engine this step's weights (the hand-off first, for a colocated engine) and log it; nothing when
-        it already has them. Returns the logged metrics."""
+        """Give the engine this step's weights (the hand-off first, for a colocated engine) and log it. When it has
+        them already (a second push in the same step, or a skipped non-finite step, after which `global_step` did
+        not move): nothing is pushed, but an engine left asleep is woken, and one whose sleep discarded its weights
+        (level 2) gets the same weights again, so it can generate. Returns the logged metrics."""
         step = trainer.global_step
-        if self.engine.policy_version == step:
-            return {}
+        discarded = self.engine.sleep_discards_weights and "weights" in self.engine.sleeping
+        if self.engine.policy_version == step and not discarded:
+            return self._wake(trainer, pl_module)
         metrics = free_training_memory(pl_module, trainer.optimizers) if self.engine.memory_handoff else {}
         started = time.perf_counter()
         with self.phases.phase("sync") if self.phases is not None else nullcontext():  # the progress bar shows "sync"
@@ -111,12 +116,23 @@ class WeightSyncCallback(Callback):
         pl_module.log_dict(metrics, batch_size=1)
         return metrics
 
+    def _wake(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Wake an engine that slept keeping the weights it has (level 1), the hand-off first; nothing when awake."""
+        if not self.engine.sleeping:
+            return {}
+        metrics = free_training_memory(pl_module, trainer.optimizers) if self.engine.memory_handoff else {}
+        started = time.perf_counter()
+        self.engine.wake_up()
+        metrics["rollout/wake_s"] = time.perf_counter() - started
+        pl_module.log_dict(metrics, batch_size=1)
+        return metrics
+
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if step > 0 and step % self.interval == 0:
+        if self.engine.policy_version == step or (step > 0 and step % self.interval == 0):  # a skipped step: woken
             self.push(trainer, pl_module)
-        elif self.engine.memory_handoff and self.engine.policy_version != step:  # no push: the engine wakes whole
+        elif self.engine.memory_handoff:  # no push: the engine wakes whole
             pl_module.log_dict(free_training_memory(pl_module, trainer.optimizers), batch_size=1)
 
     @override

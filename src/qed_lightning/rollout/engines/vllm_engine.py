@@ -177,6 +177,10 @@ class VLLMEngine(RolloutEngine):
     def sleep_discards_weights(self) -> bool:
         return self.memory_handoff and self.sleep_level == 2
 
+    @property
+    def sleeping(self) -> frozenset[str]:
+        return frozenset(self._sleeping)
+
     def start(self, model: str | None = None) -> None:
         """Create this process's engine (idempotent). Heavy: call it once the trainer starts, not in `__init__`."""
         if self.llm is not None:
