@@ -83,5 +83,7 @@ class StepPhases:
                 method(*args)
 
     def metrics(self, prefix: str = "time/") -> dict[str, float]:
-        """`{prefix}{name}_s` for every phase timed since the last `reset`."""
-        return {f"{prefix}{name}_s": seconds for name, seconds in self.seconds.items()}
+        """`{prefix}{name}_s` for every phase timed since the last `reset` (the slowest rank's, over ranks)."""
+        from qed_lightning.reductions import Max
+
+        return {f"{prefix}{name}_s": Max(seconds) for name, seconds in self.seconds.items()}

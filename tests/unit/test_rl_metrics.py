@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qed_lightning.modules.rl_metrics import reduce_op, reduce_over_ranks, rollout_table, table_metrics
+from qed_lightning.modules.rl_metrics import reduce_over_ranks, rollout_table, table_metrics
 from qed_lightning.rewards import Grade
 from qed_lightning.rollout.base import Completion
 
@@ -24,10 +24,21 @@ def test_table_metrics_by_hand():
     assert [m[f"judge/score_{k}"] for k in range(8)] == [0, 0, 0, 0, 2 / 3, 0, 0, 1 / 3]
 
 
-def test_reduce_ops_and_one_process_is_identity():
-    assert [reduce_op(k) for k in ("judge/ok", "judge/error", "rc/states", "train/tokens_per_sec")] == ["sum"] * 4
-    assert ([reduce_op(k) for k in ("time/train_s", "judge/latency_max_s", "rollout/logprob_diff_max", "judge/down_s")]
-            == ["max"] * 4)
-    assert [reduce_op(k) for k in ("train/clip_frac", "judge/latency_mean_s", "rc/reward_cycle_1")] == ["mean"] * 3
-    metrics = {"judge/ok": 3.0, "train/entropy": 0.5}
-    assert reduce_over_ranks(metrics) is metrics  # no process group: nothing to combine
+def test_each_metric_declares_how_it_combines_over_ranks():
+    from qed_lightning.modules.group_sampling import Groups, fill_step
+    from qed_lightning.phases import StepPhases
+    from qed_lightning.reductions import Max, Sum, combine
+
+    phases = StepPhases()
+    with phases.phase("train"):
+        pass
+    assert all(type(v) is Max for v in phases.metrics().values())  # phase times: the slowest rank
+    empty = Groups([], [], torch.zeros(0), torch.zeros(0, dtype=torch.bool), [])
+    _, counts = fill_step(empty, [], target=2, group_size=2, sample=None)
+    assert all(type(v) is Sum for v in counts.values())  # dynamic sampling's counts add up
+    ranks = [{"judge/ok": Sum(3), "time/train_s": Max(2.0), "train/entropy": 0.5, "mine": 1.0},
+             {"judge/ok": Sum(4), "time/train_s": Max(5.0), "train/entropy": 0.7}]
+    assert combine(ranks) == {"judge/ok": 7.0, "time/train_s": 5.0, "train/entropy": pytest.approx(0.6), "mine": 1.0}
+    assert all(type(v) is float for v in combine(ranks).values())  # plain floats go to the logger
+    metrics = {"judge/ok": Sum(3), "train/entropy": 0.5}
+    assert reduce_over_ranks(metrics) == metrics  # no process group: one rank, nothing to combine

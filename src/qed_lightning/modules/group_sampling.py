@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from qed_lightning.data.records import ProofProblem
+from qed_lightning.reductions import Sum
 from qed_lightning.rl import flat_groups, soft_overlong_penalty
 from qed_lightning.rollout.base import Completion
 
@@ -110,7 +111,6 @@ def fill_step(first: Groups, spares: list[ProofProblem], target: int, group_size
         generated, judged = generated + len(draw), judged + len(more.rollouts)
         kept = kept.join(more.take(_with_signal(more, group_size)))
     chosen = kept if kept.problems else first  # never more than `target`: each draw fills at most what is missing
-    metrics = {"rollout/groups_generated": float(generated), "rollout/groups_kept": float(len(kept.problems)),
-               "rollout/rollouts_judged": float(judged),
-               "rollout/groups_short": float(max(target - len(kept.problems), 0))}
+    metrics = {"rollout/groups_generated": Sum(generated), "rollout/groups_kept": Sum(len(kept.problems)),
+               "rollout/rollouts_judged": Sum(judged), "rollout/groups_short": Sum(max(target - len(kept.problems), 0))}
     return chosen, metrics

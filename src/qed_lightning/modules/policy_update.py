@@ -45,6 +45,7 @@ from qed_lightning.model.forward import (
 )
 from qed_lightning.parallel.distributed import deepspeed_engine, is_deepspeed
 from qed_lightning.phases import Phase
+from qed_lightning.reductions import Max
 from qed_lightning.rl import entropy_from_logits, token_logprobs
 from qed_lightning.rl.microbatch import (
     pack_sequences,
@@ -90,7 +91,7 @@ class MicroBatchSums:
         return {"train/loss": self.loss, "train/clip_frac": self.clip_frac, "train/entropy": self.entropy,
                 "train/is_frac": self.is_frac,
                 "rollout/logprob_diff_mean": self.logprob_diff_sum / step_tokens,
-                "rollout/logprob_diff_max": self.logprob_diff_max}
+                "rollout/logprob_diff_max": Max(self.logprob_diff_max)}
 
 
 def resolve_layout(chosen: str, varlen: bool, gradient_checkpointing: bool) -> str:

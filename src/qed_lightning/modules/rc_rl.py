@@ -53,6 +53,7 @@ from qed_lightning.data.chat import POLICY_PROMPT
 from qed_lightning.data.records import ProofProblem
 from qed_lightning.modules.rubric_rl import RubricRLModule
 from qed_lightning.rc.loop import RCState, RCTrajectory, ReasoningCache
+from qed_lightning.reductions import Max, Sum
 from qed_lightning.rewards import RubricJudge
 from qed_lightning.rollout.base import RolloutEngine, SamplingConfig
 from qed_lightning.rollout.callbacks import FrozenEngineCallback
@@ -115,8 +116,8 @@ def summary_metrics(trajectories: list[RCTrajectory], timings: dict[str, float])
         "rc/summary_len_mean": sum(len(s.completion_ids) for s in outs) / n,
         "rc/summary_empty_frac": sum(not s.summary for s in later) / max(len(later), 1),
         "rc/summary_truncated_frac": sum(s.truncated for s in outs) / n,
-        "rc/summarizer_s": timings["summarize_s"],
-        "rc/reason_s": timings["reason_s"],
+        "rc/summarizer_s": Max(timings["summarize_s"]),
+        "rc/reason_s": Max(timings["reason_s"]),
         "rc/trajectory_tokens_mean": sum(t.tokens for t in trajectories) / max(len(trajectories), 1),
     }
 
@@ -290,7 +291,7 @@ class ReasoningCacheRLModule(RubricRLModule):
             metrics, rewards, valid = self.rl_step(batch)
             states = self.engine.group_stream().last.prompts
             metrics.update(cycle_rewards([s.cycle for s in states], rewards, valid, hp.group_size, "rc/"))
-            metrics["rc/states"] = float(len(states))
+            metrics["rc/states"] = Sum(len(states))
             self.log_step(metrics, len(batch))
             return
         with self.phases.phase("rc_loop"):
@@ -299,7 +300,7 @@ class ReasoningCacheRLModule(RubricRLModule):
         metrics, rewards, valid = self.rl_step(states)  # 2. sample, grade, advantage, loss, step
         metrics.update(cycle_rewards([s.cycle for s in states], rewards, valid, hp.group_size, "rc/"))
         metrics.update(summary_metrics(trajectories, self.rc.timings))
-        metrics.update({"rc/states": float(len(states)),  # time/rc_loop_s comes with rl_step's phase times
+        metrics.update({"rc/states": Sum(len(states)),  # time/rc_loop_s comes with rl_step's phase times
                         "rc/replayed_frac": sum(s.replayed for s in states) / len(states)})
         if hp.grade_trajectory_turns:
             metrics.update(self.grade_turns(batch, trajectories, "rc/turn_"))

@@ -3,8 +3,8 @@
 Under data parallelism every rank generates and grades its own prompts, so a metric computed from one rank's
 rollouts describes only its share. `rollout_table` turns a rank's rollouts into a `[N, 6]` tensor; the module
 gathers the ranks' tables and computes the `rollout/*` and `judge/score_*` metrics of the whole step from them
-(`table_metrics`). The other metrics are reduced by kind (`reduce_op`): counts add up, maxima and phase times take
-the slowest rank, and the rest are averaged over ranks.
+(`table_metrics`). The other metrics combine as the code that made them declares (`qed_lightning.reductions`: `Sum`
+counts add up, `Max` maxima and phase times take the slowest rank, plain floats are averaged over ranks).
 """
 
 from __future__ import annotations
@@ -14,18 +14,12 @@ from collections.abc import Sequence
 import torch
 
 from qed_lightning.parallel.distributed import gather_objects
+from qed_lightning.reductions import combine
 from qed_lightning.rl import zero_advantage_fraction
 from qed_lightning.rollout.base import Completion
 
 #: columns of `rollout_table`
 COLUMNS = ("reward", "valid", "length", "truncated", "policy_version", "score")
-
-#: metrics that count events: summed over ranks
-SUMMED = {"judge/ok", "judge/truncated", "judge/error", "judge/parse_fail", "judge/incomplete", "judge/proof_markup",
-          "judge/cache_hits", "judge/calls", "judge/outages", "train/tokens_per_sec", "rc/states",
-          "rollout/groups_generated", "rollout/groups_kept", "rollout/rollouts_judged", "rollout/groups_short"}
-#: metrics that are maxima or phase times: the slowest or largest rank
-MAXED = {"judge/down_s", "rollout/sync_time_s", "rc/summarizer_s", "rc/reason_s"}
 
 
 def rollout_table(rollouts: Sequence[Completion], rewards: torch.Tensor, valid: torch.Tensor,
@@ -59,24 +53,7 @@ def table_metrics(table: torch.Tensor, group_size: int, step: int) -> dict[str, 
     return metrics
 
 
-def reduce_op(key: str) -> str:
-    """How a rank-local metric combines over ranks: "sum" (counts), "max" (maxima, phase times), else "mean"."""
-    if key in SUMMED:
-        return "sum"
-    if key in MAXED or key.startswith("time/") or key.endswith(("_max", "_max_s")):
-        return "max"
-    return "mean"
-
-
 def reduce_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    """Combine every rank's metrics by `reduce_op` (a key only some ranks have combines over those ranks)."""
-    per_rank = gather_objects(metrics)
-    if len(per_rank) == 1:
-        return metrics
-    keys = list(dict.fromkeys(k for m in per_rank for k in m))
-    out = {}
-    for key in keys:
-        values = [float(m[key]) for m in per_rank if key in m]
-        op = reduce_op(key)
-        out[key] = sum(values) if op == "sum" else max(values) if op == "max" else sum(values) / len(values)
-    return out
+    """Combine every rank's metrics as each declares (`qed_lightning.reductions`: `Sum` counts, `Max` maxima and
+    times, plain floats averaged; a key only some ranks have combines over those ranks)."""
+    return combine(gather_objects(metrics))

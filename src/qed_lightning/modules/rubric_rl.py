@@ -52,6 +52,7 @@ from qed_lightning.modules.rl_metrics import reduce_over_ranks, rollout_table, t
 from qed_lightning.modules.rl_records import keep_rollouts, report_progress
 from qed_lightning.parallel.distributed import StepRendezvous, StepWaitTimeout, end_launched_ranks, gather_objects
 from qed_lightning.phases import Phase, StepPhases
+from qed_lightning.reductions import Max, Sum
 from qed_lightning.report.records import RolloutLog
 from qed_lightning.rewards import GradeRequest, RubricJudge
 from qed_lightning.rewards.terms import RewardTerm, RewardTerms
@@ -332,7 +333,7 @@ class RubricRLModule(QEDModule):
         version = self.global_step  # the weights' version now; the optimizer step below increments it
         groups, extra = self.sample_and_grade(batch)  # 1. sample + 2. grade
         try:
-            extra["time/step_wait_s"] = self.rendezvous.wait(self.global_step)  # every rank here before any collective
+            extra["time/step_wait_s"] = Max(self.rendezvous.wait(self.global_step))  # every rank here before any collective
         except StepWaitTimeout:
             end_launched_ranks(self.trainer.strategy)  # a slow rank Lightning started would go on alone
             raise
@@ -401,14 +402,15 @@ class RubricRLModule(QEDModule):
         metrics.update(self.phases.metrics())
         tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
         seconds = sum(self.phases.seconds.get(name, 0.0) for name in ("generate", "grade", "wait", "train"))
-        metrics["train/tokens_per_sec"] = tokens / max(seconds, 1e-9)
+        metrics["train/tokens_per_sec"] = Sum(tokens / max(seconds, 1e-9))  # the job's: summed over ranks
         return metrics
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.phases.reset()
 
     def log_step(self, metrics: dict[str, float], batch_size: int) -> None:
-        """Log a step's metrics; under data parallelism, combined over ranks first (`rl_metrics.reduce_op`)."""
+        """Log a step's metrics; under data parallelism, combined over ranks first as each declares
+        (`qed_lightning.reductions`: `Sum(n)` for a count, `Max(x)` for a maximum or a time, a plain float is averaged)."""
         metrics = reduce_over_ranks(metrics)
         self.log_dict(metrics, batch_size=batch_size)
         self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False, batch_size=batch_size)

@@ -40,6 +40,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any, ClassVar, Literal, TypeVar
 
+from qed_lightning.reductions import Max, Sum
 from qed_lightning.rewards.cache import GradeCache, grade_cache_key
 from qed_lightning.rewards.clients import JudgeClient, JudgeError
 from qed_lightning.rewards.parsing import (
@@ -325,15 +326,16 @@ class BaseJudge:
                         failed, len(grades), self.on_failure, self._last_error)
 
     def pop_metrics(self) -> dict[str, float]:
-        """`judge/*` counts and latencies since the last pop; resets `counters` and `latencies`."""
+        """`judge/*` counts (summed over ranks) and latencies since the last pop; resets `counters` and `latencies`."""
         with self._stats_lock:
             counts, latencies = self.counters.copy(), list(self.latencies)
             self.counters.clear()
             self.latencies.clear()
         names = (*STATUSES, "cache_hits", "calls", "outages", "down_s", "proof_markup")
-        metrics = {f"judge/{name}": float(counts[name]) for name in names}
+        metrics = {f"judge/{name}": Sum(counts[name]) for name in names}
+        metrics["judge/down_s"] = Max(counts["down_s"])
         metrics["judge/latency_mean_s"] = sum(latencies) / len(latencies) if latencies else 0.0
-        metrics["judge/latency_max_s"] = max(latencies, default=0.0)
+        metrics["judge/latency_max_s"] = Max(max(latencies, default=0.0))
         return metrics
 
     # ---- lifecycle ------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
+from qed_lightning.reductions import Max, Sum
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig, WrappingEngine
 from qed_lightning.rollout.host import PeekableLoader
 
@@ -138,6 +139,8 @@ class AsyncRollouts(WrappingEngine):
     def pop_metrics(self) -> dict[str, float]:
         metrics = dict(self._metrics)
         self._metrics = dict.fromkeys(self._metrics, 0.0)
+        metrics["rollout/stale_dropped"] = Sum(metrics["rollout/stale_dropped"])  # over ranks
+        metrics["rollout/prefetch_wait_s"] = Max(metrics["rollout/prefetch_wait_s"])
         return metrics
 
     def close(self) -> None:

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from qed_lightning.data.records import ProofProblem
+from qed_lightning.reductions import Sum
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -270,9 +271,9 @@ class GroupStream:
         metrics = {f"rollout/policy_lag_frac_{k}": float((lags == k).double().mean()) for k in range(self.max_lag + 1)}
         metrics.update({
             "rollout/policy_lag_mean": float(lags.mean()), "rollout/mixed_version_frac": sum(mixed) / len(mixed),
-            "rollout/stale_dropped": float(self._counts["stale"]), "rollout/skipped_groups": float(self._counts["skipped"]),
-            "rollout/carried_groups": float(sum(g.done >= 0 for g in self.pending.values())),
-            "rollout/inflight_groups": float(sum(g.done < 0 for g in self.pending.values()) + len(self.unexpanded)),
+            "rollout/stale_dropped": Sum(self._counts["stale"]), "rollout/skipped_groups": Sum(self._counts["skipped"]),
+            "rollout/carried_groups": Sum(sum(g.done >= 0 for g in self.pending.values())),
+            "rollout/inflight_groups": Sum(sum(g.done < 0 for g in self.pending.values()) + len(self.unexpanded)),
         })
         self._counts = dict.fromkeys(self._counts, 0)
         return metrics
