@@ -66,7 +66,8 @@ def test_the_async_layout_learns_and_every_trained_sample_is_within_max_lag(tiny
     """The learning test of tests/integration/test_rl_cli.py (same task, steps, sizes, threshold +0.15) with the
     asynchronous layout at max_lag 1: from step 1 on, most samples come from the weights one step old."""
     rows = _run(tiny_model_dir, tmp_path,
-                "--trainer.max_steps", "30", "--model.init_args.group_size", "8", "--model.init_args.max_new_tokens", "24",
+                "--trainer.max_steps", "30", "--model.init_args.group_size", "8",
+                "--model.init_args.max_new_tokens", "24",
                 "--model.init_args.optimizer.init_args.lr", "3e-3", "--model.init_args.export_hf", "false")
     rewards = series(rows, "rollout/reward_mean")
     assert len(rewards) == 30
@@ -75,7 +76,8 @@ def test_the_async_layout_learns_and_every_trained_sample_is_within_max_lag(tiny
     # every trained sample within max_lag = 1, and the overlap is real: off-policy samples were trained on
     assert max(series(rows, "rollout/policy_lag_max")) <= 1.0
     assert sum(series(rows, "rollout/policy_lag_frac_1")) > 10, series(rows, "rollout/policy_lag_frac_1")
-    shares = [a + b for a, b in zip(series(rows, "rollout/policy_lag_frac_0"), series(rows, "rollout/policy_lag_frac_1"))]
+    shares = [a + b for a, b in zip(series(rows, "rollout/policy_lag_frac_0"),
+                                    series(rows, "rollout/policy_lag_frac_1"))]
     assert shares == pytest.approx([1.0] * 30)
     assert len(series(rows, "rollout/stale_dropped")) == 30  # counted every step (drops are tested in unit tests)
     assert series(rows, "time/wait_s") and max(series(rows, "rollout/mixed_version_frac")) == 0.0  # "wait" pushes

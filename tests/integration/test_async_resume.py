@@ -1,7 +1,7 @@
 """Streaming groups across a real SIGKILL: an asynchronous-layout run (max_lag 2: the stream runs two releases ahead
-of the trainer, so every checkpoint holds carried groups) is killed after a checkpoint and resumed with `--ckpt_path last`; no group is lost or trained twice, and the
-killed run's vLLM server does not outlive it; its temporary weights are removed, and logged, when the resumed run
-starts."""
+of the trainer, so every checkpoint holds carried groups) is killed after a checkpoint and resumed with
+`--ckpt_path last`; no group is lost or trained twice, and the killed run's vLLM server does not outlive it; its
+temporary weights are removed, and logged, when the resumed run starts."""
 
 from __future__ import annotations
 
@@ -68,8 +68,8 @@ def test_carried_groups_survive_a_sigkill_and_resume_without_loss_or_repeat(tiny
 
     resumed_log = tmp_path / "resumed.log"
     with open(resumed_log, "w") as fh:
-        done = subprocess.run(_command(tiny_model_dir, root, "--ckpt_path", "last"), stdout=fh, stderr=subprocess.STDOUT,
-                              env=env, cwd=REPO, timeout=1200)
+        done = subprocess.run(_command(tiny_model_dir, root, "--ckpt_path", "last"), stdout=fh,
+                              stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=1200)
     assert done.returncode == 0, resumed_log.read_text()[-4000:]
     assert "Restoring states from the checkpoint path" in resumed_log.read_text()
     # the resumed run found the killed run's temporary weights, logged them with their size, removed them, and its

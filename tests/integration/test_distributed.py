@@ -47,8 +47,11 @@ def _losses(rows: list[dict[str, float]]) -> list[float]:
     return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
-def _sft(tiny: Path, root: Path, strategy: str, devices: int, rows_per_rank: int, *extra: str) -> list[dict[str, float]]:
-    return _fit(root, "--config", str(REPO / "configs/demo/sft.yaml"), "--config", str(REPO / f"configs/strategy/{strategy}.yaml"),
+def _sft(
+    tiny: Path, root: Path, strategy: str, devices: int, rows_per_rank: int, *extra: str
+) -> list[dict[str, float]]:
+    return _fit(root, "--config", str(REPO / "configs/demo/sft.yaml"),
+                "--config", str(REPO / f"configs/strategy/{strategy}.yaml"),
                 "--trainer.devices", str(devices), "--data.init_args.batch_size", str(rows_per_rank),
                 "--model.init_args.model_name_or_path", str(tiny), "--model.init_args.export_dir", str(root / "hf"),
                 "--data.init_args.path", str(REPO / "data/samples/fineproofs_sft.jsonl"), *extra)
@@ -57,7 +60,8 @@ def _sft(tiny: Path, root: Path, strategy: str, devices: int, rows_per_rank: int
 @pytest.fixture(scope="module")
 def sft_runs(tiny_model_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("sft_dist")
-    no_ckpt = ("--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false", "--model.init_args.export_hf", "false")
+    no_ckpt = ("--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+               "--model.init_args.export_hf", "false")
     return {
         "one": _sft(tiny_model_dir, base / "one", "ddp", 1, 4, *no_ckpt),
         "ddp": _sft(tiny_model_dir, base / "ddp", "ddp", 2, 2, *no_ckpt),
@@ -97,19 +101,20 @@ def test_fsdp2_sharded_checkpoint_exports_to_the_trained_weights(sft_runs, tmp_p
 
 
 def _rl(tiny: Path, root: Path, strategy: str, devices: int, prompts: int) -> list[dict[str, float]]:
-    return _fit(root, "--config", str(REPO / "configs/demo/rl.yaml"), "--config", str(REPO / f"configs/strategy/{strategy}.yaml"),
+    return _fit(root, "--config", str(REPO / "configs/demo/rl.yaml"),
+                "--config", str(REPO / f"configs/strategy/{strategy}.yaml"),
                 "--trainer.devices", str(devices), "--data.init_args.prompts_per_step", str(prompts),
                 "--trainer.enable_checkpointing", "false", "--model.init_args.export_hf", "false",
                 "--model.init_args.model_name_or_path", str(tiny), "--model.init_args.max_new_tokens", "16",
                 "--model.init_args.engine", '{"class_path": "qed_lightning.rollout.HFEngine"}',
                 "--model.init_args.judge.init_args.cache_path", str(root / "grades.sqlite"),
-                "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"), "--data.init_args.val_size", "0",
-                "--trainer.callbacks", "[]")
+                "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"),
+                "--data.init_args.val_size", "0", "--trainer.callbacks", "[]")
 
 
 #: step metrics that describe the whole step's rollouts, not one rank's share (`rl_metrics`)
-GLOBAL_METRICS = ("rollout/sequences", "rollout/reward_mean", "rollout/reward_std", "rollout/response_len_mean", "rollout/response_len_max",
-                  "rollout/zero_adv_group_frac", "rollout/truncated_frac", "judge/graded",
+GLOBAL_METRICS = ("rollout/sequences", "rollout/reward_mean", "rollout/reward_std", "rollout/response_len_mean",
+                  "rollout/response_len_max", "rollout/zero_adv_group_frac", "rollout/truncated_frac", "judge/graded",
                   *(f"judge/score_{k}" for k in range(8)))
 
 
@@ -222,8 +227,8 @@ def test_fsdp2_weight_sync_gathers_one_parameter_at_a_time(tiny_model_dir, tmp_p
     script = tmp_path / "sync.py"
     script.write_text(SYNC_SCRIPT)
     log = tmp_path / "sync.log"
-    code = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                 str(tiny_model_dir), str(tmp_path / "out")], log, timeout=300)
+    code = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tiny_model_dir), str(tmp_path / "out")], log, timeout=300)
     output = log.read_text()
     assert code == 0, output[-4000:]
     assert int(output.split("SYNC-OK")[1].split()[0]) > 1  # several shards: never the whole model at once

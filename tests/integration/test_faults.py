@@ -14,7 +14,6 @@ import lightning as L
 import pytest
 import torch
 
-from qed_lightning.callbacks import AtomicModelCheckpoint
 from qed_lightning.cli import make_cli
 from qed_lightning.data import ProofRLDataModule
 from qed_lightning.modules import RubricRLModule
@@ -49,7 +48,8 @@ def _fit(tiny: Path, root: Path, nan_calls: tuple[int, ...], max_steps: int, eng
                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), nan_calls=nan_calls, max_nonfinite_steps=3)
     data = ProofRLDataModule(str(REPO / "data/samples/fineproofs_rl.jsonl"), tokenizer=str(tiny), prompts_per_step=2)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, default_root_dir=root, enable_progress_bar=False,
-                        logger=L.pytorch.loggers.CSVLogger(root, name="csv"), enable_checkpointing=False, log_every_n_steps=1)
+                        logger=L.pytorch.loggers.CSVLogger(root, name="csv"), enable_checkpointing=False,
+                        log_every_n_steps=1)
     try:
         trainer.fit(module, datamodule=data)
     finally:
@@ -82,7 +82,9 @@ def test_a_non_finite_step_is_skipped_logged_and_leaves_a_sleeping_engine_awake(
 
 
 def test_consecutive_non_finite_steps_abort_with_a_clear_message(tiny_model_dir, tmp_path):
-    with pytest.raises(FloatingPointError, match=r"3 consecutive non-finite steps; lower the learning rate or raise model.max_nonfinite_steps"):
+    with pytest.raises(FloatingPointError,
+                       match=r"3 consecutive non-finite steps; lower the learning rate or raise "
+                             r"model.max_nonfinite_steps"):
         _fit(tiny_model_dir, tmp_path, nan_calls=(1, 2, 3, 4), max_steps=4)
 
 
@@ -138,8 +140,9 @@ def test_judge_replies_cut_off_by_their_token_limit_never_score_through_qed_fit(
 
 def test_a_judge_failing_past_max_failure_fraction_stops_the_step_through_qed_fit(tiny_model_dir, tmp_path):
     """The demo RL config on the transformers engine, its scripted judge client making one attempt per grade: one
-    call gets HTTP 500, 8 others a reply without a score; 9 of the step's at most 16 judged grades fail, over the default bound (0.5). The step stops before training, naming the judge's URL, the failures
-    by kind and the knob; no checkpoint or rollout is written."""
+    call gets HTTP 500, 8 others a reply without a score; 9 of the step's at most 16 judged grades fail, over the
+    default bound (0.5). The step stops before training, naming the judge's URL, the failures by kind and the knob;
+    no checkpoint or rollout is written."""
     import json
 
     from qed_lightning.rewards import JudgeFailuresError

@@ -81,12 +81,14 @@ def test_weights_pushed_while_generating_and_each_samples_versions(tiny_model_di
             after["stats"] = pool.push_weights(iter_full_parameters(new), 1)
             after["returned_while_running"] = "sample" not in running  # the trainer does not wait for the drain
             after["versions"] = (pool.policy_version, pool.serving_version)  # recorded at once; loaded: not yet
-            after["sample"] = pool.generate([prompt], SamplingConfig(temperature=T, max_new_tokens=24, seeds=(3,)))[0][0]
+            config = SamplingConfig(temperature=T, max_new_tokens=24, seeds=(3,))
+            after["sample"] = pool.generate([prompt], config)[0][0]
 
         running = _while_running(pool, prompt, 11, push_wait)["sample"]
         assert (running.policy_version, running.end_version, len(running.completion_ids)) == (0, None, 1500)
-        torch.testing.assert_close(torch.tensor(running.logprobs), trainer_logprobs(old, prompt, running.completion_ids),
-                                   atol=1e-4, rtol=0)  # finished on the weights it started with
+        # finished on the weights it started with
+        torch.testing.assert_close(torch.tensor(running.logprobs),
+                                   trainer_logprobs(old, prompt, running.completion_ids), atol=1e-4, rtol=0)
         fresh = after["sample"]
         assert fresh.policy_version == 1 and after["returned_while_running"] and after["versions"] == (1, 0)
         assert after["stats"]["push_bytes"] == sum(t.numel() * 4 for _, t in iter_full_parameters(new))  # fp32
@@ -97,7 +99,8 @@ def test_weights_pushed_while_generating_and_each_samples_versions(tiny_model_di
 
         pool.update_mode = "keep"  # PipelineRL's in-flight update: the running request continues on new weights
         _train_one_step(new)
-        mixed = _while_running(pool, prompt, 12, lambda running: pool.push_weights(iter_full_parameters(new), 2))["sample"]
+        mixed = _while_running(pool, prompt, 12,
+                               lambda running: pool.push_weights(iter_full_parameters(new), 2))["sample"]
         assert (mixed.policy_version, mixed.end_version) == (1, 2)
         assert pool.policy_version == 2 == pool.serving_version
         assert sorted(p.name for p in weights.glob("v*")) == ["v2"]  # v1 removed once the server loaded v2

@@ -40,7 +40,8 @@ def test_fsdp2_trainers_push_each_parameter_once_to_every_server(tiny_model_dir,
                "--model.init_args.export_dir", str(root / "hf"), "--model.init_args.max_new_tokens", "16",
                "--model.init_args.engine", json.dumps(engine), "--data.init_args.prompts_per_step", "4",
                "--model.init_args.judge.init_args.cache_path", str(root / "grades.sqlite"),
-               "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"), "--data.init_args.val_size", "0"]
+               "--data.init_args.path", str(REPO / "data/samples/fineproofs_rl.jsonl"),
+               "--data.init_args.val_size", "0"]
         assert run_process(cmd, tmp_path / "fit.log", timeout=900) == 0, (tmp_path / "fit.log").read_text()[-4000:]
         rows = read_metrics(root)
         assert series(rows, "rollout/policy_version") == [1.0, 2.0]
@@ -59,6 +60,7 @@ def test_fsdp2_trainers_push_each_parameter_once_to_every_server(tiny_model_dir,
             (sample,) = probe.generate([prompt], SamplingConfig(temperature=T, max_new_tokens=24, seed=3))[0]
             probe.close()
             served = torch.tensor(sample.logprobs)
-            torch.testing.assert_close(served, trainer_logprobs(final, prompt, sample.completion_ids), atol=1e-4, rtol=0)
+            torch.testing.assert_close(served, trainer_logprobs(final, prompt, sample.completion_ids),
+                                       atol=1e-4, rtol=0)
             # and not the starting weights (two steps at lr 1e-3 move the log-probs by much more than the tolerance)
             assert (served - trainer_logprobs(initial, prompt, sample.completion_ids)).abs().max() > 1e-3, url

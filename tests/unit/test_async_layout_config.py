@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from qed_lightning.cli import make_cli
 from qed_lightning.rollout import LocalVLLMPool, StreamingRollouts
@@ -22,7 +21,8 @@ def test_the_async_layout_composes_with_every_rl_stage(stage, print_config):
     assert engine["class_path"] == "qed_lightning.rollout.StreamingRollouts" and engine["init_args"]["max_lag"] == 1
     pool = engine["init_args"]["engine"]
     assert pool["class_path"] == "qed_lightning.rollout.LocalVLLMPool"
-    assert (pool["init_args"]["cpus"], pool["init_args"]["trainer_cpus"], pool["init_args"]["update_mode"]) == (["1"], "0", "wait")
+    init = pool["init_args"]
+    assert (init["cpus"], init["trainer_cpus"], init["update_mode"]) == (["1"], "0", "wait")
     # only the engine changes: the stage's own knobs (and the paper's IS setting: off) are untouched
     strip = lambda cfg: {k: v for k, v in cfg["model"]["init_args"].items() if k != "engine"}  # noqa: E731
     assert strip(composed) == strip(base) and composed["data"] == base["data"]

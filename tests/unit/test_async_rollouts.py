@@ -142,7 +142,8 @@ def test_checkpoint_sync_streams_small_shards_with_an_index(tmp_path):
     total = write_safetensors(iter(tensors), tmp_path, shard_bytes=2048)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert total == 5 * 1024 and index["metadata"]["total_size"] == total
-    assert sorted(set(index["weight_map"].values())) == ["model-00001.safetensors", "model-00002.safetensors", "model-00003.safetensors"]
+    assert sorted(set(index["weight_map"].values())) == [
+        "model-00001.safetensors", "model-00002.safetensors", "model-00003.safetensors"]
     for name, tensor in tensors:
         assert torch.equal(load_file(str(tmp_path / index["weight_map"][name]))[name], tensor)
     assert write_safetensors(iter(tensors), None) == 0  # other ranks only walk the parameters

@@ -43,7 +43,8 @@ def test_one_group_for_the_pool_each_server_told_its_offset_and_called_at_once()
     barrier = threading.Barrier(3)
     servers = [Server(barrier) for _ in range(3)]
     pool = PoolWeightSyncClient(servers, worker_counts=[1, 2, 1])
-    pool.init_weight_transfer_engine({"master_address": "10.0.0.1", "master_port": 29600, "rank_offset": 1, "world_size": 5})
+    pool.init_weight_transfer_engine(
+        {"master_address": "10.0.0.1", "master_port": 29600, "rank_offset": 1, "world_size": 5})
     pool.start_weight_update()
     pool.update_weights({"names": ["w"], "dtype_names": ["bfloat16"], "shapes": [[2]]})
     pool.finish_weight_update("3")

@@ -140,13 +140,14 @@ def _strategy(name: str):
 
 def fit_once(args, rollouts, rewards, optimizer, budget: int) -> _Capture:
     precision, dtype, extra = SETTINGS[args.strategy]
-    module = FixedRolloutRL(args.model, rollouts, rewards, dtype=dtype, group_size=args.group, micro_batch_tokens=budget,
-                            micro_batch_layout="padded", logits_chunk_tokens=args.chunk, grad_clip=0.0,
-                            optimizer=optimizer, export_hf=False, **extra)
+    module = FixedRolloutRL(args.model, rollouts, rewards, dtype=dtype, group_size=args.group,
+                            micro_batch_tokens=budget, micro_batch_layout="padded", logits_chunk_tokens=args.chunk,
+                            grad_clip=0.0, optimizer=optimizer, export_hf=False, **extra)
     capture = _Capture()
-    trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, strategy=_strategy(args.strategy),
-                        precision=precision, max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[capture])
+    trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
+                        strategy=_strategy(args.strategy), precision=precision, max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[capture])
     problems = [ProofProblem(i, "synthetic", "synthetic") for i in range(len(rollouts) // args.group)]
     loader = torch.utils.data.DataLoader([problems], batch_size=1, collate_fn=_first)
     trainer.fit(module, train_dataloaders=loader)

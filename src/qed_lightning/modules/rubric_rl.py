@@ -46,7 +46,14 @@ import torch
 from qed_lightning.data.loading import ConfigError
 from qed_lightning.data.records import ProofProblem
 from qed_lightning.modules.base import QEDModule
-from qed_lightning.modules.group_sampling import Groups, check_spares, fill_step, has_signal, shape_rewards, split_spares
+from qed_lightning.modules.group_sampling import (
+    Groups,
+    check_spares,
+    fill_step,
+    has_signal,
+    shape_rewards,
+    split_spares,
+)
 from qed_lightning.modules.policy_update import PolicyUpdate
 from qed_lightning.modules.rl_metrics import reduce_over_ranks, rollout_table, table_metrics
 from qed_lightning.modules.rl_records import keep_rollouts, report_progress
@@ -137,7 +144,9 @@ class RubricRLModule(QEDModule):
         clip_high: float = 4.0,
         entropy_coef: float = 1e-4,
         kl_coef: float = 0.0,
-        aggregation: Literal["seq_sum_over_batch", "token_mean", "seq_mean_token_mean", "dr_grpo"] = "seq_sum_over_batch",
+        aggregation: Literal[
+            "seq_sum_over_batch", "token_mean", "seq_mean_token_mean", "dr_grpo"
+        ] = "seq_sum_over_batch",
         advantage_scale: Literal["none", "std"] = "none",
         grad_clip: float = 0.0,
         is_correction: ISCorrection = "none",
@@ -159,7 +168,8 @@ class RubricRLModule(QEDModule):
         problems = []
         if group_size < 2:
             problems.append(f"model.group_size must be >= 2, got {group_size}: the advantage is a reward minus its "
-                            "group's mean, so with fewer than 2 rollouts per prompt every advantage is 0 and nothing trains")
+                            "group's mean, so with fewer than 2 rollouts per prompt every advantage is 0 and nothing "
+                            "trains")
         if temperature <= 0:
             problems.append(f"model.temperature must be > 0 for RL sampling, got {temperature}")
         if max_new_tokens < 1 or micro_batch_tokens < 1:
@@ -175,9 +185,11 @@ class RubricRLModule(QEDModule):
             problems.append(f"model.logits_chunk_tokens must be >= 0 (0 = no chunking), got {logits_chunk_tokens}")
         if micro_batch_layout == "shared_prefix" and self.hparams.gradient_checkpointing:
             problems.append("model.micro_batch_layout=shared_prefix needs the key/value cache, which gradient "
-                            "checkpointing disables; use 'auto', 'padded' or 'packed', or model.gradient_checkpointing=false")
+                            "checkpointing disables; use 'auto', 'padded' or 'packed', or "
+                            "model.gradient_checkpointing=false")
         if top_p < 1.0 or top_k > 0:
-            log.warning("top_p/top_k truncation changes the sampler's log-probs; the importance ratio assumes plain temperature sampling")
+            log.warning("top_p/top_k truncation changes the sampler's log-probs; the importance ratio assumes plain "
+                        "temperature sampling")
         try:
             self.rollout_records = RolloutLog(rollout_log, seed)
         except ValueError as err:
@@ -211,7 +223,8 @@ class RubricRLModule(QEDModule):
         self.policy_update.hand_grad_clip_to_deepspeed()
         limit = self.engine.max_model_len
         datamodule = self.trainer.datamodule if self.trainer is not None else None
-        check_spares(getattr(getattr(datamodule, "hparams", None), "spare_prompts_per_step", 0), self.hparams.skip_flat_groups)
+        check_spares(getattr(getattr(datamodule, "hparams", None), "spare_prompts_per_step", 0),
+                     self.hparams.skip_flat_groups)
         problems = [*getattr(datamodule, "train_problems", []), *getattr(datamodule, "val_problems", [])]
         if limit is None or not problems:
             return
@@ -219,9 +232,9 @@ class RubricRLModule(QEDModule):
         need = len(longest.prompt_ids) + self.hparams.max_new_tokens
         if need > limit:
             raise ValueError(
-                f"model.engine.init_args.max_model_len={limit} is shorter than the longest prompt ({len(longest.prompt_ids)} "
-                f"tokens, the problem at line {longest.line} of data.path) plus model.max_new_tokens="
-                f"{self.hparams.max_new_tokens}; raise "
+                f"model.engine.init_args.max_model_len={limit} is shorter than the longest prompt "
+                f"({len(longest.prompt_ids)} tokens, the problem at line {longest.line} of data.path) plus "
+                f"model.max_new_tokens={self.hparams.max_new_tokens}; raise "
                 f"max_model_len to at least {need}, or lower max_new_tokens / data.max_prompt_tokens.")
 
     def configure_callbacks(self):
@@ -232,7 +245,9 @@ class RubricRLModule(QEDModule):
         if self.hparams.kl_coef > 0 and self.ref_model is None:
             from transformers import AutoModelForCausalLM
 
-            self.ref_model = AutoModelForCausalLM.from_pretrained(self.hparams.model_name_or_path, dtype=self.model.dtype).eval()
+            self.ref_model = AutoModelForCausalLM.from_pretrained(
+                self.hparams.model_name_or_path, dtype=self.model.dtype
+            ).eval()
             self.ref_model.requires_grad_(False)
 
     @property
@@ -258,8 +273,11 @@ class RubricRLModule(QEDModule):
 
     # -- 2. grade ------------------------------------------------------------------------------------------------
 
-    def compute_rewards(self, problems: list[ProofProblem], rollouts: list[Completion]) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Rewards `[N]`, validity mask `[N]` (False = dropped judge failure) and the grades. Override to change the reward."""
+    def compute_rewards(
+        self, problems: list[ProofProblem], rollouts: list[Completion]
+    ) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Rewards `[N]`, validity mask `[N]` (False = dropped judge failure) and the grades. Override to change
+        the reward."""
         n = len(rollouts) // len(problems)
         requests = [GradeRequest(problem=problems[i // n].problem, rubric=problems[i // n].rubric, response=c.text)
                     for i, c in enumerate(rollouts)]
@@ -310,7 +328,9 @@ class RubricRLModule(QEDModule):
             rewards, valid, grades = self.grade_rollouts(problems, rollouts)
         return Groups(problems, rollouts, rewards, valid, grades)
 
-    def grade_rollouts(self, problems: list[ProofProblem], rollouts: list[Completion]) -> tuple[torch.Tensor, torch.Tensor, list]:
+    def grade_rollouts(
+        self, problems: list[ProofProblem], rollouts: list[Completion]
+    ) -> tuple[torch.Tensor, torch.Tensor, list]:
         """`compute_rewards` plus the overlong penalty when it is on: what a group is trained and filtered on (the
         stream's grading calls it in its threads)."""
         hp = self.hparams
@@ -333,7 +353,8 @@ class RubricRLModule(QEDModule):
         version = self.global_step  # the weights' version now; the optimizer step below increments it
         groups, extra = self.sample_and_grade(batch)  # 1. sample + 2. grade
         try:
-            extra["time/step_wait_s"] = Max(self.rendezvous.wait(self.global_step))  # every rank here before any collective
+            # every rank here before any collective
+            extra["time/step_wait_s"] = Max(self.rendezvous.wait(self.global_step))
         except StepWaitTimeout:
             end_launched_ranks(self.trainer.strategy)  # a slow rank Lightning started would go on alone
             raise
@@ -341,7 +362,8 @@ class RubricRLModule(QEDModule):
         # a judge that failed too many of the step's grades (all ranks) stops the run here, before it trains on them
         extra["judge/failure_fraction"] = self.judge.check_failures(grades, self.global_step)
         with self.phases.phase("train") as progress:
-            advantages = group_advantages_masked(rewards, valid, hp.group_size, scale=hp.advantage_scale)  # 3. advantage
+            # 3. advantage
+            advantages = group_advantages_masked(rewards, valid, hp.group_size, scale=hp.advantage_scale)
             self.engine.sleep()
             metrics = self.policy_update.run(rollouts, advantages, groups.loss_mask(hp.mask_truncated),  # 4. loss
                                              self.compute_loss, progress)  # + 5. step
@@ -374,8 +396,8 @@ class RubricRLModule(QEDModule):
         data it came with (its seeds). Runs in the stream's threads."""
         return [problem]
 
-    def record_rollouts(self, batch: list[ProofProblem], rollouts: list[Completion], grades: list, rewards: torch.Tensor,
-                        valid: torch.Tensor, advantages: torch.Tensor, version: int) -> None:
+    def record_rollouts(self, batch: list[ProofProblem], rollouts: list[Completion], grades: list,
+                        rewards: torch.Tensor, valid: torch.Tensor, advantages: torch.Tensor, version: int) -> None:
         """Keep what the step generated (`rollout_log`, see `rl_records.keep_rollouts`) in `<run>/rollouts/`;
         `last_rollouts` holds the kept records for `RolloutTable`."""
         self.last_rollouts = keep_rollouts(self, self.rollout_records, batch, rollouts, grades, rewards, valid,
@@ -410,7 +432,8 @@ class RubricRLModule(QEDModule):
 
     def log_step(self, metrics: dict[str, float], batch_size: int) -> None:
         """Log a step's metrics; under data parallelism, combined over ranks first as each declares
-        (`qed_lightning.reductions`: `Sum(n)` for a count, `Max(x)` for a maximum or a time, a plain float is averaged)."""
+        (`qed_lightning.reductions`: `Sum(n)` for a count, `Max(x)` for a maximum or a time, a plain float is
+        averaged)."""
         metrics = reduce_over_ranks(metrics)
         self.log_dict(metrics, batch_size=batch_size)
         self.log("reward", metrics["rollout/reward_mean"], prog_bar=True, logger=False, batch_size=batch_size)

@@ -73,7 +73,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = RL_COLLECTIVE_TIMEOUT,
     ) -> None:
-        super().__init__(data_parallel_size, tensor_parallel_size, save_distributed_checkpoint, process_group_backend, timeout)
+        super().__init__(data_parallel_size, tensor_parallel_size, save_distributed_checkpoint, process_group_backend,
+                         timeout)
 
     @override
     def setup_environment(self) -> None:
@@ -214,8 +215,8 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         if not self.offloads_optimizer:
             return optimizer
         if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
-            log.warning("DeepSpeed optimizer offload with %s: it steps on the CPU copies as it is (DeepSpeed's CPU Adam "
-                        "is much faster; use torch.optim.AdamW to get it)", type(optimizer).__name__)
+            log.warning("DeepSpeed optimizer offload with %s: it steps on the CPU copies as it is (DeepSpeed's CPU "
+                        "Adam is much faster; use torch.optim.AdamW to get it)", type(optimizer).__name__)
             self.config["zero_force_ds_cpu_optimizer"] = False
             return optimizer
         from deepspeed.ops.adam import DeepSpeedCPUAdam

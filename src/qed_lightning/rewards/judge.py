@@ -137,7 +137,8 @@ class BaseJudge:
         if on_failure not in ("zero", "drop"):
             raise ValueError(f"on_failure must be 'zero' (paper: a failure scores 0) or 'drop', got {on_failure!r}.")
         if not 0.0 <= max_failure_fraction <= 1.0:
-            raise ValueError(f"judge max_failure_fraction must be in [0, 1] (1 = never stop), got {max_failure_fraction}")
+            raise ValueError(
+                f"judge max_failure_fraction must be in [0, 1] (1 = never stop), got {max_failure_fraction}")
         if max_concurrency is not None and (max_concurrency < 1 or not hasattr(client, "max_concurrency")):
             raise ValueError(f"judge max_concurrency={max_concurrency}: it must be >= 1, and the client "
                              f"({type(client).__name__}) must have a max_concurrency to set (OpenAIJudgeClient has)")
@@ -373,7 +374,8 @@ class RubricJudge(BaseJudge):
     prompt_fields = frozenset({"problem", "rubric", "proof"})
 
     def __init__(self, client: JudgeClient, prompt: str = "rubric_v1", **kwargs):
-        super().__init__(client, prompt, **kwargs)  # BaseJudge's other arguments (jsonargparse reads them through kwargs)
+        # BaseJudge's other arguments (jsonargparse reads them through kwargs)
+        super().__init__(client, prompt, **kwargs)
 
     def prompt_values(self, request: GradeRequest, proof: str) -> dict[str, str]:
         return {"problem": request.problem, "rubric": render_rubric(request.rubric), "proof": proof}
@@ -395,7 +397,8 @@ class ProofBenchJudge(BaseJudge):
     prompt_fields = frozenset({"problem", "reference_solution", "guidelines", "proof"})
 
     def __init__(self, client: JudgeClient, prompt: str = "imo_proofbench_v1", **kwargs):
-        super().__init__(client, prompt, **kwargs)  # BaseJudge's other arguments (jsonargparse reads them through kwargs)
+        # BaseJudge's other arguments (jsonargparse reads them through kwargs)
+        super().__init__(client, prompt, **kwargs)
         if self.banding:  # banded scores are other grades than the replies' own: never share a cache key with them
             self.prompt = replace(self.prompt, version=f"{self.prompt.version}+banded")
 

@@ -20,5 +20,6 @@ from qed_lightning.rollout.layouts.async_rollouts import AsyncRollouts
 from qed_lightning.rollout.layouts.streaming import GroupStream, StepGroups
 from qed_lightning.rollout.layouts.streaming_engine import StreamingRollouts
 
-__all__ = ["AsyncRollouts", "Completion", "FrozenEngineCallback", "GroupStream", "HFEngine", "LocalVLLMPool", "RolloutEngine",
-           "SamplingConfig", "StepGroups", "StreamingRollouts", "VLLMEngine", "VLLMServerEngine", "WeightSyncCallback"]
+__all__ = ["AsyncRollouts", "Completion", "FrozenEngineCallback", "GroupStream", "HFEngine", "LocalVLLMPool",
+           "RolloutEngine", "SamplingConfig", "StepGroups", "StreamingRollouts", "VLLMEngine", "VLLMServerEngine",
+           "WeightSyncCallback"]

@@ -82,8 +82,9 @@ class RolloutEngine(ABC):
 
     Subclasses implement `generate` and `load_weights`; everything else has a no-op default. `max_model_len` is
     the longest prompt + completion the engine serves (None = no limit known), checked against the data before
-    training. `in_process` and `streams_groups` are capabilities a stage module may branch on. `memory_handoff` says whether the engine shares the trainer's accelerator and hands memory back
-    and forth with it (see `rollout.handoff`); `shares_policy` that it generates with the trained module itself.
+    training. `in_process` and `streams_groups` are capabilities a stage module may branch on. `memory_handoff`
+    says whether the engine shares the trainer's accelerator and hands memory back and forth with it (see
+    `rollout.handoff`); `shares_policy` that it generates with the trained module itself.
     """
 
     policy_version: int = 0
@@ -185,7 +186,8 @@ class RolloutEngine(ABC):
         """Free the engine's resources."""
 
     def callbacks(self) -> list:
-        """Lightning callbacks the engine needs next to the module's (e.g. `AsyncRollouts`' prefetch); none by default."""
+        """Lightning callbacks the engine needs next to the module's (e.g. `AsyncRollouts`' prefetch); none by
+        default."""
         return []
 
     def group_stream(self):

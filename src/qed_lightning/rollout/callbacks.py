@@ -23,7 +23,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
@@ -109,8 +108,8 @@ class WeightSyncCallback(Callback):
         with self.phases.phase("sync") if self.phases is not None else nullcontext():  # the progress bar shows "sync"
             times = self.engine.push_weights(iter_full_parameters(pl_module.model), step)
         self.syncs += 1
-        metrics.update({"rollout/sync_time_s": time.perf_counter() - started, "rollout/wake_s": times.get("wake_s", 0.0),
-                        "rollout/policy_version": float(step)})
+        metrics.update({"rollout/sync_time_s": time.perf_counter() - started,
+                        "rollout/wake_s": times.get("wake_s", 0.0), "rollout/policy_version": float(step)})
         if "push_bytes" in times:  # what the push wrote or sent (an engine that knows)
             metrics["rollout/push_bytes"] = times["push_bytes"]
         pl_module.log_dict(metrics, batch_size=1)
@@ -128,7 +127,9 @@ class WeightSyncCallback(Callback):
         return metrics
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self.engine.policy_version == step or (step > 0 and step % self.interval == 0):  # a skipped step: woken
             self.push(trainer, pl_module)

@@ -1,4 +1,5 @@
-"""A transformers `generate` engine: the fallback where vLLM is absent, and the reference the vLLM engine is checked against.
+"""A transformers `generate` engine: the fallback where vLLM is absent, and the reference the vLLM engine is checked
+against.
 
 By default it shares the policy module itself (`attach`), so there is nothing to sync and no second copy in memory:
 generation runs under `torch.no_grad()` in eval mode, then the module goes back to train mode. Sampler log-probs are

@@ -53,7 +53,8 @@ class EngineLaunch:
         """The variables `ExecutorWithExternalLauncher` reads (empty for the uni-process executor)."""
         if self.backend != EXTERNAL_LAUNCHER:
             return {}
-        return {"RANK": str(self.ranks.rank), "LOCAL_RANK": str(self.device_index), "WORLD_SIZE": str(self.ranks.world_size)}
+        return {"RANK": str(self.ranks.rank), "LOCAL_RANK": str(self.device_index),
+                "WORLD_SIZE": str(self.ranks.world_size)}
 
 
 def tp_groups(world_size: int, tensor_parallel_size: int) -> list[tuple[int, ...]]:

@@ -149,7 +149,8 @@ class LocalVLLMPool(VLLMServerEngine):
     ) -> None:
         cpus = ["1"] if cpus is None and not gpus else list(cpus or [])
         if bool(cpus) == bool(gpus):
-            raise ValueError("LocalVLLMPool: give either engine.cpus (CPU servers) or engine.gpus (GPU servers), not both")
+            raise ValueError(
+                "LocalVLLMPool: give either engine.cpus (CPU servers) or engine.gpus (GPU servers), not both")
         super().__init__(["local"], sync="checkpoint", sync_dir=sync_dir or "<run folder>", reset_on_start=False,
                          timeout_s=timeout_s, max_concurrency=max_concurrency, max_retries=max_retries,
                          startup_timeout_s=startup_timeout_s, update_mode=update_mode)

@@ -50,7 +50,6 @@ the head (a no-op on GPU). Without the extension it warns once per server and ca
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -152,7 +151,8 @@ class VLLMServerEngine(RolloutEngine):
         if sync == "checkpoint" and not sync_dir:
             problems.append("engine.sync_dir is required with sync=checkpoint (a directory the servers can read)")
         if sync == "nccl" and not nccl_master_address:
-            problems.append("engine.nccl_master_address is required with sync=nccl (this node's address as the servers see it)")
+            problems.append("engine.nccl_master_address is required with sync=nccl (this node's address as the "
+                            "servers see it)")
         if problems:
             raise ValueError("VLLMServerEngine: " + "; ".join(problems))
         self.url_entries = list(urls)
@@ -229,7 +229,8 @@ class VLLMServerEngine(RolloutEngine):
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"rollout server {url} did not answer /v1/models within {self.startup_timeout_s:.0f}s")
+                raise TimeoutError(
+                    f"rollout server {url} did not answer /v1/models within {self.startup_timeout_s:.0f}s")
             time.sleep(self.poll_ready_s)
 
     poll_ready_s = 2.0  # seconds between `/v1/models` probes while a server starts
@@ -274,7 +275,8 @@ class VLLMServerEngine(RolloutEngine):
                 if reply.status_code < 500:
                     reply.raise_for_status()
                     return reply.json() if reply.content else {}
-                error: Exception = httpx.HTTPStatusError(f"HTTP {reply.status_code}: {reply.text[:300]}", request=reply.request, response=reply)
+                error: Exception = httpx.HTTPStatusError(f"HTTP {reply.status_code}: {reply.text[:300]}",
+                                                         request=reply.request, response=reply)
             except (httpx.TransportError, httpx.TimeoutException) as err:
                 error = err
             if attempt == self.max_retries:
@@ -286,7 +288,8 @@ class VLLMServerEngine(RolloutEngine):
         """A `/v1/completions` request that pins every sampling knob (no server-side default can change the law)."""
         body = {
             "model": self.model, "prompt": list(prompt), "n": n, "max_tokens": sampling.max_new_tokens,
-            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k if sampling.top_k > 0 else -1,
+            "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "top_k": sampling.top_k if sampling.top_k > 0 else -1,
             "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
             "logprobs": 0, "return_tokens_as_token_ids": True, "return_token_ids": True, "skip_special_tokens": True,
         }
@@ -315,7 +318,8 @@ class VLLMServerEngine(RolloutEngine):
 
         def one(i: int) -> list[Completion]:
             url = self.urls[(turn + self._rank + self._world * i) % len(self.urls)]
-            reply = self._post(f"{url}{self.generate_path}", self.request_body(prompts[i], sampling, n, sampling.prompt_seed(i)))
+            reply = self._post(f"{url}{self.generate_path}",
+                               self.request_body(prompts[i], sampling, n, sampling.prompt_seed(i)))
             choices = sorted(reply["choices"], key=lambda c: c["index"])
             return [self.parse_choice(prompts[i], c, version) for c in choices]
 
@@ -334,7 +338,8 @@ class VLLMServerEngine(RolloutEngine):
         if self.client is None:
             self.start()
         if self.sync == "none":
-            raise RuntimeError("VLLMServerEngine(sync=none) is a frozen pool; set engine sync: checkpoint or nccl for the policy")
+            raise RuntimeError(
+                "VLLMServerEngine(sync=none) is a frozen pool; set engine sync: checkpoint or nccl for the policy")
         if self.sync == "nccl":
             self._send_nccl()  # reads the attached policy; the iterator is left unread on every rank alike
         else:
@@ -409,10 +414,12 @@ class VLLMServerEngine(RolloutEngine):
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
 
         if self.policy is None:
-            raise RuntimeError("VLLMServerEngine(sync=nccl) needs the policy: WeightSyncCallback attaches it at fit start")
+            raise RuntimeError(
+                "VLLMServerEngine(sync=nccl) needs the policy: WeightSyncCallback attaches it at fit start")
         if self._sender is None:
             workers = [int(self.client.get(f"{url}/get_world_size").json()["world_size"]) for url in self.urls]
-            pool = PoolWeightSyncClient([HTTPVLLMWeightSyncClient(url, timeout=self.timeout_s) for url in self.urls], workers)
+            pool = PoolWeightSyncClient(
+                [HTTPVLLMWeightSyncClient(url, timeout=self.timeout_s) for url in self.urls], workers)
             self.nccl_port = self.nccl_port or free_port("")
             info = NCCLTrainerInitInfo(master_address=self.nccl_master_address, master_port=self.nccl_port,
                                        world_size=1 + sum(workers), rank=rank())

@@ -261,13 +261,16 @@ class VLLMEngine(RolloutEngine):
         self.wake_up()
         too_long = [i for i, p in enumerate(prompts) if len(p) >= self.max_model_len]
         if too_long:
-            raise ValueError(f"prompt(s) {too_long} have >= max_model_len={self.max_model_len} tokens; raise the engine's max_model_len")
+            raise ValueError(f"prompt(s) {too_long} have >= max_model_len={self.max_model_len} tokens; raise the "
+                             "engine's max_model_len")
         requests = [(list(p), sampling.prompt_seed(i)) for i, p in enumerate(prompts)]
         if self._tp_group is None:
             return self._generate(requests, sampling, n)
         return self._generate_in_group(requests, sampling, n)
 
-    def _generate(self, requests: list[tuple[list[int], int | None]], sampling: SamplingConfig, n: int) -> list[list[Completion]]:
+    def _generate(
+        self, requests: list[tuple[list[int], int | None]], sampling: SamplingConfig, n: int
+    ) -> list[list[Completion]]:
         from vllm.inputs import TokensPrompt
 
         params = [self._sampling_params(sampling, n, seed) for _, seed in requests]
@@ -279,10 +282,11 @@ class VLLMEngine(RolloutEngine):
         """Tensor parallelism: the ranks sharing the engine submit the same requests in the same order (their
         requests gathered), and each keeps its own."""
         gathered: list = [None] * len(self.launch.tp_group)
-        torch.distributed.all_gather_object(gathered, (requests, replace(sampling, seed=None, seeds=None), n), group=self._tp_group)
+        torch.distributed.all_gather_object(gathered, (requests, replace(sampling, seed=None, seeds=None), n),
+                                            group=self._tp_group)
         if any(other[1:] != gathered[0][1:] for other in gathered):
-            raise RuntimeError(f"ranks {list(self.launch.tp_group)} share one vLLM engine but asked for different sampling "
-                               "settings or group sizes in the same call")
+            raise RuntimeError(f"ranks {list(self.launch.tp_group)} share one vLLM engine but asked for different "
+                               "sampling settings or group sizes in the same call")
         everything = [r for rank_requests, _, _ in gathered for r in rank_requests]
         groups = self._generate(everything, sampling, n)
         mine = self.launch.tp_group.index(self.launch.ranks.rank)
@@ -308,7 +312,8 @@ class VLLMEngine(RolloutEngine):
         if worker is not None:
             worker.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
         else:  # multi-process executors: the iterator must be materialised to cross the process boundary
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors), "is_checkpoint_format": True})
+            self.llm.collective_rpc("reload_weights",
+                                    kwargs={"weights_iterator": list(named_tensors), "is_checkpoint_format": True})
         self.llm.apply_model(_refresh_tied_lm_head)
         self.llm.reset_prefix_cache()
 

@@ -101,7 +101,9 @@ class AsyncRollouts(WrappingEngine):
             self._pending = (_key(*nxt), self._worker.submit(self.engine.generate, *nxt))
         return groups
 
-    def _drop_stale(self, groups: list[list[Completion]], prompts, sampling: SamplingConfig, n: int) -> list[list[Completion]]:
+    def _drop_stale(
+        self, groups: list[list[Completion]], prompts, sampling: SamplingConfig, n: int
+    ) -> list[list[Completion]]:
         """Regenerate, with the current weights, the prompts whose samples are more than `max_lag` steps old."""
         now = self.trainer_step if self.trainer_step is not None else self.engine.policy_version
         stale = [i for i, g in enumerate(groups) if g and now - min(c.policy_version for c in g) > self.max_lag]
@@ -109,7 +111,8 @@ class AsyncRollouts(WrappingEngine):
             return groups
         self._metrics["rollout/stale_dropped"] += float(sum(len(groups[i]) for i in stale))
         seeds = tuple(sampling.prompt_seed(i) for i in stale) if sampling.prompt_seed(0) is not None else None
-        redo = SamplingConfig(sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_new_tokens, seeds=seeds)
+        redo = SamplingConfig(sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_new_tokens,
+                              seeds=seeds)
         fresh = self._wait(self._worker.submit(self.engine.generate, [prompts[i] for i in stale], redo, n))
         groups = list(groups)
         for i, group in zip(stale, fresh):
@@ -182,7 +185,9 @@ class RolloutPrefetch(Callback):
                                   pl_module.hparams.group_size)
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         metrics = self.engine.pop_metrics()
         if self._expect_hit and not metrics["rollout/prefetch_hit"] and not self._warned:
             self._warned = True

@@ -234,7 +234,8 @@ class GroupStream:
                         self._cond.acquire()
                     checked = now
                 self._cond.wait(1.0)
-            chosen.sort(key=lambda g: g.key)  # data order: expansion threads may finish (and get their seq) out of order
+            # data order: expansion threads may finish (and get their seq) out of order
+            chosen.sort(key=lambda g: g.key)
             for group in chosen:
                 del self.pending[group.key]
                 self.ledger.append([*group.key, step])
