@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 import httpx
 
+from qed_lightning.retry import backoff_s, retry_after_s, retryable_status
+
 __all__ = ["JudgeClient", "JudgeError", "OpenAIJudgeClient"]
 
 log = logging.getLogger(__name__)
@@ -99,13 +101,6 @@ def _resolve_base_url(base_url: str) -> str:
             f"export {var}=http://HOST:PORT/v1 or give base_url as a URL."
         )
     return value.rstrip("/")
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    try:
-        return max(0.0, float(response.headers.get("retry-after", "")))
-    except ValueError:
-        return None
 
 
 class OpenAIJudgeClient(JudgeClient):
@@ -231,9 +226,9 @@ class OpenAIJudgeClient(JudgeClient):
                     error = err
             if not error.retryable or attempt == self.max_retries:
                 break
-            delay = self.backoff_s * 2 ** (attempt - 1)
-            if error.retry_after is not None:  # the server's Retry-After, bounded by our own per-attempt limit
-                delay = min(error.retry_after, self.timeout_s)
+            # the package's one policy (qed_lightning.retry): the server's Retry-After, else exponential back-off,
+            # bounded by our own per-attempt limit
+            delay = backoff_s(attempt, self.backoff_s, self.timeout_s, error.retry_after)
             log.info("judge attempt %d/%d failed (%s); retrying in %.2fs", attempt, self.max_retries, error, delay)
             await asyncio.sleep(delay)
         raise error
@@ -258,8 +253,8 @@ class OpenAIJudgeClient(JudgeClient):
             return
         detail = self._redact(f"POST {url} returned HTTP {status}: {response.text[:300]}")
         if status == 429:
-            raise JudgeError("rate_limited", detail, retry_after=_retry_after(response), status=status)
-        raise JudgeError("http", detail, retryable=status >= 500, status=status)
+            raise JudgeError("rate_limited", detail, retry_after=retry_after_s(response.headers), status=status)
+        raise JudgeError("http", detail, retryable=retryable_status(status), status=status)
 
     def _reply_text(self, response: httpx.Response, url: str) -> str:
         try:

@@ -66,6 +66,7 @@ import torch
 from torch import Tensor
 
 from qed_lightning.parallel.distributed import barrier, rank, world_size
+from qed_lightning.retry import backoff_s, retry_after_s, retryable_status
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
 from qed_lightning.rollout.pool_sync import PoolWeightSyncClient, full_parameter_source, write_safetensors
 
@@ -269,19 +270,23 @@ class VLLMServerEngine(RolloutEngine):
     # -- generation ----------------------------------------------------------------------------------------------
 
     def _post(self, url: str, body: dict) -> dict:
+        """POST with the package's retry policy (`qed_lightning.retry`): connection errors, timeouts, 429 and 5xx are
+        retried after the server's Retry-After or an exponential back-off (2 s, 4 s, ..., at most 30 s)."""
         for attempt in range(1, self.max_retries + 1):
+            wait_hint = None
             try:
                 reply = self.client.post(url, json=body)
-                if reply.status_code < 500:
+                if not retryable_status(reply.status_code):
                     reply.raise_for_status()
                     return reply.json() if reply.content else {}
                 error: Exception = httpx.HTTPStatusError(f"HTTP {reply.status_code}: {reply.text[:300]}",
                                                          request=reply.request, response=reply)
+                wait_hint = retry_after_s(reply.headers)
             except (httpx.TransportError, httpx.TimeoutException) as err:
                 error = err
             if attempt == self.max_retries:
                 raise RuntimeError(f"{url} failed after {attempt} attempts: {error}") from error
-            time.sleep(min(2.0**attempt, 30.0))
+            time.sleep(backoff_s(attempt, 2.0, 30.0, wait_hint))
         raise AssertionError("unreachable")
 
     def request_body(self, prompt: list[int], sampling: SamplingConfig, n: int, seed: int | None) -> dict:
