@@ -132,7 +132,8 @@ def _batch() -> list[ProofProblem]:
 
 def test_rl_step_with_dynamic_sampling_trains_only_on_groups_with_variance(monkeypatch):
     module, trained = _module(monkeypatch, skip_flat_groups=True)
-    metrics, rewards, _ = module.rl_step(_batch())
+    metrics, groups = module.rl_step(_batch())
+    rewards = groups.rewards
     assert module.engine.calls == [[0, 1, 2], [3, 4], [5]]
     ((rollouts, advantages, mask),) = trained
     assert [r.text for r in rollouts] == ["P1 #0", "P1 #1", "P3 #0", "P3 #1", "P5 #0", "P5 #1"]
@@ -143,7 +144,7 @@ def test_rl_step_with_dynamic_sampling_trains_only_on_groups_with_variance(monke
 
 def test_rl_step_without_the_options_trains_on_the_prompts_as_sampled(monkeypatch):
     module, trained = _module(monkeypatch)
-    metrics, _, _ = module.rl_step(_batch()[:3])
+    metrics, _ = module.rl_step(_batch()[:3])
     assert module.engine.calls == [[0, 1, 2]] and metrics["rollout/zero_adv_group_frac"] == pytest.approx(2 / 3)
     assert trained[0][2].tolist() == [True] * 6
 
@@ -151,6 +152,6 @@ def test_rl_step_without_the_options_trains_on_the_prompts_as_sampled(monkeypatc
 def test_rl_step_overlong_options_shape_rewards_and_mask_truncated(monkeypatch):
     # rollout j has 3 + j tokens; with budget 4 and buffer 2 the ramp starts at 2 tokens: 3 -> -0.5, 4 -> -1 (x 0.5)
     module, trained = _module(monkeypatch, overlong_buffer=2, overlong_penalty=0.5, mask_truncated=True)
-    _, rewards, _ = module.rl_step(_batch()[1:2])
+    rewards = module.rl_step(_batch()[1:2])[1].rewards
     assert rewards.tolist() == [0.0 - 0.25, 1.0 - 0.5]
     assert trained[0][2].tolist() == [True, False]  # rollout 1 hit the budget ("length"): out of the loss

@@ -288,17 +288,17 @@ class ReasoningCacheRLModule(RubricRLModule):
     def training_step(self, batch: list[ProofProblem], batch_idx: int) -> None:
         hp = self.hparams
         if self.engine.group_stream() is not None:  # the RC loop ran in the stream (stream_prompts)
-            metrics, rewards, valid = self.rl_step(batch)
-            states = self.engine.group_stream().last.prompts
-            metrics.update(cycle_rewards([s.cycle for s in states], rewards, valid, hp.group_size, "rc/"))
+            metrics, groups = self.rl_step(batch)
+            states = groups.problems  # the RC states the stream's groups were trained on
+            metrics.update(cycle_rewards([s.cycle for s in states], groups.rewards, groups.valid, hp.group_size, "rc/"))
             metrics["rc/states"] = Sum(len(states))
             self.log_step(metrics, len(batch))
             return
         with self.phases.phase("rc_loop"):
             trajectories = self.build_trajectories(batch)  # 0. cache
         states = self.select_states(batch, trajectories)  # 1. states
-        metrics, rewards, valid = self.rl_step(states)  # 2. sample, grade, advantage, loss, step
-        metrics.update(cycle_rewards([s.cycle for s in states], rewards, valid, hp.group_size, "rc/"))
+        metrics, groups = self.rl_step(states)  # 2. sample, grade, advantage, loss, step
+        metrics.update(cycle_rewards([s.cycle for s in states], groups.rewards, groups.valid, hp.group_size, "rc/"))
         metrics.update(summary_metrics(trajectories, self.rc.timings))
         metrics.update({"rc/states": Sum(len(states)),  # time/rc_loop_s comes with rl_step's phase times
                         "rc/replayed_frac": sum(s.replayed for s in states) / len(states)})

@@ -315,7 +315,7 @@ class RubricRLModule(QEDModule):
     # -- the step, as a list of named steps ----------------------------------------------------------------------
 
     def training_step(self, batch: list[ProofProblem], batch_idx: int) -> None:
-        metrics, _, _ = self.rl_step(batch)
+        metrics, _ = self.rl_step(batch)
         self.log_step(metrics, len(batch))
 
     def sample_groups(self, problems: list[ProofProblem]) -> Groups:
@@ -343,10 +343,11 @@ class RubricRLModule(QEDModule):
                                hp.overlong_buffer, hp.overlong_penalty)
         return groups.rewards, valid, grades
 
-    def rl_step(self, batch: list[ProofProblem]) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    def rl_step(self, batch: list[ProofProblem]) -> tuple[dict[str, float], Groups]:
         """Sample, grade, advantage, loss and step on `batch` (each item one GRPO prompt: its `prompt_ids`, graded
         against its `problem` and `rubric`; spare candidates are drawn only by dynamic sampling); returns the
-        metrics, the rewards `[P * G]` and their validity `[P * G]` of the groups trained on.
+        metrics and the groups trained on (`Groups`: their prompts, rollouts, rewards `[P * G]`, validity, grades),
+        whichever layout produced them (the streaming layout's come from its stream, not from `batch`).
         Each named step runs in a phase of `self.phases` ("generate", "grade", "train"; "wait" in the streaming
         layout), which times it."""
         hp = self.hparams
@@ -370,7 +371,7 @@ class RubricRLModule(QEDModule):
         self.record_rollouts(groups.problems, rollouts, grades, rewards, valid, advantages, version)  # 6. records
         metrics.update(self.step_metrics(rollouts, rewards, valid, grades, version))  # 7. metrics
         metrics.update(extra)
-        return metrics, rewards, valid
+        return metrics, groups
 
     def sample_and_grade(self, batch: list[ProofProblem]) -> tuple[Groups, dict[str, float]]:
         """Steps 1-2: the step's graded groups and extra metrics. Sequential layouts generate and grade `batch`'s
