@@ -112,6 +112,7 @@ class GroupStream:
         self.pending: dict[tuple[int, int], StreamGroup] = {}  # submitted, not trained
         self.unexpanded: dict[int, tuple[ProofProblem, int]] = {}  # source position -> (problem, release)
         self.ledger: list[list[int]] = []  # [source position, prompt index, step] of every trained group
+        self.last: StepGroups | None = None  # the groups the last `take` returned (for observers: benchmarks)
         self._cond = threading.Condition()
         self._done = 0
         self._error: BaseException | None = None
@@ -239,9 +240,10 @@ class GroupStream:
                 del self.pending[group.key]
                 self.ledger.append([*group.key, step])
             metrics = self._metrics(step, chosen)
-        return StepGroups([g.prompt for g in chosen], [c for g in chosen for c in g.rollouts],
-                          torch.cat([g.rewards for g in chosen]), torch.cat([g.valid for g in chosen]),
-                          [x for g in chosen for x in g.grades], metrics)
+        self.last = StepGroups([g.prompt for g in chosen], [c for g in chosen for c in g.rollouts],
+                               torch.cat([g.rewards for g in chosen]), torch.cat([g.valid for g in chosen]),
+                               [x for g in chosen for x in g.grades], metrics)
+        return self.last
 
     def _drop_stale(self, step: int) -> None:
         for group in self.pending.values():
