@@ -209,9 +209,10 @@ def test_vllm_pool_sbatch_starts_each_server_on_its_inherited_device_with_the_sy
     (venv / "bin").mkdir(parents=True)
     _fake_tool(bin_dir / "scontrol", "echo gpu017\n")
     _fake_tool(bin_dir / "srun", 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
-    record = tmp_path / "servers.jsonl"
+    record = tmp_path / "servers"  # one file per server: the servers start side by side
+    record.mkdir()
     _fake_tool(venv / "bin" / "python", f"{sys.executable} -c 'import json, os, sys; print(json.dumps("
-               f"[os.environ[\"CUDA_VISIBLE_DEVICES\"], sys.argv[1:]]))' \"$@\" >> {record}\n")
+               f"[os.environ[\"CUDA_VISIBLE_DEVICES\"], sys.argv[1:]]))' \"$@\" > {record}/$$.json\n")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
            "SLURM_JOB_NODELIST": "gpu017",
            "SLURM_SUBMIT_DIR": str(tmp_path), "QED_VENV": str(venv), "GPUS_PER_NODE": "2", "SYNC": sync,
@@ -219,7 +220,7 @@ def test_vllm_pool_sbatch_starts_each_server_on_its_inherited_device_with_the_sy
     proc = subprocess.run(["bash", str(REPO / "scripts/slurm/vllm_pool.sbatch"), "/models/policy"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    servers = sorted(json.loads(line) for line in record.read_text().splitlines())
+    servers = sorted(json.loads(path.read_text()) for path in record.glob("*.json"))
     assert [devices for devices, _ in servers] == ["4", "5"]
     for _, argv in servers:
         assert argv[:2] == ["-m", "vllm.entrypoints.openai.api_server"] and "/models/policy" in argv
