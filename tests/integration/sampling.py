@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qed_lightning.rl import token_logprobs
+from qed_lightning.model.forward import token_logprobs
 
 T = 0.8  # the sampling temperature of these tests; the trainer's log-probs use the same
 

@@ -112,7 +112,7 @@ def _rl(tiny: Path, root: Path, strategy: str, devices: int, prompts: int) -> li
                 "--data.init_args.val_size", "0", "--trainer.callbacks", "[]")
 
 
-#: step metrics that describe the whole step's rollouts, not one rank's share (`rl_metrics`)
+#: step metrics that describe the whole step's rollouts, not one rank's share (`modules/groups.py`)
 GLOBAL_METRICS = ("rollout/sequences", "rollout/reward_mean", "rollout/reward_std", "rollout/response_len_mean",
                   "rollout/response_len_max", "rollout/zero_adv_group_frac", "rollout/truncated_frac", "judge/graded",
                   *(f"judge/score_{k}" for k in range(8)))

@@ -8,7 +8,7 @@ import torch
 
 from qed_lightning.data.records import ProofProblem
 from qed_lightning.modules import RubricRLModule
-from qed_lightning.modules.group_sampling import Groups, fill_step, has_signal, shape_rewards, split_spares
+from qed_lightning.modules.groups import Groups, fill_step, has_signal, shape_rewards, split_spares
 from qed_lightning.rewards import Grade, RubricJudge
 from qed_lightning.rl import flat_groups, soft_overlong_penalty
 from qed_lightning.rollout.base import Completion, RolloutEngine

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from qed_lightning.rl import entropy_from_logits, shift_for_causal_lm, token_logprobs
+from qed_lightning.model.forward import entropy_from_logits, shift_for_causal_lm, token_logprobs
 
 LN3 = math.log(3.0)
 

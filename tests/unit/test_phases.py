@@ -2,7 +2,7 @@
 
 import pytest
 
-from qed_lightning.phases import PhaseListener, StepPhases
+from qed_lightning.metrics import PhaseListener, StepPhases
 
 
 class Recorder:
@@ -47,7 +47,7 @@ def test_listeners_see_start_progress_and_end_in_order():
 
 def test_a_repeated_name_adds_up_and_reset_forgets(monkeypatch):
     clock = iter([10.0, 10.5, 20.0, 21.25, 30.0, 30.1])  # enter/leave times of the three blocks below
-    monkeypatch.setattr("qed_lightning.phases.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("qed_lightning.metrics.time.perf_counter", lambda: next(clock))
     phases = StepPhases()
     with phases.phase("grade", total=4) as ph:
         assert ph.total == 4

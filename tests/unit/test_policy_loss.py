@@ -10,14 +10,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from qed_lightning.rl import (
-    AGGREGATIONS,
-    entropy_from_logits,
-    group_advantages,
-    policy_loss,
-    shift_for_causal_lm,
-    token_logprobs,
-)
+from qed_lightning.model.forward import entropy_from_logits, shift_for_causal_lm, token_logprobs
+from qed_lightning.rl import AGGREGATIONS, group_advantages, policy_loss
 
 LN2 = math.log(2.0)
 

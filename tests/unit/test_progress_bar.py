@@ -40,7 +40,7 @@ import doctest  # noqa: E402
 import logging  # noqa: E402
 
 import qed_lightning.callbacks.progress as progress_module  # noqa: E402
-from qed_lightning.phases import StepPhases  # noqa: E402
+from qed_lightning.metrics import StepPhases  # noqa: E402
 
 
 def test_phase_lines_doctests():

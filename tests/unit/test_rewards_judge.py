@@ -92,7 +92,7 @@ def test_ok_grades_reward_score_over_seven(server, make_judge, api):
         "judge/ok": 3.0, "judge/truncated": 0.0, "judge/error": 0.0, "judge/parse_fail": 0.0, "judge/cache_hits": 0.0,
         "judge/calls": 3.0}
     assert 0 < metrics["judge/latency_mean_s"] <= metrics["judge/latency_max_s"] < 2.0
-    # over ranks (qed_lightning.reductions): counts add up, the longest latency is the largest rank's, means average
+    # over ranks (qed_lightning.metrics): counts add up, the longest latency is the largest rank's, means average
     assert {type(metrics[k]).__name__ for k in names} == {"Sum"}
     assert type(metrics["judge/latency_max_s"]).__name__ == "Max"
     assert type(metrics["judge/latency_mean_s"]) is float

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qed_lightning.modules.rl_metrics import reduce_over_ranks, rollout_table, table_metrics
+from qed_lightning.modules.groups import reduce_over_ranks, rollout_table, table_metrics
 from qed_lightning.rewards import Grade
 from qed_lightning.rollout.base import Completion
 
@@ -25,9 +25,8 @@ def test_table_metrics_by_hand():
 
 
 def test_each_metric_declares_how_it_combines_over_ranks():
-    from qed_lightning.modules.group_sampling import Groups, fill_step
-    from qed_lightning.phases import StepPhases
-    from qed_lightning.reductions import Max, Sum, combine
+    from qed_lightning.modules.groups import Groups, fill_step
+    from qed_lightning.metrics import Max, StepPhases, Sum, combine
 
     phases = StepPhases()
     with phases.phase("train"):

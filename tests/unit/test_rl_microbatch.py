@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qed_lightning.model.forward import completion_logits, shared_prefix_logits
-from qed_lightning.rl import token_logprobs
+from qed_lightning.model.forward import token_logprobs
 from qed_lightning.rl.microbatch import (
     pack_sequences,
     pad_sequences,
@@ -90,7 +90,7 @@ def test_shared_prefix_refuses_mixed_prompts():
 
 def test_chunked_token_stats_match_full_logits_in_value_and_gradient(tiny_model_dir):
     from qed_lightning.model.forward import chunked_token_stats, final_hidden_states
-    from qed_lightning.rl import entropy_from_logits
+    from qed_lightning.model.forward import entropy_from_logits
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
     prompts = [[5, 6, 7, 8, 9]] * 3

@@ -17,7 +17,7 @@ SCRIPT = r'''
 import os, sys, time
 import torch.distributed as dist
 from qed_lightning.parallel.distributed import StepRendezvous, StepWaitTimeout
-from qed_lightning.phases import StepPhases
+from qed_lightning.metrics import StepPhases
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -2,7 +2,7 @@
 
 A paper-scale RL step (1,024 rollouts of up to 49k tokens, then 1,024 judge calls, then the micro-batches) runs for an
 hour; counting optimizer steps alone shows nothing moving. `QEDProgressBar` (Lightning's `RichProgressBar`, same
-arguments) listens to the module's phases (`qed_lightning.phases.StepPhases`, the one mechanism that times a
+arguments) listens to the module's phases (`qed_lightning.metrics.StepPhases`, the one mechanism that times a
 step's phases) and shows the current one under the step bar:
 
     generate  37/64 rollouts · 1,234 tok/s

@@ -37,16 +37,16 @@ import lightning as L
 import torch
 
 from qed_lightning.model.attention import packs_without_mask, varlen_kwargs
+from qed_lightning.metrics import Max, Phase
 from qed_lightning.model.forward import (
     chunked_token_stats,
     completion_logits,
+    entropy_from_logits,
     final_hidden_states,
     shared_prefix_logits,
+    token_logprobs,
 )
 from qed_lightning.parallel.distributed import deepspeed_engine, is_deepspeed
-from qed_lightning.phases import Phase
-from qed_lightning.reductions import Max
-from qed_lightning.rl import entropy_from_logits, token_logprobs
 from qed_lightning.rl.microbatch import (
     pack_sequences,
     pad_sequences,
@@ -128,7 +128,6 @@ class PolicyUpdate:
         self.grad_clip = grad_clip
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite = 0  #: consecutive non-finite steps so far (0 after a finite one)
-        self.skipped = False  #: whether the last step was skipped (non-finite): the weights did not change
         self._layout: str | None = None
 
     @property
@@ -299,7 +298,6 @@ class PolicyUpdate:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
         if not self._finite(loss, grad_norm, "step skipped, weights unchanged"):
             opt.zero_grad()
-            self.skipped = True
             return grad_norm
         self._step(opt)
         return grad_norm
@@ -314,7 +312,6 @@ class PolicyUpdate:
         return grad_norm
 
     def _step(self, opt) -> None:
-        self.skipped = False
         opt.step()
         scheduler = self.host.lr_schedulers()
         if scheduler is not None:

@@ -53,7 +53,7 @@ from qed_lightning.data.chat import POLICY_PROMPT
 from qed_lightning.data.records import ProofProblem
 from qed_lightning.modules.rubric_rl import RubricRLModule
 from qed_lightning.rc.loop import RCState, RCTrajectory, ReasoningCache
-from qed_lightning.reductions import Max, Sum
+from qed_lightning.metrics import Max, Sum
 from qed_lightning.rewards import RubricJudge
 from qed_lightning.rollout.base import RolloutEngine, SamplingConfig
 from qed_lightning.rollout.callbacks import FrozenEngineCallback

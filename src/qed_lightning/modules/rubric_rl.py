@@ -19,17 +19,17 @@ Colocated (the default layout), each step here is on-policy unless `sync_interva
 either way. The one-node asynchronous layout (`configs/layout/one_node_async.yaml`, `rollout.streaming_engine`) is
 the paper's: steps 1-2 run in a background stream and the step takes its first complete groups
 (`sample_and_grade`). Options the paper does not use (off by default): dynamic sampling (`skip_flat_groups`,
-`modules/group_sampling.py`: groups whose rewards are all equal are replaced from the batch's spare prompts, or
+`modules/groups.py`: groups whose rewards are all equal are replaced from the batch's spare prompts, or
 in the stream by the next problems), the soft overlong penalty (`overlong_buffer`, `overlong_penalty`), masking
 truncated completions out of the loss (`mask_truncated`) and truncated importance sampling (`is_correction`:
-bounds the weight of tokens the sampler and the trainer disagree on, `rl/losses.py`).
+bounds the weight of tokens the sampler and the trainer disagree on, `rl/objective.py`).
 
 Override points: `compute_rewards(problems, rollouts)` and `compute_loss(...)`; `rl_step(prompts)` (sample, grade,
 advantage, loss, step on a list of prompts) is what `ReasoningCacheRLModule` reuses on its RC states;
 `sample_and_grade(batch)` (steps 1-2: generate and grade the batch, or take the stream's groups) and
 `stream_prompts(problem, release)` (the GRPO prompts a streamed problem becomes). Components:
 `engine` (`VLLMEngine`, `HFEngine`, ...) and `judge` (`RubricJudge` with any client) are injected by `class_path`.
-Timing: each named step runs in a phase of `self.phases` (`phases.py`: "generate", "grade", "train"; the
+Timing: each named step runs in a phase of `self.phases` (`metrics.py`: "generate", "grade", "train"; the
 "train" phase advances once per micro-batch), whose times are the `time/*_s` metrics and whose listeners may follow it.
 Before the step's first collective the ranks meet (`self.rendezvous`, a phase listener, bounded by
 `step_wait_timeout_s`; the time waited is `time/step_wait_s`): a rank left behind in "generate" or "grade" ends the
@@ -45,27 +45,29 @@ import torch
 
 from qed_lightning.data.loading import ConfigError
 from qed_lightning.data.records import ProofProblem
+from qed_lightning.metrics import Max, Phase, StepPhases, Sum
 from qed_lightning.modules.base import QEDModule
-from qed_lightning.modules.group_sampling import (
+from qed_lightning.modules.groups import (
     Groups,
     check_spares,
     fill_step,
     has_signal,
+    keep_rollouts,
+    reduce_over_ranks,
+    report_progress,
+    rollout_table,
     shape_rewards,
     split_spares,
+    table_metrics,
 )
 from qed_lightning.modules.policy_update import PolicyUpdate
-from qed_lightning.modules.rl_metrics import reduce_over_ranks, rollout_table, table_metrics
-from qed_lightning.modules.rl_records import keep_rollouts, report_progress
 from qed_lightning.parallel.distributed import StepRendezvous, StepWaitTimeout, end_launched_ranks, gather_objects
-from qed_lightning.phases import Phase, StepPhases
-from qed_lightning.reductions import Max, Sum
 from qed_lightning.report.records import RolloutLog
 from qed_lightning.rewards import GradeRequest, RubricJudge
 from qed_lightning.rewards.terms import RewardTerm, RewardTerms
 from qed_lightning.rl import group_advantages_masked, policy_loss
 from qed_lightning.rl.microbatch import pad_values
-from qed_lightning.rl.losses import ISCorrection
+from qed_lightning.rl.objective import ISCorrection
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
 from qed_lightning.rollout.callbacks import WeightSyncCallback
 from qed_lightning.seeds import derive_seed
@@ -390,7 +392,7 @@ class RubricRLModule(QEDModule):
         groups = self.sample_groups(prompts)
         if not hp.skip_flat_groups:
             return groups, {}
-        return fill_step(groups, spares, len(prompts), hp.group_size, self.sample_groups)  # group_sampling.py
+        return fill_step(groups, spares, len(prompts), hp.group_size, self.sample_groups)  # groups.py
 
     def stream_prompts(self, problem: ProofProblem, release: int) -> list[ProofProblem]:
         """The GRPO prompts a streamed problem becomes (stage 2: the problem itself); `release` is the step whose
@@ -399,7 +401,7 @@ class RubricRLModule(QEDModule):
 
     def record_rollouts(self, batch: list[ProofProblem], rollouts: list[Completion], grades: list,
                         rewards: torch.Tensor, valid: torch.Tensor, advantages: torch.Tensor, version: int) -> None:
-        """Keep what the step generated (`rollout_log`, see `rl_records.keep_rollouts`) in `<run>/rollouts/`;
+        """Keep what the step generated (`rollout_log`, see `groups.keep_rollouts`) in `<run>/rollouts/`;
         `last_rollouts` holds the kept records for `RolloutTable`."""
         self.last_rollouts = keep_rollouts(self, self.rollout_records, batch, rollouts, grades, rewards, valid,
                                            advantages, version)
@@ -415,8 +417,8 @@ class RubricRLModule(QEDModule):
 
     def step_metrics(self, rollouts: list[Completion], rewards: torch.Tensor, valid: torch.Tensor, grades: list,
                      version: int) -> dict[str, float]:
-        """rollout/* and judge/score_* of the whole step (every rank's rollouts, see rl_metrics), the judge's
-        counters, the phase times and the step's throughput."""
+        """rollout/* and judge/score_* of the whole step (every rank's rollouts, see `groups.table_metrics`), the
+        judge's counters, the phase times and the step's throughput."""
         table = torch.cat(gather_objects(rollout_table(rollouts, rewards, valid, grades)))
         metrics = table_metrics(table, self.hparams.group_size, version)
         metrics.update(self.judge.pop_metrics())
@@ -433,7 +435,7 @@ class RubricRLModule(QEDModule):
 
     def log_step(self, metrics: dict[str, float], batch_size: int) -> None:
         """Log a step's metrics; under data parallelism, combined over ranks first as each declares
-        (`qed_lightning.reductions`: `Sum(n)` for a count, `Max(x)` for a maximum or a time, a plain float is
+        (`qed_lightning.metrics`: `Sum(n)` for a count, `Max(x)` for a maximum or a time, a plain float is
         averaged)."""
         metrics = reduce_over_ranks(metrics)
         self.log_dict(metrics, batch_size=batch_size)

@@ -40,7 +40,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any, ClassVar, Literal, TypeVar
 
-from qed_lightning.reductions import Max, Sum
+from qed_lightning.metrics import Max, Sum
 from qed_lightning.rewards.cache import GradeCache, grade_cache_key
 from qed_lightning.rewards.clients import JudgeClient, JudgeError
 from qed_lightning.rewards.parsing import (

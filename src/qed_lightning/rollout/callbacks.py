@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from qed_lightning.parallel.distributed import iter_full_parameters
-from qed_lightning.phases import StepPhases
+from qed_lightning.metrics import StepPhases
 from qed_lightning.rollout.base import RolloutEngine
 from qed_lightning.rollout.handoff import free_training_memory
 

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from qed_lightning.data.records import ProofProblem
-    from qed_lightning.phases import StepPhases
+    from qed_lightning.metrics import StepPhases
     from qed_lightning.rollout.base import Completion, SamplingConfig
 
 __all__ = ["HOST_MEMBERS", "PeekableLoader", "RolloutHost", "check_host"]

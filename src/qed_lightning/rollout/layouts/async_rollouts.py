@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from qed_lightning.reductions import Max, Sum
+from qed_lightning.metrics import Max, Sum
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig, WrappingEngine
 from qed_lightning.rollout.host import PeekableLoader
 

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from qed_lightning.data.records import ProofProblem
-from qed_lightning.reductions import Sum
+from qed_lightning.metrics import Sum
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
 
 log = logging.getLogger(__name__)

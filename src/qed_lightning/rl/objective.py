@@ -1,4 +1,29 @@
-"""The clipped policy-gradient loss of GRPO-style RL, with four aggregation modes (SPEC section 4).
+"""The RL objective of GRPO-style training as pure tensor functions: group-relative advantages, then the clipped
+policy-gradient loss (SPEC section 4). The per-token log-probs it takes come from `model/forward.py`.
+
+## Advantages
+
+A step samples G completions for each of P prompts; the rewards arrive as one flat vector `[P * G]` in which a
+prompt's G completions are adjacent. The advantage of a completion is its reward relative to its own group.
+
+Paper's choice (reference implementation): **mean baseline, no std scaling**: `A_i = r_i - mean_j r_j`
+(`scale="none"`). Rewards are `score / 7`, so advantages already live in [-1, 1] and scaling by the std would
+up-weight groups that barely disagree (a group with rewards {0, 1/7} would weigh as much as one with {0, 1}).
+
+Alternatives offered:
+- `scale="std"`: the original GRPO `(r_i - mean) / (std + eps)` with the *unbiased* std (`torch.std`'s default).
+  A group of one completion has no spread: its advantage is 0, never NaN.
+- `group_advantages_masked`: for `on_failure="drop"`, where a judge failure removes a sample from its group instead
+  of counting it as a real 0 (the reference's behaviour, `on_failure="zero"`). The mean and std use the valid
+  members only and a dropped sample gets advantage 0, so it contributes no gradient.
+
+Groups whose rewards are all equal get all-zero advantages and carry no policy signal;
+`zero_advantage_fraction` measures how much of a batch that is (a useful `rollout/` metric: when it nears 1 the
+prompts are too easy or too hard for the current policy).
+
+## The policy loss
+
+The clipped importance-ratio objective, with four aggregation modes.
 
 Per generated token t of sequence i (all tensors `[N, T]` except the advantages `[N]`):
 
@@ -38,162 +63,122 @@ Both report the share of affected tokens (`is_frac`); the correction scales the 
 
 The mask is boolean in meaning (nonzero = counts). Masked positions may hold any value, inf and NaN included: they
 are replaced before `exp`, so they reach neither the loss nor the gradient.
-
-**Log-probs and entropies** (`token_logprobs`, `entropy_from_logits`), per token from logits, memory-friendly for
-large vocabularies (SPEC section 4).
-
-**Temperature convention.** The policy loss compares the trainer's `logp` with the sampler's `logp_old` through
-`rho = exp(logp - logp_old)`, so both must describe the same distribution. The paper samples at temperature 0.8
-and computes `logp` from `logits / temperature`. vLLM returns that distribution's log-probs only with
-`LLM(..., logprobs_mode="processed_logprobs")`; its default `"raw_logprobs"` gives temperature-1 log-probs, which
-differ by ~0.3 nats per token (measured, SPEC section 7) and would make every ratio wrong. So: run the sampler in
-`processed_logprobs` mode and pass the *sampling* temperature here. (The alternative, raw log-probs with
-`temperature=1.0` here, is self-consistent too but trains on a distribution the sampler never drew from.) The entropy
-bonus uses the same temperature-scaled distribution.
-
-**Memory.** Logits of a long proof are `[N, T, V]` with V ~ 150k, usually in bf16. A float32 `log_softmax` of all of
-them, plus the copies autograd keeps for backward, would dwarf the model. Both functions here therefore work block
-by block (one sequence, `chunk_tokens` positions at a time) in float32 (float64 stays float64), and are custom
-autograd functions that save only the input logits and `[N, T]` statistics, recomputing the softmax of a block in
-backward. Peak extra memory is a few float32 blocks, plus the gradient of the logits itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-_CHUNK_ELEMENTS = 1 << 24  # ~64 MiB per float32 block by default
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+AdvantageScale = Literal["none", "std"]
+_SCALES = ("none", "std")
 
 
-def _blocks(shape: torch.Size, chunk_tokens: int) -> Iterator[tuple[int, slice]]:
-    """Yield `(row, positions)` blocks covering `[N, T]`; `logits[row, positions]` is a view, never a copy."""
-    for row in range(shape[0]):
-        for start in range(0, shape[1], chunk_tokens):
-            yield row, slice(start, start + chunk_tokens)
-
-
-def _check(logits: Tensor, temperature: float, chunk_tokens: int | None, targets: Tensor | None = None) -> int:
+def _check_groups(rewards: Tensor, group_size: int, scale: str = "none") -> None:
     problems = []
-    if logits.dim() != 3:
-        problems.append(f"logits must be [N, T, V], got shape {tuple(logits.shape)}")
-    elif targets is not None and targets.shape != logits.shape[:2]:
-        problems.append(f"targets must be [N, T] = {list(logits.shape[:2])}, got {list(targets.shape)}")
-    if targets is not None and (targets.is_floating_point() or targets.is_complex()):
-        problems.append(f"targets must hold integer token ids, got dtype {targets.dtype}")
-    if not temperature > 0:
-        problems.append(f"temperature must be > 0 (the sampling temperature), got {temperature}")
-    if chunk_tokens is not None and chunk_tokens < 1:
-        problems.append(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if rewards.dim() != 1:
+        problems.append(f"rewards must be 1-D [P * G], got shape {tuple(rewards.shape)}")
+    if group_size < 1:
+        problems.append(f"group_size must be >= 1, got {group_size}")
+    elif rewards.numel() % group_size != 0:
+        problems.append(
+            f"rewards has {rewards.numel()} elements, which is not a multiple of group_size={group_size}; "
+            "pass all G completions of every prompt, adjacent"
+        )
+    if scale not in _SCALES:
+        problems.append(f"scale must be one of {_SCALES}, got {scale!r}")
     if problems:
         raise ValueError("; ".join(problems))
-    return chunk_tokens or max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float, chunk: int) -> Tensor:
-        dtype = _compute_dtype(logits.dtype)
-        out = logits.new_empty(logits.shape[:2], dtype=dtype)  # [N, T]
-        lse = torch.empty_like(out)  # [N, T]
-        for row, pos in _blocks(logits.shape, chunk):
-            x = logits[row, pos].to(dtype) / temperature  # [t, V]
-            lse[row, pos] = torch.logsumexp(x, dim=-1)
-            out[row, pos] = x.gather(-1, targets[row, pos, None].long()).squeeze(-1) - lse[row, pos]
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.temperature, ctx.chunk = temperature, chunk
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:
-        logits, targets, lse = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        grad = torch.zeros_like(logits)  # [N, T, V]
-        for row, pos in _blocks(logits.shape, ctx.chunk):
-            x = logits[row, pos].to(lse.dtype) / ctx.temperature  # [t, V]
-            g = grad_out[row, pos, None].to(lse.dtype)  # [t, 1]
-            # d logp(y) / dx = onehot(y) - softmax(x)
-            grad_x = torch.exp(x - lse[row, pos, None]).mul_(-g)  # [t, V]
-            grad_x.scatter_add_(-1, targets[row, pos, None].long(), g)
-            grad[row, pos] = (grad_x / ctx.temperature).to(logits.dtype)
-        return grad, None, None, None
-
-
-def _block_entropy(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Return `(p, log p, H)` of softmax over the last dim; 0 * log 0 counts as 0 (for -inf logits)."""
-    logp = torch.log_softmax(x, dim=-1)  # [t, V]
-    p = logp.exp()  # [t, V]
-    return p, logp, -torch.where(p > 0, p * logp, 0.0).sum(-1)
-
-
-class _Entropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: Tensor, temperature: float, chunk: int) -> Tensor:
-        out = logits.new_empty(logits.shape[:2], dtype=_compute_dtype(logits.dtype))  # [N, T]
-        for row, pos in _blocks(logits.shape, chunk):
-            out[row, pos] = _block_entropy(logits[row, pos].to(out.dtype) / temperature)[2]
-        ctx.save_for_backward(logits, out)
-        ctx.temperature, ctx.chunk = temperature, chunk
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
-        logits, entropy = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        grad = torch.zeros_like(logits)  # [N, T, V]
-        for row, pos in _blocks(logits.shape, ctx.chunk):
-            p, logp, _ = _block_entropy(logits[row, pos].to(entropy.dtype) / ctx.temperature)  # [t, V] x2
-            # dH / dx_j = -p_j (log p_j + H)
-            grad_x = -torch.where(p > 0, p * (logp + entropy[row, pos, None]), 0.0)  # [t, V]
-            grad_x = grad_x * grad_out[row, pos, None].to(entropy.dtype)
-            grad[row, pos] = (grad_x / ctx.temperature).to(logits.dtype)
-        return grad, None, None
-
-
-def token_logprobs(
-    logits: Tensor, targets: Tensor, temperature: float = 1.0, *, chunk_tokens: int | None = None
-) -> Tensor:
-    """Return `log_softmax(logits / temperature)` at `targets`: `[N, T, V]`, `[N, T]` -> `[N, T]`.
-
-    Computed in float32 (float64 input stays float64) one block of `chunk_tokens` positions at a time (default:
-    about 16M logits per block). Pass the *sampling* temperature; see the module docstring. Differentiable.
-    """
-    chunk = _check(logits, temperature, chunk_tokens, targets)
-    return _TokenLogprobs.apply(logits, targets, float(temperature), chunk)
-
-
-def entropy_from_logits(logits: Tensor, temperature: float = 1.0, *, chunk_tokens: int | None = None) -> Tensor:
-    """Return the entropy of `softmax(logits / temperature)` per position: `[N, T, V]` -> `[N, T]`.
-
-    Same blocking, dtype and temperature convention as `token_logprobs`. Differentiable (the entropy bonus).
-    """
-    chunk = _check(logits, temperature, chunk_tokens)
-    return _Entropy.apply(logits, float(temperature), chunk)
-
-
-def shift_for_causal_lm(logits: Tensor, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Align a causal LM's outputs with the tokens they predict: `(logits[:, :-1], input_ids[:, 1:])`.
-
-    Position t of the logits predicts token t + 1, so both results have T - 1 positions; shift any per-token
-    mask of `input_ids` the same way (`mask[:, 1:]`). Both are views: nothing is copied.
-    """
-    if logits.shape[:2] != input_ids.shape:
+def _check_valid(rewards: Tensor, valid: Tensor) -> None:
+    if valid.shape != rewards.shape or valid.dtype != torch.bool:
         raise ValueError(
-            f"logits [N, T, V] and input_ids [N, T] disagree: {tuple(logits.shape)} vs {tuple(input_ids.shape)}"
+            f"valid must be a bool tensor shaped like rewards {tuple(rewards.shape)}, "
+            f"got dtype {valid.dtype} and shape {tuple(valid.shape)}"
         )
-    return logits[:, :-1], input_ids[:, 1:]
+
+
+def _as_float(rewards: Tensor) -> Tensor:
+    return rewards if rewards.is_floating_point() else rewards.to(torch.get_default_dtype())
+
+
+def group_advantages(
+    rewards: Tensor, group_size: int, scale: AdvantageScale = "none", eps: float = 1e-4
+) -> Tensor:
+    """Return `r - group mean` (`scale="none"`, paper) or `(r - mean) / (std + eps)` (`scale="std"`), `[P * G]`.
+
+    >>> group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5]), group_size=2)
+    tensor([ 0.5000, -0.5000,  0.0000,  0.0000])
+    """
+    _check_groups(rewards, group_size, scale)
+    grouped = _as_float(rewards).view(-1, group_size)  # [P, G]
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # [P, G]
+    if scale == "std":
+        # Unbiased std; with G == 1 torch.std is NaN, and a lone completion has no spread anyway.
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped)  # [P, 1]
+        centred = centred / (std + eps)
+    return centred.reshape(-1)  # [P * G]
+
+
+def group_advantages_masked(
+    rewards: Tensor,
+    valid: Tensor,
+    group_size: int,
+    scale: AdvantageScale = "none",
+    eps: float = 1e-4,
+) -> Tensor:
+    """Like `group_advantages`, but statistics use only `valid` members and invalid samples get advantage 0.
+
+    `valid` is a bool `[P * G]` mask; an invalid reward may hold anything, NaN included (it is never read).
+    A group with fewer than two valid members has std 0, so with `scale="std"` its advantages are 0, not NaN.
+    """
+    _check_groups(rewards, group_size, scale)
+    _check_valid(rewards, valid)
+    keep = valid.view(-1, group_size)  # [P, G]
+    grouped = torch.where(keep, _as_float(rewards).view(-1, group_size), 0.0)  # [P, G]
+    count = keep.sum(dim=1, keepdim=True)  # [P, 1]
+    mean = grouped.sum(dim=1, keepdim=True) / count.clamp(min=1)  # [P, 1]
+    centred = torch.where(keep, grouped - mean, 0.0)  # [P, G]
+    if scale == "std":
+        var = centred.square().sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)  # [P, 1], unbiased
+        centred = centred / (var.sqrt() + eps)
+    return centred.reshape(-1)  # [P * G]
+
+
+def flat_groups(rewards: Tensor, group_size: int, *, valid: Tensor | None = None) -> Tensor:
+    """Bool `[P]`: True for a group whose rewards are all equal (all-zero advantages, no policy signal).
+
+    With `valid` (as in `group_advantages_masked`), only valid members are compared; a group with at most one
+    valid member is flat too.
+
+    >>> flat_groups(torch.tensor([1.0, 1.0, 0.0, 0.5, 3.0, 0.0]), group_size=2,
+    ...             valid=torch.tensor([True] * 5 + [False]))
+    tensor([ True, False,  True])
+    """
+    _check_groups(rewards, group_size)
+    if valid is not None:
+        _check_valid(rewards, valid)
+    grouped = _as_float(rewards).view(-1, group_size)  # [P, G]
+    keep = torch.ones_like(grouped, dtype=torch.bool) if valid is None else valid.view(-1, group_size)  # [P, G]
+    high = torch.where(keep, grouped, -torch.inf).amax(dim=1)  # [P]
+    low = torch.where(keep, grouped, torch.inf).amin(dim=1)  # [P]
+    return (high == low) | (keep.sum(dim=1) <= 1)  # [P]
+
+
+def zero_advantage_fraction(rewards: Tensor, group_size: int, *, valid: Tensor | None = None) -> float:
+    """Fraction of groups whose rewards are all equal (`flat_groups`), hence whose advantages are all zero.
+
+    >>> zero_advantage_fraction(torch.tensor([1.0, 1.0, 0.0, 0.5]), group_size=2)
+    0.5
+    """
+    if rewards.numel() == 0:
+        _check_groups(rewards, group_size)
+        return 0.0
+    flat = flat_groups(rewards, group_size, valid=valid)  # [P]
+    return flat.sum().item() / flat.numel()
 
 
 Aggregation = Literal["seq_sum_over_batch", "token_mean", "seq_mean_token_mean", "dr_grpo"]

@@ -1,23 +1,73 @@
-"""Named phases of a training step: the one mechanism that times them and tells listeners about them.
+"""What a training step measures: the times and progress of its named phases, and how each metric combines over ranks.
+No framework import: a stage module, a judge, a layout or a user's callback may use it.
 
-A module owns one `StepPhases` (`self.phases`), reset at the start of every training step. Each named step of the
-step runs inside `with self.phases.phase(name) as ph:`; the block's wall time adds up into `seconds[name]` (a name
-that repeats within a step is summed), which is where the step's `time/{name}_s` metrics come from. A phase with a
-known amount of work says so (`total=`, or `ph.total = ...` once known) and calls `ph.advance()` as it goes, so a
-progress display can follow it: every listener in `listeners` is called with
+## Phases
+
+The one mechanism that times a step's named phases and tells listeners about them. A module owns one `StepPhases`
+(`self.phases`), reset at the start of every training step. Each named step of the step runs inside `with
+self.phases.phase(name) as ph:`; the block's wall time adds up into `seconds[name]` (a name that repeats within a
+step is summed), which is where the step's `time/{name}_s` metrics come from. A phase with a known amount of work
+says so (`total=`, or `ph.total = ...` once known) and calls `ph.advance()` as it goes, so a progress display can
+follow it: every listener in `listeners` is called with
 
     phase_started(name, total)          when the block is entered
     phase_advanced(name, completed, total)  on every `advance` (and when `total` is set)
     phase_ended(name, seconds)          when the block is left, normally or by an exception
 
 A listener may implement any subset of the three (`PhaseListener` documents them, with no-op defaults).
+
+## Combining over ranks
+
+Declared where a metric is made. Each rank generates, grades and trains on its own share of a step, so a metric one
+rank computes describes only its share. The code that makes a metric says how the shares combine by its type:
+`Sum(x)` for counts (the ranks' values add up: grades, calls, dropped samples), `Max(x)` for maxima and times (the
+slowest or largest rank: a phase time, the longest latency), and a plain float for everything else (the mean over
+ranks: rates, fractions, means of equal-sized shares). `Sum` and `Max` are floats, so everything that reads a metric
+reads them as numbers; arithmetic on them gives plain floats, so wrap the final value. `combine` applies the
+declarations to every rank's metrics (`RubricRLModule.log_step` gathers them first); a metric only some ranks report
+combines over those ranks. A user's own counter in `log_step`'s metrics is summed when it is made as `Sum(n)`; a
+plain float is averaged.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+
+__all__ = ["Max", "Phase", "PhaseListener", "StepPhases", "Sum", "combine"]
+
+
+class Sum(float):
+    """A count: summed over ranks."""
+
+    __slots__ = ()
+
+
+class Max(float):
+    """A maximum or a time: the largest rank's value."""
+
+    __slots__ = ()
+
+
+def combine(per_rank: Sequence[dict[str, float]]) -> dict[str, float]:
+    """One dict of plain floats from every rank's metrics, each combined as its type declares (module docstring).
+
+    >>> combine([{"n": Sum(2), "t": Max(1.5), "r": 0.2}, {"n": Sum(3), "t": Max(0.5), "r": 0.4, "x": 1.0}])
+    {'n': 5.0, 't': 1.5, 'r': 0.30000000000000004, 'x': 1.0}
+    """
+    keys = list(dict.fromkeys(k for metrics in per_rank for k in metrics))
+    out = {}
+    for key in keys:
+        values = [m[key] for m in per_rank if key in m]
+        kind = type(values[0])
+        if kind is Sum:
+            out[key] = float(sum(values))
+        elif kind is Max:
+            out[key] = float(max(values))
+        else:
+            out[key] = sum(float(v) for v in values) / len(values)
+    return out
 
 
 class PhaseListener:
@@ -84,6 +134,4 @@ class StepPhases:
 
     def metrics(self, prefix: str = "time/") -> dict[str, float]:
         """`{prefix}{name}_s` for every phase timed since the last `reset` (the slowest rank's, over ranks)."""
-        from qed_lightning.reductions import Max
-
         return {f"{prefix}{name}_s": Max(seconds) for name, seconds in self.seconds.items()}
