@@ -44,3 +44,14 @@ def test_a_loader_is_peekable_by_its_peek_method():
             return [1]
 
     assert isinstance(Batches(), PeekableLoader) and not isinstance([], PeekableLoader)
+
+
+def test_the_prefetch_layout_checks_its_module_at_setup():
+    prefetch = next(cb for cb in AsyncRollouts(HFEngine()).callbacks() if type(cb).__name__ == "RolloutPrefetch")
+    prefetch.setup(None, RubricRLModule("unused", engine=HFEngine(), judge=RubricJudge(NoClient())), "fit")
+
+    class NoSampling:
+        phases, group_size = None, 2
+
+    with pytest.raises(TypeError, match=r"AsyncRollouts .* NoSampling lacks sampling, stream_prompts"):
+        prefetch.setup(None, NoSampling(), "fit")

@@ -42,7 +42,7 @@ from typing_extensions import override
 
 from qed_lightning.metrics import Max, Sum
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig, WrappingEngine
-from qed_lightning.rollout.host import PeekableLoader
+from qed_lightning.rollout.host import PeekableLoader, check_host
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +174,20 @@ class RolloutPrefetch(Callback):
         self._warned = False
 
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Errors at the door: the prefetch asks the module for its sampling settings and group size."""
+        check_host(pl_module, "AsyncRollouts")
+
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self.engine.trainer_step = trainer.global_step
         self._expect_hit = self.engine._pending is not None
         upcoming = _next_batch(trainer)
-        sampling = getattr(pl_module, "sampling", None)
-        if not upcoming or sampling is None or not all(hasattr(p, "prompt_ids") for p in upcoming):
+        if not upcoming or not all(hasattr(p, "prompt_ids") for p in upcoming):
             return
-        self.engine.schedule_next([p.prompt_ids for p in upcoming], sampling(upcoming, step=trainer.global_step + 1),
-                                  pl_module.hparams.group_size)
+        host = check_host(pl_module, "AsyncRollouts")
+        self.engine.schedule_next([p.prompt_ids for p in upcoming],
+                                  host.sampling(upcoming, step=trainer.global_step + 1), host.group_size)
 
     @override
     def on_train_batch_end(
