@@ -5,9 +5,9 @@ flight. `LocalVLLMPool` is that layout inside one node: it starts one OpenAI-com
 `gpus` (CUDA devices, e.g. `["4", "5", "6", "7"]` next to a 4-GPU trainer) or of `cpus` (CPU cores, e.g. `["1"]` on a
 2-core machine whose trainer keeps core 0), on localhost, and talks to them through a `server_pool.ServerPool`
 over the started URLs, the client `VLLMServerEngine` uses (why the split: the pool client talks to servers; the
-engines are what the trainer sees; this one also owns the server processes). The servers are its children, each
-under a `server_guard` process: they are stopped by `close`, and die with the trainer if it is killed (the guard has
-`PR_SET_PDEATHSIG` and takes the server's whole process group down).
+engines are what the trainer sees; this one also owns the server processes, through `local_servers`). The servers
+are its children, each under a `server_guard` process: they are stopped by `close`, and die with the trainer if it
+is killed (the guard has `PR_SET_PDEATHSIG` and takes the server's whole process group down).
 
 What it does beyond `VLLMServerEngine`:
 - generation through vLLM's token-in/token-out route `/inference/v1/generate` (`--enable-scale-out`), whose
@@ -36,11 +36,9 @@ Weights and failures (issue 19: nothing waits forever, cleanup runs whatever fai
   is broadcast), the stream's `check_alive` raises it, and so does `close`, after it has stopped the servers and
   removed the weights. `check_alive` also reports a server whose process exited or that refuses connections; each
   error names the server's URL, its log file and the weight version;
-- devices: `gpus` entries index the inherited `CUDA_VISIBLE_DEVICES` (server 0 on local device 0 of a trainer
-  started with `CUDA_VISIBLE_DEVICES=4,5,6,7` gets GPU 4); one node only (the servers listen on 127.0.0.1 of global
-  rank 0's node: a trainer over several nodes is refused at start, use `VLLMServerEngine` with
-  scripts/slurm/vllm_pool.sbatch); servers are started through `server_guard` (parent-death signal and CPU
-  pinning set in the child, no `preexec_fn` in this multi-threaded process).
+- devices: `gpus` entries index the inherited `CUDA_VISIBLE_DEVICES` (`local_servers`); one node only (the servers
+  listen on 127.0.0.1 of global rank 0's node: a trainer over several nodes is refused at start, use
+  `VLLMServerEngine` with scripts/slurm/vllm_pool.sbatch).
 """
 
 from __future__ import annotations
@@ -50,8 +48,6 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -64,40 +60,13 @@ from torch import Tensor
 
 from qed_lightning.parallel.distributed import broadcast_from_rank0, gather_objects, rank
 from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
-from qed_lightning.rollout.engines.server_pool import (
-    WORKER_EXTENSION,
-    GenerateAPI,
-    ServerPool,
-    free_port,
-    remove_versions_before,
-)
-from qed_lightning.rollout.engines.server_guard import guard_command, parse_cpus
+from qed_lightning.rollout.engines.local_servers import LocalServers, log_tail
+from qed_lightning.rollout.engines.server_guard import parse_cpus
+from qed_lightning.rollout.engines.server_pool import GenerateAPI, ServerPool, remove_versions_before
 
 log = logging.getLogger(__name__)
 
-#: rank and rendezvous variables of the trainer, not passed on to the servers it starts
-LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
-                    "MASTER_PORT")
 LOADED, FAILED = "loaded_version", "push_failed.txt"  # state files in `sync_dir` (see the module docstring)
-
-
-def visible_devices(devices: str, inherited: str | None) -> str:
-    """The CUDA devices of a server on this process's local devices `devices` ("0" or "0,1"): entries of the
-    inherited `CUDA_VISIBLE_DEVICES` when it is set, else the indices themselves.
-
-    >>> visible_devices("0,1", "4,5,6,7"), visible_devices("2", None)
-    ('4,5', '2')
-    """
-    local = [d.strip() for d in devices.split(",") if d.strip()]
-    parent = [d.strip() for d in (inherited or "").split(",") if d.strip()]
-    if not parent:
-        return ",".join(local)
-    for d in local:
-        if not d.isdigit() or int(d) >= len(parent):
-            raise ValueError(f"LocalVLLMPool: engine.gpus entry {devices!r} asks for local device {d}, but "
-                             f"CUDA_VISIBLE_DEVICES={inherited} gives this trainer {len(parent)} (index 0-"
-                             f"{len(parent) - 1} into that list)")
-    return ",".join(parent[int(d)] for d in local)
 
 
 def folder_bytes(path: Path) -> int:
@@ -164,16 +133,15 @@ class LocalVLLMPool(RolloutEngine):
         self.servers: ServerPool | None = None  # the client over the started servers (`start`)
         self.policy_version = 0
         self.pushed_bytes = 0  # bytes the last push wrote
-        self.cpus, self.gpus, self.trainer_cpus = cpus, list(gpus or []), trainer_cpus
+        self.processes = LocalServers(cpus, list(gpus or []), max_model_len, dtype, kv_cache_gib,
+                                      gpu_memory_utilization, list(server_args or []))
+        self.trainer_cpus = trainer_cpus
         self.max_model_len = max_model_len
-        self.dtype, self.kv_cache_gib, self.gpu_memory_utilization = dtype, kv_cache_gib, gpu_memory_utilization
         self.sync_dir = Path(sync_dir) if sync_dir else None
         self.log_dir = Path(log_dir) if log_dir else None
         self.run_dir: Path | None = None
-        self.server_args = list(server_args or [])
         self._own_sync_dir = sync_dir is None
         self.log_paths: dict[str, Path] = {}
-        self._procs: list[subprocess.Popen] = []
         self._pusher: ThreadPoolExecutor | None = None
         self._pushes: list[Future] = []
         self._requested = 0  # the newest version pushed
@@ -200,19 +168,16 @@ class LocalVLLMPool(RolloutEngine):
                              "scripts/slurm/vllm_pool.sbatch")
         urls, logs = [], []
         if rank() == 0:
-            logs_dir = self._prepare_dirs()
-            for i, devices in enumerate(self.gpus or self.cpus):
-                logs.append(logs_dir / f"vllm_server_{i}.log")
-                urls.append(self._launch(model, i, devices, logs[-1]))
+            urls, logs = self.processes.launch(model, self._prepare_dirs())
             atexit.register(self.close)  # an exception ends a fit without teardown hooks: cleanup runs anyway
         self.sync_dir, urls, logs = broadcast_from_rank0((self.sync_dir, urls, logs))
         self.log_paths = dict(zip(urls, logs))  # one pool per node: rank 0 starts it, every rank uses it
         self.servers = ServerPool(urls, None, self.timeout_s, self.max_concurrency, self.max_retries, api=GenerateAPI,
                                   log_paths=self.log_paths)
         try:
-            self.servers.connect(self.startup_timeout_s, poll_s=1.0, check_started=self._check_started)
+            self.servers.connect(self.startup_timeout_s, poll_s=1.0, check_started=self.processes.check_started)
         except TimeoutError as err:
-            tails = "\n".join(self._log_tail(path) for path in logs)
+            tails = "\n".join(log_tail(path) for path in logs)
             self.close()
             raise TimeoutError(f"{err}\n{tails}") from err
         if rank() == 0:
@@ -235,42 +200,6 @@ class LocalVLLMPool(RolloutEngine):
         logs.mkdir(parents=True, exist_ok=True)
         return logs.resolve()
 
-    def _server_command(self, model: str, port: int, devices: str) -> list[str]:
-        cpu = not self.gpus
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-               "--port", str(port), "--max-model-len", str(self.max_model_len), "--logprobs-mode", "processed_logprobs",
-               "--generation-config", "vllm", "--enable-scale-out", "--worker-extension-cls", WORKER_EXTENSION,
-               "--dtype", "float32" if cpu and self.dtype == "auto" else self.dtype]
-        if cpu:  # whole prefills (seeded requests, see vllm_engine); eager (no graphs to capture on CPU)
-            cmd += ["--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens",
-                    str(max(self.max_model_len, 4096))]
-        else:
-            cmd += ["--tensor-parallel-size", str(len(devices.split(","))),
-                    "--gpu-memory-utilization", str(self.gpu_memory_utilization)]
-        return cmd + self.server_args
-
-    def _server_env(self, devices: str, environ: dict[str, str]) -> dict[str, str]:
-        """A server's environment: this one less the trainer's rank variables, plus its devices or cores."""
-        env = {k: v for k, v in environ.items() if k not in LAUNCH_VARIABLES}
-        env["VLLM_SERVER_DEV_MODE"] = "1"
-        if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = visible_devices(devices, environ.get("CUDA_VISIBLE_DEVICES"))
-        else:
-            env.update(VLLM_CPU_OMP_THREADS_BIND=devices, VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gib),
-                       OMP_NUM_THREADS=str(len(parse_cpus(devices))))
-        return env
-
-    def _launch(self, model: str, i: int, devices: str, log_path: Path) -> str:
-        port = free_port()
-        env = self._server_env(devices, dict(os.environ))
-        cmd = guard_command(self._server_command(model, port, devices), cpus=None if self.gpus else devices)
-        with open(log_path, "w") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self._procs.append(proc)
-        log.info("started vLLM server %d (pid %d) on %s %s, log %s", i, proc.pid,
-                 f"GPUs {env['CUDA_VISIBLE_DEVICES']}" if self.gpus else "cores", devices, log_path)
-        return f"http://127.0.0.1:{port}"
-
     @property
     def urls(self) -> list[str]:
         """The started servers' roots (empty before `start`)."""
@@ -280,17 +209,6 @@ class LocalVLLMPool(RolloutEngine):
     def push_dtype(self) -> torch.dtype | None:
         """The servers' dtype (asked at start): pushes are cast to it."""
         return self.servers.push_dtype if self.servers is not None else None
-
-    def _check_started(self) -> None:
-        """A server that exits during start-up fails `start` at once (its log is quoted by `start`)."""
-        dead = [p for p in self._procs if p.poll() is not None]
-        if dead:
-            raise TimeoutError(f"vLLM server (pid {dead[0].pid}) exited with code {dead[0].returncode} during start-up")
-
-    @staticmethod
-    def _log_tail(path: Path, lines: int = 30) -> str:
-        text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else ["(no log)"]
-        return f"--- {path} ---\n" + "\n".join(text)
 
     def describe_server(self, url: str) -> str:
         """How errors name a server: its URL and log file."""
@@ -302,16 +220,16 @@ class LocalVLLMPool(RolloutEngine):
         failure = self._read_state(FAILED)
         if failure:
             raise RuntimeError(failure)
-        for url, proc in zip(self.urls, self._procs):
-            if proc.poll() is not None:
-                raise RuntimeError(f"{self.describe_server(url)} exited with code {proc.returncode} while serving "
-                                   f"weight version {self.serving_version}")
+        exited = self.processes.exited(self.urls)
+        if exited is not None:
+            raise RuntimeError(f"{self.describe_server(exited[0])} exited with code {exited[1]} while serving "
+                               f"weight version {self.serving_version}")
         if self.servers is None:
             return super().check_alive(stalled_s)
         self.servers.check_alive(stalled_s, self.serving_version)
 
     def _pin_trainer(self) -> None:
-        if self.trainer_cpus is None or self.gpus or self._trainer_affinity is not None:
+        if self.trainer_cpus is None or self.processes.gpus or self._trainer_affinity is not None:
             return
         cores = parse_cpus(self.trainer_cpus)
         self._trainer_affinity = (os.sched_getaffinity(0), torch.get_num_threads())
@@ -334,7 +252,7 @@ class LocalVLLMPool(RolloutEngine):
             if self.servers is not None:
                 self.servers.close()
                 self.servers = None
-            self._stop_servers()
+            self.processes.stop()
             if self._trainer_affinity is not None:
                 cores, threads = self._trainer_affinity
                 os.sched_setaffinity(0, cores)
@@ -344,18 +262,6 @@ class LocalVLLMPool(RolloutEngine):
         if self._failure is not None and not self._failure_raised:
             self._failure_raised = True
             raise RuntimeError(self._failure)
-
-    def _stop_servers(self) -> None:
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.terminate()  # the guard stops the server's process group (SIGTERM, then SIGKILL)
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        self._procs = []
 
     def _remove_weights(self) -> None:
         """Rank 0: every pushed version and the state files; the folder itself if this pool made it and it is empty."""
