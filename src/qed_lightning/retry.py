@@ -1,5 +1,5 @@
 """One retry policy for every HTTP client of the package: the judge clients (`rewards.clients`) and the rollout
-server engine (`rollout.engines.server_engine`).
+server pool client (`rollout.engines.server_pool`).
 
 What is retried: connection errors, timeouts, HTTP 429 (rate limited) and 5xx; never another 4xx (the request itself
 is wrong, and sending it again gives the same answer). How long to wait before attempt k + 1: the server's

@@ -34,10 +34,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 def _long_request(pool: LocalVLLMPool, prompt: list[int], seed: int, out: dict) -> None:
     """1,500 tokens whatever the model says (ignore_eos): long enough to be running when the push comes."""
-    body = pool.request_body(prompt, SamplingConfig(temperature=T, max_new_tokens=1500), 1, seed)
+    body = pool.servers.request_body(prompt, SamplingConfig(temperature=T, max_new_tokens=1500), 1, seed)
     body["sampling_params"]["ignore_eos"] = True
-    reply = pool._post(f"{pool.urls[0]}{pool.generate_path}", body)
-    out["sample"] = pool.parse_choice(prompt, reply["choices"][0], -1)
+    reply = pool.servers.post(f"{pool.urls[0]}{pool.servers.api.path}", body)
+    out["sample"] = pool.servers.parse_choice(prompt, reply["choices"][0], -1)
 
 
 def _train_one_step(model) -> None:
@@ -105,11 +105,11 @@ def test_weights_pushed_while_generating_and_each_samples_versions(tiny_model_di
         assert pool.policy_version == 2 == pool.serving_version
         assert sorted(p.name for p in weights.glob("v*")) == ["v2"]  # v1 removed once the server loaded v2
 
-        def failing_reload(path, version=None):  # an injected failure, as _reload_all raises one
+        def failing_reload(path, version=None, update_mode=None):  # an injected failure, as reload_all raises one
             raise RuntimeError(f"{pool.describe_server(pool.urls[0])} failed to load weight version v{version}: "
                                "injected")
 
-        pool.update_mode, pool._reload_all = "wait", failing_reload
+        pool.update_mode, pool.servers.reload_all = "wait", failing_reload
         pool.push_weights(iter_full_parameters(new), 3)
         pool._pushes[-1].result()  # the background reload failed: recorded, not dropped
         message = rf"vLLM server {pool.urls[0]} \(log .*vllm_server_0.log\) failed to load weight version v3: injected"
@@ -151,10 +151,10 @@ try:
         time.sleep(0.2)
     out["serving"] = gather_objects(pool.serving_version)
     if rank() == 0:  # an injected failure of rank 0's next background reload
-        def failing(path, version=None):
+        def failing(path, version=None, update_mode=None):
             raise RuntimeError(f"{pool.describe_server(pool.urls[0])} failed to load weight version v{version}: "
                                "injected")
-        pool._reload_all = failing
+        pool.servers.reload_all = failing
     pool.push_weights(iter_full_parameters(model), 2)
     if rank() == 0:
         pool._pushes[-1].result()

@@ -49,15 +49,15 @@ def test_is_correction_knobs_are_validated(capsys):
 def test_pool_servers_index_the_inherited_cuda_devices():
     """Server 0 on local device 0 of a trainer started with CUDA_VISIBLE_DEVICES=4,5,6,7 gets GPU 4, not GPU 0 (which
     belongs to another job without SLURM's device cgroups); without the variable the indices are the devices."""
-    from qed_lightning.rollout.engines.local_pool import visible_devices
+    from qed_lightning.rollout.engines.local_servers import visible_devices
 
     assert visible_devices("0", "4,5,6,7") == "4" and visible_devices("2,3", "4,5,6,7") == "6,7"
     assert visible_devices("1", None) == "1" and visible_devices("0,1", "") == "0,1"
     with pytest.raises(ValueError, match=r"gpus entry '4' asks for local device 4, but CUDA_VISIBLE_DEVICES=4,5"):
         visible_devices("4", "4,5")
     pool = LocalVLLMPool(gpus=["0", "2,3"])
-    env = pool._server_env("2,3", {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "RANK": "0", "LOCAL_RANK": "0",
-                                   "MASTER_PORT": "29500", "PATH": "/bin"})
+    env = pool.processes.env("2,3", {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "RANK": "0", "LOCAL_RANK": "0",
+                                      "MASTER_PORT": "29500", "PATH": "/bin"})
     assert env == {"CUDA_VISIBLE_DEVICES": "6,7", "VLLM_SERVER_DEV_MODE": "1", "PATH": "/bin"}  # no rank variables
 
 
@@ -70,16 +70,16 @@ def test_pool_server_commands_and_the_guard_that_starts_them():
 
     from qed_lightning.rollout.engines.server_guard import guard_command
 
-    gpu = LocalVLLMPool(gpus=["0,1"], dtype="bfloat16")._server_command("/m", 8123, "0,1")
+    gpu = LocalVLLMPool(gpus=["0,1"], dtype="bfloat16").processes.command("/m", 8123, "0,1")
     assert gpu[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     flags = {gpu[i]: gpu[i + 1] for i in range(3, len(gpu) - 1)}
     assert (flags["--port"], flags["--dtype"], flags["--tensor-parallel-size"], flags["--host"]) == \
         ("8123", "bfloat16", "2", "127.0.0.1")
     assert "--enable-scale-out" in gpu and "--logprobs-mode" in gpu and "--enforce-eager" not in gpu
     cpu_pool = LocalVLLMPool(cpus=["1"], max_model_len=2048, kv_cache_gib=2)
-    cpu = cpu_pool._server_command("/m", 8124, "1")
+    cpu = cpu_pool.processes.command("/m", 8124, "1")
     assert cpu[cpu.index("--dtype") + 1] == "float32" and "--no-enable-chunked-prefill" in cpu
-    assert cpu_pool._server_env("1-2", {})["OMP_NUM_THREADS"] == "2"
+    assert cpu_pool.processes.env("1-2", {})["OMP_NUM_THREADS"] == "2"
     guarded = guard_command(cpu, cpus="1")
     assert guarded[1:3] == ["-m", "qed_lightning.rollout.engines.server_guard"]
     assert guarded[guarded.index("--parent") + 1] == str(os.getpid()) and guarded[guarded.index("--cpus") + 1] == "1"
@@ -97,7 +97,7 @@ def test_the_pool_refuses_a_trainer_over_several_nodes(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=r"LocalVLLMPool runs on one node .* spans 2 \(gpu-017, gpu-018\): use "
                                          r"VLLMServerEngine"):
         pool.start("/some/model")
-    assert pool._procs == [] and not (tmp_path / ".weights").exists()
+    assert pool.processes.procs == [] and not (tmp_path / ".weights").exists()
 
 
 def test_a_killed_runs_weights_are_found_and_removed_with_their_size(tmp_path, caplog):

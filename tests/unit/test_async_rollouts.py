@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qed_lightning.rollout import AsyncRollouts, Completion, HFEngine, RolloutEngine, SamplingConfig, VLLMServerEngine
-from qed_lightning.rollout.engines.server_engine import write_safetensors
+from qed_lightning.rollout.engines.server_pool import CompletionsAPI
+from qed_lightning.rollout.pool_sync import write_safetensors
 
 DELAY = 0.4  # seconds one generate call of the fake engine takes (sleeping: no CPU needed, robust on a busy machine)
 
@@ -123,13 +124,14 @@ def test_overlap_refuses_a_generator_that_is_the_trained_policy():
 def test_server_request_pins_every_sampling_knob_and_parses_token_ids():
     engine = VLLMServerEngine(["http://a:8000/v1", "http://b:8000"], model="m", sync_dir="/tmp/x")
     assert engine.urls == ["http://a:8000", "http://b:8000"]
-    body = engine.request_body([1, 2], SamplingConfig(temperature=0.8, max_new_tokens=5), n=4, seed=9)
-    assert body["prompt"] == [1, 2] and body["n"] == 4 and body["seed"] == 9 and body["logprobs"] == 0
+    body = engine.servers.request_body([1, 2], SamplingConfig(temperature=0.8, max_new_tokens=5), n=4, seed=9)
+    assert body["model"] == "m" and body["prompt"] == [1, 2] and body["n"] == 4 and body["seed"] == 9
+    assert body["logprobs"] == 0
     assert body["top_k"] == -1 and body["top_p"] == 1.0 and body["min_p"] == 0.0  # no generation_config defaults
     assert body["return_token_ids"] and body["return_tokens_as_token_ids"]
     choice = {"index": 0, "text": "ab", "finish_reason": "length",
               "logprobs": {"tokens": ["token_id:5", "token_id:6"], "token_logprobs": [-0.1, -0.2]}}
-    c = VLLMServerEngine.parse_choice([1, 2], choice, version=3)
+    c = CompletionsAPI.parse([1, 2], choice, version=3)
     assert (c.completion_ids, c.logprobs, c.truncated, c.policy_version) == ([5, 6], [-0.1, -0.2], True, 3)
     with pytest.raises(ValueError, match="sync_dir"):
         VLLMServerEngine(["http://a:8000"])

@@ -1,5 +1,5 @@
-"""The one HTTP retry policy (`qed_lightning.retry`), through the rollout server engine's requests against a real
-local HTTP server: 429 and 5xx are retried after the server's Retry-After, another 4xx is not."""
+"""The one HTTP retry policy (`qed_lightning.retry`), through the rollout server pool client's requests against a
+real local HTTP server: 429 and 5xx are retried after the server's Retry-After, another 4xx is not."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from qed_lightning.retry import backoff_s
-from qed_lightning.rollout.engines.server_engine import VLLMServerEngine
+from qed_lightning.rollout.engines.server_pool import ServerPool
 
 
 class _Scripted(BaseHTTPRequestHandler):
@@ -43,26 +43,26 @@ def server():
     httpd.shutdown()
 
 
-def _engine(retries: int) -> VLLMServerEngine:
-    engine = VLLMServerEngine(["http://unused:8000"], sync="none", max_retries=retries)
-    engine.client = httpx.Client(timeout=10.0)
-    return engine
+def _engine(retries: int) -> ServerPool:
+    pool = ServerPool(["http://unused:8000"], max_retries=retries)
+    pool.client = httpx.Client(timeout=10.0)
+    return pool
 
 
 def test_rate_limits_and_server_errors_are_retried_after_retry_after(server):
     _Scripted.replies = [(429, {"retry-after": "0"}), (503, {"retry-after": "0"})]
-    assert _engine(retries=3)._post(f"{server}/v1/completions", {}) == {"ok": True}
+    assert _engine(retries=3).post(f"{server}/v1/completions", {}) == {"ok": True}
     assert _Scripted.seen == [429, 503, 200]
 
 
 def test_a_client_error_is_not_retried_and_the_last_failure_is_named(server):
     _Scripted.replies = [(400, {})]
     with pytest.raises(httpx.HTTPStatusError, match="400"):
-        _engine(retries=3)._post(f"{server}/v1/completions", {})
+        _engine(retries=3).post(f"{server}/v1/completions", {})
     assert _Scripted.seen == [400]
     _Scripted.seen, _Scripted.replies = [], [(500, {"retry-after": "0"})] * 2
     with pytest.raises(RuntimeError, match=r"failed after 2 attempts: HTTP 500"):
-        _engine(retries=2)._post(f"{server}/v1/completions", {})
+        _engine(retries=2).post(f"{server}/v1/completions", {})
     assert _Scripted.seen == [500, 500]
 
 

@@ -3,15 +3,17 @@
 Paper (PipelineRL): 24 H100s run vLLM servers that generate all the time, 8 train; new weights reach the servers in
 flight. `LocalVLLMPool` is that layout inside one node: it starts one OpenAI-compatible vLLM server per entry of
 `gpus` (CUDA devices, e.g. `["4", "5", "6", "7"]` next to a 4-GPU trainer) or of `cpus` (CPU cores, e.g. `["1"]` on a
-2-core machine whose trainer keeps core 0), on localhost, and drives them as a `VLLMServerEngine` pool. The servers
+2-core machine whose trainer keeps core 0), on localhost, and talks to them through a `server_pool.ServerPool`
+over the started URLs, the client `VLLMServerEngine` uses (why the split: the pool client talks to servers; the
+engines are what the trainer sees; this one also owns the server processes, through `local_servers`). The servers
 are its children, each under a `server_guard` process: they are stopped by `close`, and die with the trainer if it
 is killed (the guard has `PR_SET_PDEATHSIG` and takes the server's whole process group down).
 
-What it adds to `VLLMServerEngine`:
+What it does beyond `VLLMServerEngine`:
 - generation through vLLM's token-in/token-out route `/inference/v1/generate` (`--enable-scale-out`), whose
   answer labels every sampled token with the weight version that produced it: each `Completion` records the version
   its first token came from (`policy_version`) and, when an in-flight update changed it, its last (`end_version`);
-- weight pushes that do not stop generation (`update_mode`, see `server_engine`): "wait" (default; running requests
+- weight pushes that do not stop generation (`update_mode`, see `server_pool`): "wait" (default; running requests
   finish on their weights, new ones queue; the reload runs in a background thread, so the trainer does not wait for
   the drain) or "keep" (PipelineRL's mixing: running requests are frozen for the reload and continue on the new
   weights; the trainer waits only for the reload, ~0.1 s for a tiny model);
@@ -21,7 +23,8 @@ What it adds to `VLLMServerEngine`:
 
 Weights and failures (issue 19: nothing waits forever, cleanup runs whatever failed):
 - a push writes the weights in the servers' dtype (asked at start: bf16 servers get bf16, not the trainer's fp32
-  masters) to `sync_dir/v<version>`, by default `<run folder>/.weights`; a version is removed once every server
+  masters) to `sync_dir/v<version>`, by default `<run folder>/.weights`, and reloads the servers from it: the pool
+  client's checkpoint push, the one `VLLMServerEngine` uses too; a version is removed once every server
   has loaded a newer one, everything on `close`, and what a killed run left there is removed (and logged, with its
   size) when the next run in that folder starts. `push_bytes` in the push's stats is logged as
   `rollout/push_bytes`;
@@ -33,11 +36,9 @@ Weights and failures (issue 19: nothing waits forever, cleanup runs whatever fai
   is broadcast), the stream's `check_alive` raises it, and so does `close`, after it has stopped the servers and
   removed the weights. `check_alive` also reports a server whose process exited or that refuses connections; each
   error names the server's URL, its log file and the weight version;
-- devices: `gpus` entries index the inherited `CUDA_VISIBLE_DEVICES` (server 0 on local device 0 of a trainer
-  started with `CUDA_VISIBLE_DEVICES=4,5,6,7` gets GPU 4); one node only (the servers listen on 127.0.0.1 of global
-  rank 0's node: a trainer over several nodes is refused at start, use `VLLMServerEngine` with
-  scripts/slurm/vllm_pool.sbatch); servers are started through `server_guard` (parent-death signal and CPU
-  pinning set in the child, no `preexec_fn` in this multi-threaded process).
+- devices: `gpus` entries index the inherited `CUDA_VISIBLE_DEVICES` (`local_servers`); one node only (the servers
+  listen on 127.0.0.1 of global rank 0's node: a trainer over several nodes is refused at start, use
+  `VLLMServerEngine` with scripts/slurm/vllm_pool.sbatch).
 """
 
 from __future__ import annotations
@@ -47,8 +48,6 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -60,35 +59,14 @@ import torch
 from torch import Tensor
 
 from qed_lightning.parallel.distributed import broadcast_from_rank0, gather_objects, rank
-from qed_lightning.rollout.base import Completion, SamplingConfig
-from qed_lightning.rollout.engines.server_engine import WORKER_EXTENSION, VLLMServerEngine, free_port
-from qed_lightning.rollout.engines.server_guard import guard_command, parse_cpus
+from qed_lightning.rollout.base import Completion, RolloutEngine, SamplingConfig
+from qed_lightning.rollout.engines.local_servers import LocalServers, log_tail
+from qed_lightning.rollout.engines.server_guard import parse_cpus
+from qed_lightning.rollout.engines.server_pool import GenerateAPI, ServerPool, remove_versions_before
 
 log = logging.getLogger(__name__)
 
-#: rank and rendezvous variables of the trainer, not passed on to the servers it starts
-LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
-                    "MASTER_PORT")
 LOADED, FAILED = "loaded_version", "push_failed.txt"  # state files in `sync_dir` (see the module docstring)
-
-
-def visible_devices(devices: str, inherited: str | None) -> str:
-    """The CUDA devices of a server on this process's local devices `devices` ("0" or "0,1"): entries of the
-    inherited `CUDA_VISIBLE_DEVICES` when it is set, else the indices themselves.
-
-    >>> visible_devices("0,1", "4,5,6,7"), visible_devices("2", None)
-    ('4,5', '2')
-    """
-    local = [d.strip() for d in devices.split(",") if d.strip()]
-    parent = [d.strip() for d in (inherited or "").split(",") if d.strip()]
-    if not parent:
-        return ",".join(local)
-    for d in local:
-        if not d.isdigit() or int(d) >= len(parent):
-            raise ValueError(f"LocalVLLMPool: engine.gpus entry {devices!r} asks for local device {d}, but "
-                             f"CUDA_VISIBLE_DEVICES={inherited} gives this trainer {len(parent)} (index 0-"
-                             f"{len(parent) - 1} into that list)")
-    return ",".join(parent[int(d)] for d in local)
 
 
 def folder_bytes(path: Path) -> int:
@@ -109,7 +87,7 @@ def remove_leftovers(folder: Path) -> int:
     return size
 
 
-class LocalVLLMPool(VLLMServerEngine):
+class LocalVLLMPool(RolloutEngine):
     """vLLM servers started by the trainer on this node (see the module docstring).
 
     Args:
@@ -126,8 +104,6 @@ class LocalVLLMPool(VLLMServerEngine):
         server_args: further `vllm serve` flags. startup_timeout_s: how long `start` waits for the servers.
         timeout_s / max_concurrency / max_retries: per request, as `VLLMServerEngine`.
     """
-
-    generate_path = "/inference/v1/generate"
 
     def __init__(
         self,
@@ -151,19 +127,21 @@ class LocalVLLMPool(VLLMServerEngine):
         if bool(cpus) == bool(gpus):
             raise ValueError(
                 "LocalVLLMPool: give either engine.cpus (CPU servers) or engine.gpus (GPU servers), not both")
-        super().__init__(["local"], sync="checkpoint", sync_dir=sync_dir or "<run folder>", reset_on_start=False,
-                         timeout_s=timeout_s, max_concurrency=max_concurrency, max_retries=max_retries,
-                         startup_timeout_s=startup_timeout_s, update_mode=update_mode)
-        self.cpus, self.gpus, self.trainer_cpus = cpus, list(gpus or []), trainer_cpus
+        self.update_mode = update_mode
+        self.startup_timeout_s, self.timeout_s = startup_timeout_s, timeout_s
+        self.max_concurrency, self.max_retries = max_concurrency, max_retries
+        self.servers: ServerPool | None = None  # the client over the started servers (`start`)
+        self.policy_version = 0
+        self.pushed_bytes = 0  # bytes the last push wrote
+        self.processes = LocalServers(cpus, list(gpus or []), max_model_len, dtype, kv_cache_gib,
+                                      gpu_memory_utilization, list(server_args or []))
+        self.trainer_cpus = trainer_cpus
         self.max_model_len = max_model_len
-        self.dtype, self.kv_cache_gib, self.gpu_memory_utilization = dtype, kv_cache_gib, gpu_memory_utilization
         self.sync_dir = Path(sync_dir) if sync_dir else None
         self.log_dir = Path(log_dir) if log_dir else None
         self.run_dir: Path | None = None
-        self.server_args = list(server_args or [])
         self._own_sync_dir = sync_dir is None
         self.log_paths: dict[str, Path] = {}
-        self._procs: list[subprocess.Popen] = []
         self._pusher: ThreadPoolExecutor | None = None
         self._pushes: list[Future] = []
         self._requested = 0  # the newest version pushed
@@ -179,7 +157,7 @@ class LocalVLLMPool(VLLMServerEngine):
 
     def start(self, model: str | None = None) -> None:
         """Start the servers from `model` (the policy's starting weights), wait for them, pin the trainer."""
-        if self.client is not None:
+        if self.servers is not None:
             return
         if model is None:
             raise ValueError("LocalVLLMPool needs the policy's model folder to start its servers")
@@ -190,22 +168,20 @@ class LocalVLLMPool(VLLMServerEngine):
                              "scripts/slurm/vllm_pool.sbatch")
         urls, logs = [], []
         if rank() == 0:
-            logs_dir = self._prepare_dirs()
-            for i, devices in enumerate(self.gpus or self.cpus):
-                logs.append(logs_dir / f"vllm_server_{i}.log")
-                urls.append(self._launch(model, i, devices, logs[-1]))
+            urls, logs = self.processes.launch(model, self._prepare_dirs())
             atexit.register(self.close)  # an exception ends a fit without teardown hooks: cleanup runs anyway
-        self.sync_dir, self.url_entries, logs = broadcast_from_rank0((self.sync_dir, urls, logs))
-        self.log_paths = dict(zip(self.url_entries, logs))  # one pool per node: rank 0 starts it, every rank uses it
+        self.sync_dir, urls, logs = broadcast_from_rank0((self.sync_dir, urls, logs))
+        self.log_paths = dict(zip(urls, logs))  # one pool per node: rank 0 starts it, every rank uses it
+        self.servers = ServerPool(urls, None, self.timeout_s, self.max_concurrency, self.max_retries, api=GenerateAPI,
+                                  log_paths=self.log_paths)
         try:
-            super().start(model)
+            self.servers.connect(self.startup_timeout_s, poll_s=1.0, check_started=self.processes.check_started)
         except TimeoutError as err:
-            tails = "\n".join(self._log_tail(path) for path in logs)
+            tails = "\n".join(log_tail(path) for path in logs)
             self.close()
             raise TimeoutError(f"{err}\n{tails}") from err
         if rank() == 0:
-            for url in self.urls:  # label the starting weights as version 0 (vLLM calls them "default")
-                self._post(f"{url}/update_weight_version", {"new_version": str(self.policy_version)})
+            self.servers.label_version(self.policy_version)  # the starting weights (vLLM calls them "default")
             self._write_state(LOADED, str(self.policy_version))
         self._pin_trainer()
 
@@ -224,57 +200,19 @@ class LocalVLLMPool(VLLMServerEngine):
         logs.mkdir(parents=True, exist_ok=True)
         return logs.resolve()
 
-    def _server_command(self, model: str, port: int, devices: str) -> list[str]:
-        cpu = not self.gpus
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-               "--port", str(port), "--max-model-len", str(self.max_model_len), "--logprobs-mode", "processed_logprobs",
-               "--generation-config", "vllm", "--enable-scale-out", "--worker-extension-cls", WORKER_EXTENSION,
-               "--dtype", "float32" if cpu and self.dtype == "auto" else self.dtype]
-        if cpu:  # whole prefills (seeded requests, see vllm_engine); eager (no graphs to capture on CPU)
-            cmd += ["--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens",
-                    str(max(self.max_model_len, 4096))]
-        else:
-            cmd += ["--tensor-parallel-size", str(len(devices.split(","))),
-                    "--gpu-memory-utilization", str(self.gpu_memory_utilization)]
-        return cmd + self.server_args
+    @property
+    def urls(self) -> list[str]:
+        """The started servers' roots (empty before `start`)."""
+        return self.servers.urls if self.servers is not None else []
 
-    def _server_env(self, devices: str, environ: dict[str, str]) -> dict[str, str]:
-        """A server's environment: this one less the trainer's rank variables, plus its devices or cores."""
-        env = {k: v for k, v in environ.items() if k not in LAUNCH_VARIABLES}
-        env["VLLM_SERVER_DEV_MODE"] = "1"
-        if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = visible_devices(devices, environ.get("CUDA_VISIBLE_DEVICES"))
-        else:
-            env.update(VLLM_CPU_OMP_THREADS_BIND=devices, VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gib),
-                       OMP_NUM_THREADS=str(len(parse_cpus(devices))))
-        return env
-
-    def _launch(self, model: str, i: int, devices: str, log_path: Path) -> str:
-        port = free_port()
-        env = self._server_env(devices, dict(os.environ))
-        cmd = guard_command(self._server_command(model, port, devices), cpus=None if self.gpus else devices)
-        with open(log_path, "w") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self._procs.append(proc)
-        log.info("started vLLM server %d (pid %d) on %s %s, log %s", i, proc.pid,
-                 f"GPUs {env['CUDA_VISIBLE_DEVICES']}" if self.gpus else "cores", devices, log_path)
-        return f"http://127.0.0.1:{port}"
-
-    poll_ready_s = 1.0
-
-    def _check_started(self) -> None:
-        """A server that exits during start-up fails `start` at once (its log is quoted by `start`)."""
-        dead = [p for p in self._procs if p.poll() is not None]
-        if dead:
-            raise TimeoutError(f"vLLM server (pid {dead[0].pid}) exited with code {dead[0].returncode} during start-up")
-
-    @staticmethod
-    def _log_tail(path: Path, lines: int = 30) -> str:
-        text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else ["(no log)"]
-        return f"--- {path} ---\n" + "\n".join(text)
+    @property
+    def push_dtype(self) -> torch.dtype | None:
+        """The servers' dtype (asked at start): pushes are cast to it."""
+        return self.servers.push_dtype if self.servers is not None else None
 
     def describe_server(self, url: str) -> str:
-        return f"vLLM server {url} (log {self.log_paths.get(url, 'unknown')})"
+        """How errors name a server: its URL and log file."""
+        return self.servers.describe(url) if self.servers is not None else f"vLLM server {url}"
 
     def check_alive(self, stalled_s: float | None = None) -> None:
         """A failed reload, a server process that exited (rank 0 started them) or a server that refuses
@@ -282,14 +220,16 @@ class LocalVLLMPool(VLLMServerEngine):
         failure = self._read_state(FAILED)
         if failure:
             raise RuntimeError(failure)
-        for url, proc in zip(self.urls, self._procs):
-            if proc.poll() is not None:
-                raise RuntimeError(f"{self.describe_server(url)} exited with code {proc.returncode} while serving "
-                                   f"weight version {self.serving_version}")
-        super().check_alive(stalled_s)
+        exited = self.processes.exited(self.urls)
+        if exited is not None:
+            raise RuntimeError(f"{self.describe_server(exited[0])} exited with code {exited[1]} while serving "
+                               f"weight version {self.serving_version}")
+        if self.servers is None:
+            return super().check_alive(stalled_s)
+        self.servers.check_alive(stalled_s, self.serving_version)
 
     def _pin_trainer(self) -> None:
-        if self.trainer_cpus is None or self.gpus or self._trainer_affinity is not None:
+        if self.trainer_cpus is None or self.processes.gpus or self._trainer_affinity is not None:
             return
         cores = parse_cpus(self.trainer_cpus)
         self._trainer_affinity = (os.sched_getaffinity(0), torch.get_num_threads())
@@ -309,8 +249,10 @@ class LocalVLLMPool(VLLMServerEngine):
             if self._pusher is not None:
                 self._pusher.shutdown(wait=True)
                 self._pusher = None
-            super().close()
-            self._stop_servers()
+            if self.servers is not None:
+                self.servers.close()
+                self.servers = None
+            self.processes.stop()
             if self._trainer_affinity is not None:
                 cores, threads = self._trainer_affinity
                 os.sched_setaffinity(0, cores)
@@ -320,18 +262,6 @@ class LocalVLLMPool(VLLMServerEngine):
         if self._failure is not None and not self._failure_raised:
             self._failure_raised = True
             raise RuntimeError(self._failure)
-
-    def _stop_servers(self) -> None:
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.terminate()  # the guard stops the server's process group (SIGTERM, then SIGKILL)
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        self._procs = []
 
     def _remove_weights(self) -> None:
         """Rank 0: every pushed version and the state files; the folder itself if this pool made it and it is empty."""
@@ -347,30 +277,12 @@ class LocalVLLMPool(VLLMServerEngine):
 
     # -- generation ----------------------------------------------------------------------------------------------
 
-    def request_body(self, prompt: list[int], sampling: SamplingConfig, n: int, seed: int | None) -> dict:
-        """A `/inference/v1/generate` request pinning every sampling knob, as `/v1/completions`' in the base class."""
-        params = {
-            "n": n, "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "top_k": sampling.top_k if sampling.top_k > 0 else -1, "min_p": 0.0, "repetition_penalty": 1.0,
-            "presence_penalty": 0.0, "frequency_penalty": 0.0, "logprobs": 0, "skip_special_tokens": True,
-        }
-        if seed is not None:
-            params["seed"] = seed
-        return {"model": self.model, "token_ids": list(prompt), "sampling_params": params, "output_mode": "text"}
-
-    @staticmethod
-    def parse_choice(prompt: list[int], choice: dict, version: int) -> Completion:
-        """A choice of `/inference/v1/generate`: token ids, their log-probs, text, and the weight versions its tokens
-        were sampled with (`version`, the client's, when the server reports none)."""
-        ids = [int(t) for t in choice["token_ids"]]
-        lps = [float(entry["logprob"]) for entry in (choice.get("logprobs") or {}).get("content") or []]
-        if len(lps) != len(ids):
-            raise ValueError(f"server returned {len(ids)} tokens but {len(lps)} log-probs")
-        spans = [int(s["version"]) for s in choice.get("weight_versions") or [] if str(s["version"]).isdigit()]
-        first, last = (spans[0], spans[-1]) if spans else (version, version)
-        finish = "length" if choice.get("finish_reason") == "length" else "stop"
-        return Completion(list(prompt), ids, lps, finish, choice.get("text", ""), first,
-                          end_version=last if last != first else None)
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, n: int = 1) -> list[list[Completion]]:
+        """Through vLLM's `/inference/v1/generate` (`server_pool.GenerateAPI`): each completion records the weight
+        versions its tokens came from."""
+        if self.servers is None:
+            self.start()
+        return self.servers.generate(prompts, sampling, n, self.policy_version)
 
     # -- weight pushes -------------------------------------------------------------------------------------------
 
@@ -381,7 +293,7 @@ class LocalVLLMPool(VLLMServerEngine):
         return int(text) if text else 0
 
     def _state_path(self, name: str) -> Path | None:
-        return self.sync_dir / name if self.sync_dir is not None and self.client is not None else None
+        return self.sync_dir / name if self.sync_dir is not None and self.servers is not None else None
 
     def _read_state(self, name: str) -> str | None:
         path = self._state_path(name)
@@ -402,10 +314,10 @@ class LocalVLLMPool(VLLMServerEngine):
         newer push overtook while it waited is skipped), with "keep" at once. Every rank records `version` now;
         a failed reload is raised on every rank by the next push (with "keep": by this one)."""
         started = time.perf_counter()
-        if self.client is None:
+        if self.servers is None:
             raise RuntimeError("LocalVLLMPool.push_weights before start")
         self._raise_failure()
-        target = self._write_checkpoint(named_tensors, version)
+        target, self.pushed_bytes = self.servers.write_checkpoint(named_tensors, self.sync_dir, version)
         written = time.perf_counter()
         self._requested = version
         self.set_policy_version(version)  # on every rank alike: the next push's decision is the same everywhere
@@ -437,7 +349,7 @@ class LocalVLLMPool(VLLMServerEngine):
             return
         started = time.perf_counter()
         try:
-            self._reload_all(target, version)
+            self.servers.reload_all(target, version, self.update_mode)
         except Exception as err:  # noqa: BLE001 - recorded, raised by the next push, the stream and close
             self._failure = str(err)
             self._write_state(FAILED, self._failure)
@@ -445,7 +357,7 @@ class LocalVLLMPool(VLLMServerEngine):
             return
         self.reload_s.append(time.perf_counter() - started)
         self._write_state(LOADED, str(version))
-        self._remove_versions_before(version)  # only older ones: a newer one may be queued already
+        remove_versions_before(self.sync_dir, version)  # only older ones: a newer one may be queued already
 
     def wait_for_push(self) -> None:
         """Block until the pushes so far reached the servers (tests; the end of training); raise a failed one."""
