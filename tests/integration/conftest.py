@@ -1,6 +1,7 @@
 import sys
 
 import pytest
+from vllm_server import SharedServer
 
 
 @pytest.fixture(autouse=True)
@@ -24,3 +25,28 @@ def judge_servers(monkeypatch):
 
     monkeypatch.setattr(scripted_client, "ScriptedJudgeServer", RecordedServer)
     return started
+
+
+SHARED_SERVER = SharedServer()
+
+
+@pytest.fixture
+def shared_vllm_server(tiny_model_dir, tmp_path_factory) -> str:
+    """The base URL of the session's shared `vllm serve` of the tiny model (`vllm_server.SharedServer`)."""
+    return SHARED_SERVER.start(tiny_model_dir, tmp_path_factory.mktemp("shared_vllm"))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    users = [item.nodeid for item in items if "shared_vllm_server" in getattr(item, "fixturenames", ())]
+    config._shared_vllm_server_last = users[-1] if users else None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Stop the shared server after the last test that uses it, so it does not idle beside the rest of the suite."""
+    if item.nodeid == getattr(item.config, "_shared_vllm_server_last", None) or nextitem is None:
+        SHARED_SERVER.stop()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    SHARED_SERVER.stop()  # an interrupted session too

@@ -21,19 +21,18 @@ from qed_lightning.parallel.distributed import iter_full_parameters
 from qed_lightning.rollout import SamplingConfig, VLLMServerEngine
 from runs import read_metrics, series
 from sampling import T, chat_prompt, trainer_logprobs
-from vllm_server import pool_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 REPO = Path(__file__).resolve().parents[2]
-STARTUP_S = 300.0
 
 
-@pytest.fixture(scope="module")
-def pool_url(tiny_model_dir, tmp_path_factory):
-    # started as scripts/slurm/vllm_pool.sbatch starts a pool member; on CPU, prefills whole (see VLLMServerEngine)
-    with pool_server(tiny_model_dir, tmp_path_factory.mktemp("pool") / "server.log", startup_s=STARTUP_S) as url:
-        yield url
+@pytest.fixture
+def pool_url(shared_vllm_server):
+    """The suite's shared `vllm serve` of the tiny model (conftest, `vllm_server.SharedServer`), started as
+    scripts/slurm/vllm_pool.sbatch starts a pool member (on CPU it prefills whole, see VLLMServerEngine). Each test's
+    engine resets it to the tiny model's weights when it starts (`reset_on_start`), whatever an earlier test loaded."""
+    return shared_vllm_server
 
 
 def _sample(engine: VLLMServerEngine, prompt: list[int]):

@@ -12,12 +12,10 @@ import httpx
 import pytest
 
 from qed_lightning.rewards import GradeRequest, OpenAIJudgeClient, RubricJudge
-from vllm_server import vllm_serve
+from vllm_server import SHARED_NAME
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-SERVED_NAME = "tiny-judge"
-STARTUP_S = 180.0
 # Short texts: the judge prompt must stay well inside the tiny model's 2,048-token context (~2 chars per token).
 PROBLEM = "Prove that $n^2 + n$ is even for every integer $n$."
 RUBRIC = ("## Checkpoints (7 pts total)\n- **3 pts**: writes $n^2+n = n(n+1)$\n"
@@ -25,22 +23,21 @@ RUBRIC = ("## Checkpoints (7 pts total)\n- **3 pts**: writes $n^2+n = n(n+1)$\n"
 PROOF = "<think>factor it</think>Since $n^2+n = n(n+1)$ and one of $n, n+1$ is even, the product is even."
 
 
-@pytest.fixture(scope="module")
-def vllm_server(tiny_model_dir, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("vllm") / "server.log"
-    with vllm_serve(tiny_model_dir, log_path, "--served-model-name", SERVED_NAME, "--gpu-memory-utilization", "0.1",
-                    startup_s=STARTUP_S) as url:
-        yield f"{url}/v1"
+@pytest.fixture
+def vllm_server(shared_vllm_server):
+    """The suite's shared `vllm serve` of the tiny model (conftest, `vllm_server.SharedServer`), served as
+    SHARED_NAME; what it was last reloaded with does not matter here (the tiny model cannot grade either way)."""
+    return f"{shared_vllm_server}/v1"
 
 
 def test_models_endpoint_lists_the_served_model(vllm_server):
     models = httpx.get(f"{vllm_server}/models", timeout=10.0).json()
-    assert [m["id"] for m in models["data"]] == [SERVED_NAME]
+    assert [m["id"] for m in models["data"]] == [SHARED_NAME]
 
 
 @pytest.mark.parametrize("api", ["chat", "responses"])
 def test_rubric_judge_round_trip_on_a_real_server(vllm_server, api):
-    client = OpenAIJudgeClient(vllm_server, SERVED_NAME, api=api, api_key_env=None, max_tokens=32, timeout_s=120.0,
+    client = OpenAIJudgeClient(vllm_server, SHARED_NAME, api=api, api_key_env=None, max_tokens=32, timeout_s=120.0,
                                max_retries=1)
     judge = RubricJudge(client)
     requests = [GradeRequest(PROBLEM, RUBRIC, PROOF), GradeRequest(PROBLEM, RUBRIC, PROOF + " Hence done."),

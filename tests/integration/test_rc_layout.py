@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 from runs import REPO, read_metrics, series
-from vllm_server import vllm_serve
 
 from qed_lightning.cli import make_cli
 
@@ -39,17 +38,19 @@ def _args(tiny, root) -> list[str]:
             str(root / "grades.sqlite")]
 
 
-def test_rc_yaml_layout_runs_a_step_with_a_summarizer_server(tiny_model_dir, tmp_path, monkeypatch):
-    # as scripts/slurm/vllm_pool.sbatch starts a server; on CPU, seeded requests are prefilled whole
-    with vllm_serve(tiny_model_dir, tmp_path / "summarizer.log", "--no-enable-chunked-prefill",
-                    "--max-num-batched-tokens", "4096") as url:
-        monkeypatch.setenv("QED_SUMMARIZER_URLS", url)
-        cli = make_cli(args=_args(tiny_model_dir, tmp_path))
-        rows = read_metrics(tmp_path)
-        summarizer = cli.model.summarizer
-        assert type(summarizer).__name__ == "VLLMServerEngine" and summarizer.sync == "none"
-        assert summarizer.urls == [url] and summarizer.policy_version == 0  # frozen: never given policy weights
-        assert type(cli.model.engine).__name__ == "VLLMEngine" and cli.model.engine.policy_version == 1
+def test_rc_yaml_layout_runs_a_step_with_a_summarizer_server(tiny_model_dir, tmp_path, monkeypatch,
+                                                             shared_vllm_server):
+    # the suite's shared `vllm serve` of the tiny model (conftest), started as scripts/slurm/vllm_pool.sbatch starts
+    # a server; on CPU, seeded requests are prefilled whole. The summarizer is frozen (`sync: none`): it never
+    # reloads, and what an earlier test loaded into the server does not matter to the checks below
+    url = shared_vllm_server
+    monkeypatch.setenv("QED_SUMMARIZER_URLS", url)
+    cli = make_cli(args=_args(tiny_model_dir, tmp_path))
+    rows = read_metrics(tmp_path)
+    summarizer = cli.model.summarizer
+    assert type(summarizer).__name__ == "VLLMServerEngine" and summarizer.sync == "none"
+    assert summarizer.urls == [url] and summarizer.policy_version == 0  # frozen: never given policy weights
+    assert type(cli.model.engine).__name__ == "VLLMEngine" and cli.model.engine.policy_version == 1
     # 2 problems x 2 of the K+1 = 3 states x G=2 rollouts, graded (by the judge, or 0 without a proof)
     assert [a + b for a, b in zip(series(rows, "judge/ok"), series(rows, "judge/truncated"))] == [8.0]
     assert series(rows, "rc/states") == [4.0] and series(rows, "rc/summarizer_s")[0] > 0

@@ -70,3 +70,48 @@ POOL_FLAGS = ("--logprobs-mode", "processed_logprobs", "--generation-config", "v
 def pool_server(model: Path, log_path: Path, startup_s: float = 300.0):
     """`vllm_serve` as a pool member that accepts weight reloads (`VLLM_SERVER_DEV_MODE=1`)."""
     return vllm_serve(model, log_path, *POOL_FLAGS, env={"VLLM_SERVER_DEV_MODE": "1"}, startup_s=startup_s)
+
+
+#: the name the shared server (`SharedServer`) serves the tiny model under; the judge test addresses it by it
+SHARED_NAME = "tiny-served"
+
+
+class SharedServer:
+    """One pool-member `vllm serve` of the tiny model (`pool_server`'s flags, served as `SHARED_NAME`) for every test
+    that only needs A real server of the tiny model: the disaggregated pool (which reloads weights into it and resets
+    it to the model's weights when it starts), the judge's protocol round trip and stage 3's summarizer (neither of
+    which depends on the weights). A start costs ~30-40 s on 2 cores; the suite made three. Started by the first test
+    that asks for it (`shared_vllm_server`), stopped after the last one that does (conftest's teardown hook); every
+    later test gets it reloaded with the tiny model's weights (~1 s), as a fresh server would serve them.
+
+    It serves a link to the model, not the model's own path: the layout tests' `servers_of(tiny_model_dir)` look for
+    the server their run started, and this one is not theirs."""
+
+    def __init__(self) -> None:
+        self.url: str | None = None
+        self._server: contextlib.AbstractContextManager | None = None
+
+    def start(self, model: Path, folder: Path) -> str:
+        """The server's base URL, serving `model`'s weights: started now, or reloaded with them (an earlier test may
+        have pushed others)."""
+        if self.url is None:
+            link = folder / "model"
+            link.symlink_to(model.resolve(), target_is_directory=True)
+            server = vllm_serve(link, folder / "server.log", *POOL_FLAGS, "--served-model-name", SHARED_NAME,
+                                env={"VLLM_SERVER_DEV_MODE": "1"})
+            self.url = server.__enter__()
+            self._server = server
+        else:
+            from qed_lightning.rollout import VLLMServerEngine
+
+            engine = VLLMServerEngine([self.url], sync_dir=str(folder / "sync"))  # reset_on_start: reloads `model`
+            try:
+                engine.start(str(model))
+            finally:
+                engine.close()
+        return self.url
+
+    def stop(self) -> None:
+        server, self._server, self.url = self._server, None, None
+        if server is not None:
+            server.__exit__(None, None, None)
