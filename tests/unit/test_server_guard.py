@@ -58,3 +58,25 @@ def test_a_guard_whose_trainer_is_already_gone_does_not_start_its_server(tmp_pat
            sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
     assert subprocess.run(cmd, timeout=60).returncode == 128 + signal.SIGTERM
     assert not marker.exists()
+
+
+def test_a_stop_is_not_held_up_by_a_servers_exited_orphan():
+    """A server that goes down on SIGTERM before its worker (as vLLM's API server does) orphans the worker; the guard
+    reaps it (it is a subreaper), so the stop ends when the processes do, not after the grace period and the SIGKILL
+    wait (where PID 1 does not reap, the orphan stayed a zombie and held the group: ~20 s a server)."""
+    server = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+              "'import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.5), sys.exit(0))); "
+              "time.sleep(600)']); time.sleep(600)")
+    guard = subprocess.Popen([sys.executable, "-m", "qed_lightning.rollout.engines.server_guard", "--grace-s", "8",
+                              "--", sys.executable, "-c", server], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while len(_family(guard.pid)) < 3:  # guard, server, worker
+        assert time.monotonic() < deadline, "the stand-in server did not start"
+        time.sleep(0.1)
+    family = _family(guard.pid)
+    start = time.monotonic()
+    guard.send_signal(signal.SIGTERM)
+    assert guard.wait(timeout=30) == 128 + signal.SIGTERM
+    assert time.monotonic() - start < 5, "the guard waited out its grace period for an exited orphan"
+    _, alive = psutil.wait_procs(family[1:], timeout=5)
+    assert not alive, alive

@@ -10,6 +10,11 @@ already gone before that is caught by comparing the guard's parent with PID), `-
 the server, to those cores. The grace period is
 not optional: found by the SIGKILL test, a vLLM API server whose client died mid-request catches SIGTERM, loses its
 engine core, and then waits forever in its graceful shutdown. The guard exits with the server's exit code.
+
+The guard is a child subreaper (`PR_SET_CHILD_SUBREAPER`): a server process whose parent exits first (vLLM's worker,
+when the API server goes down before it) becomes the guard's child rather than PID 1's, and the guard reaps it. Before
+this, such a worker stayed a zombie wherever PID 1 does not reap (a container's init), the group never looked empty,
+and every stop waited the whole grace period plus the SIGKILL wait (~20 s a server, found by timing the suite).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sys
 import time
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def parse_cpus(spec: str) -> set[int]:
@@ -44,6 +50,17 @@ def guard_command(cmd: list[str], cpus: str | None = None, grace_s: float = 10.0
             "--parent", str(os.getpid()), *(["--cpus", cpus] if cpus else []), "--", *cmd]
 
 
+def _reap() -> None:
+    """Collect every exited child of the guard: the server, and (the guard being a subreaper) its orphans."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def _stop(proc: subprocess.Popen, grace_s: float) -> None:
     """SIGTERM to the server's group, SIGKILL to whatever is left after `grace_s`."""
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
@@ -53,11 +70,12 @@ def _stop(proc: subprocess.Popen, grace_s: float) -> None:
             return
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
+            proc.poll()
+            _reap()  # exited members (zombies) still count as the group's until someone reaps them
             try:
                 os.killpg(proc.pid, 0)  # anyone left in the group (the engine core, vLLM's resource tracker)?
             except ProcessLookupError:
                 return
-            proc.poll()
             time.sleep(0.2)
 
 
@@ -80,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)  # before the server exists: a signal in between must not orphan it
     signal.signal(signal.SIGINT, on_signal)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1)  # the server's orphans become ours to reap (module docstring)
     if args.parent is not None:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != args.parent:  # the trainer died before the line above: nobody would stop the server
             return 128 + signal.SIGTERM
     proc = subprocess.Popen(cmd, start_new_session=True)
