@@ -18,7 +18,7 @@ import torch
 from runs import REPO, read_metrics, run_process, series
 from sampling import T, chat_prompt, trainer_logprobs
 from transformers import AutoModelForCausalLM
-from vllm_server import pool_server
+from vllm_server import POOL_FLAGS, SHARED_NAME, vllm_serve
 
 from qed_lightning.parallel.distributed import iter_full_parameters
 from qed_lightning.rollout import SamplingConfig, VLLMServerEngine
@@ -28,8 +28,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 STEPS = 2
 
 
-def test_fsdp2_trainers_push_each_parameter_once_to_every_server(tiny_model_dir, tiny_tokenizer, tmp_path):
-    with pool_server(tiny_model_dir, tmp_path / "a.log") as a, pool_server(tiny_model_dir, tmp_path / "b.log") as b:
+def test_fsdp2_trainers_push_each_parameter_once_to_every_server(tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                                 shared_vllm_server):
+    # server a: the suite's shared `vllm serve` of the tiny model (serving its weights now, as a fresh one would);
+    # server b: a pool member of its own, under the same served name (a pool serves one model)
+    a = shared_vllm_server
+    with vllm_serve(tiny_model_dir, tmp_path / "b.log", *POOL_FLAGS, "--served-model-name", SHARED_NAME,
+                    env={"VLLM_SERVER_DEV_MODE": "1"}) as b:
         engine = {"class_path": "qed_lightning.rollout.VLLMServerEngine",
                   "init_args": {"urls": [a, b], "sync": "checkpoint", "sync_dir": str(tmp_path / "sync")}}
         root = tmp_path / "run"
