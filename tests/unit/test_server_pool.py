@@ -159,3 +159,18 @@ def test_the_generate_route_reports_the_versions_of_a_sample():
     assert body["token_ids"] == [1, 2] and body["sampling_params"]["top_k"] == -1 and "seed" not in body[
         "sampling_params"]
     assert server_pool.resolve_urls(["http://a:1/v1/"]) == ["http://a:1"]
+
+
+def test_a_server_serving_another_model_is_refused_naming_it_and_what_it_serves(servers):
+    urls, records = servers(2)
+
+    def serves_other(handler) -> None:
+        handler._reply(200, {"data": [{"id": "other"}]} if handler.path == "/v1/models" else {})
+
+    records[1].do_GET = serves_other  # the second server serves another model
+    pool = ServerPool(urls)
+    with pytest.raises(ValueError) as err:
+        pool.connect(startup_timeout_s=10, poll_s=0.1)
+    pool.close()
+    assert f"rollout servers do not serve 'm': {urls[1]} serves ['other']" in str(err.value)
+    assert urls[0] not in str(err.value) and "--served-model-name" in str(err.value)

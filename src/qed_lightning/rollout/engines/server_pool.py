@@ -186,9 +186,12 @@ class ServerPool:
         self.client = httpx.Client(timeout=self.timeout_s, limits=httpx.Limits(max_connections=self.max_concurrency))
         names = [self._wait_ready(url, startup_timeout_s, poll_s, check_started) for url in self.urls]
         self.model = self.model or names[0][0]
-        missing = [u for u, served in zip(self.urls, names) if self.model not in served]
+        missing = {u: served for u, served in zip(self.urls, names) if self.model not in served}
         if missing:
-            raise ValueError(f"VLLMServerEngine: servers {missing} do not serve {self.model!r}")
+            raise ValueError(f"rollout servers do not serve {self.model!r}: "
+                             + ", ".join(f"{u} serves {served}" for u, served in missing.items())
+                             + "; every server of a pool serves one model name (vLLM's --served-model-name), set as "
+                             "the engine's `model` (unset: the first server's)")
         self.push_dtype = self._serving_dtype() if ask_dtype else None
         log.info("rollout pool ready: %d server(s) serving %s in %s", len(self.urls), self.model,
                  self.push_dtype or "an unknown dtype (pushes keep the trainer's)")
