@@ -24,16 +24,10 @@ in the stream by the next problems), the soft overlong penalty (`overlong_buffer
 truncated completions out of the loss (`mask_truncated`) and truncated importance sampling (`is_correction`:
 bounds the weight of tokens the sampler and the trainer disagree on, `rl/objective.py`).
 
-Override points: `compute_rewards(problems, rollouts)` and `compute_loss(...)`; `rl_step(prompts)` (sample, grade,
-advantage, loss, step on a list of prompts) is what `ReasoningCacheRLModule` reuses on its RC states;
-`sample_and_grade(batch)` (steps 1-2: generate and grade the batch, or take the stream's groups) and
-`stream_prompts(problem, release)` (the GRPO prompts a streamed problem becomes). Components:
-`engine` (`VLLMEngine`, `HFEngine`, ...) and `judge` (`RubricJudge` with any client) are injected by `class_path`.
-Timing: each named step runs in a phase of `self.phases` (`metrics.py`: "generate", "grade", "train"; the
-"train" phase advances once per micro-batch), whose times are the `time/*_s` metrics and whose listeners may follow it.
-Before the step's first collective the ranks meet (`self.rendezvous`, a phase listener, bounded by
-`step_wait_timeout_s`; the time waited is `time/step_wait_s`): a rank left behind in "generate" or "grade" ends the
-run with an error naming it and its phase, not a collective timeout.
+Override points (docs/extending.md): `compute_rewards`, `compute_loss`, `rl_step` (what `ReasoningCacheRLModule`
+reuses on its RC states), `sample_and_grade`, `stream_prompts`; `engine` and `judge` are injected by `class_path`.
+Each named step runs in a timed phase of `self.phases` (`metrics.py`); before the step's first collective the ranks
+meet (`self.rendezvous`, bounded by `step_wait_timeout_s`), so a rank left behind ends the run naming its phase.
 """
 
 from __future__ import annotations
@@ -45,23 +39,22 @@ import torch
 
 from qed_lightning.data.loading import ConfigError
 from qed_lightning.data.records import ProofProblem
-from qed_lightning.metrics import Max, Phase, StepPhases, Sum
+from qed_lightning.metrics import Max, Phase, StepPhases
 from qed_lightning.modules.base import QEDModule
 from qed_lightning.modules.groups import (
     Groups,
-    check_spares,
     fill_step,
     has_signal,
     keep_rollouts,
     reduce_over_ranks,
     report_progress,
-    rollout_table,
     shape_rewards,
     split_spares,
-    table_metrics,
+    step_metrics,
 )
 from qed_lightning.modules.policy_update import PolicyUpdate
-from qed_lightning.parallel.distributed import StepRendezvous, StepWaitTimeout, end_launched_ranks, gather_objects
+from qed_lightning.modules.rl_checks import argument_problems, check_context, check_spares
+from qed_lightning.parallel.distributed import StepRendezvous, StepWaitTimeout, end_launched_ranks
 from qed_lightning.report.records import RolloutLog
 from qed_lightning.rewards import GradeRequest, RubricJudge
 from qed_lightning.rewards.terms import RewardTerm, RewardTerms
@@ -167,28 +160,11 @@ class RubricRLModule(QEDModule):
         **kwargs,
     ) -> None:
         super().__init__(model_name_or_path, **kwargs)  # QEDModule's arguments (jsonargparse reads them through kwargs)
-        problems = []
-        if group_size < 2:
-            problems.append(f"model.group_size must be >= 2, got {group_size}: the advantage is a reward minus its "
-                            "group's mean, so with fewer than 2 rollouts per prompt every advantage is 0 and nothing "
-                            "trains")
-        if temperature <= 0:
-            problems.append(f"model.temperature must be > 0 for RL sampling, got {temperature}")
-        if max_new_tokens < 1 or micro_batch_tokens < 1:
-            problems.append("model.max_new_tokens and model.micro_batch_tokens must be >= 1")
-        if not 0 <= overlong_buffer <= max_new_tokens or overlong_penalty < 0:
-            problems.append(f"model.overlong_buffer must be in [0, model.max_new_tokens={max_new_tokens}] and "
-                            f"model.overlong_penalty >= 0, got {overlong_buffer} and {overlong_penalty}")
-        if step_wait_timeout_s < 0:
-            problems.append(f"model.step_wait_timeout_s must be >= 0 (0 = no bound), got {step_wait_timeout_s}")
-        if is_cap <= 1.0:
-            problems.append(f"model.is_cap must be > 1 (a cap on the ratio rho), got {is_cap}")
-        if logits_chunk_tokens < 0:
-            problems.append(f"model.logits_chunk_tokens must be >= 0 (0 = no chunking), got {logits_chunk_tokens}")
-        if micro_batch_layout == "shared_prefix" and self.hparams.gradient_checkpointing:
-            problems.append("model.micro_batch_layout=shared_prefix needs the key/value cache, which gradient "
-                            "checkpointing disables; use 'auto', 'padded' or 'packed', or "
-                            "model.gradient_checkpointing=false")
+        problems = argument_problems(
+            group_size=group_size, temperature=temperature, max_new_tokens=max_new_tokens,
+            micro_batch_tokens=micro_batch_tokens, overlong_buffer=overlong_buffer, overlong_penalty=overlong_penalty,
+            step_wait_timeout_s=step_wait_timeout_s, is_cap=is_cap, logits_chunk_tokens=logits_chunk_tokens,
+            micro_batch_layout=micro_batch_layout, gradient_checkpointing=self.hparams.gradient_checkpointing)
         if top_p < 1.0 or top_k > 0:
             log.warning("top_p/top_k truncation changes the sampler's log-probs; the importance ratio assumes plain "
                         "temperature sampling")
@@ -227,17 +203,8 @@ class RubricRLModule(QEDModule):
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         check_spares(getattr(getattr(datamodule, "hparams", None), "spare_prompts_per_step", 0),
                      self.hparams.skip_flat_groups)
-        problems = [*getattr(datamodule, "train_problems", []), *getattr(datamodule, "val_problems", [])]
-        if limit is None or not problems:
-            return
-        longest = max(problems, key=lambda p: len(p.prompt_ids))
-        need = len(longest.prompt_ids) + self.hparams.max_new_tokens
-        if need > limit:
-            raise ValueError(
-                f"model.engine.init_args.max_model_len={limit} is shorter than the longest prompt "
-                f"({len(longest.prompt_ids)} tokens, the problem at line {longest.line} of data.path) plus "
-                f"model.max_new_tokens={self.hparams.max_new_tokens}; raise "
-                f"max_model_len to at least {need}, or lower max_new_tokens / data.max_prompt_tokens.")
+        check_context(limit, [*getattr(datamodule, "train_problems", []), *getattr(datamodule, "val_problems", [])],
+                      self.hparams.max_new_tokens)
 
     def configure_callbacks(self):
         return [WeightSyncCallback(self.engine, self.hparams.sync_interval, self.phases), *self.engine.callbacks()]
@@ -419,16 +386,8 @@ class RubricRLModule(QEDModule):
                      version: int) -> dict[str, float]:
         """rollout/* and judge/score_* of the whole step (every rank's rollouts, see `groups.table_metrics`), the
         judge's counters, the phase times and the step's throughput."""
-        table = torch.cat(gather_objects(rollout_table(rollouts, rewards, valid, grades)))
-        metrics = table_metrics(table, self.hparams.group_size, version)
-        metrics.update(self.judge.pop_metrics())
-        if self.reward_terms is not None:
-            metrics.update(self.reward_terms.pop_metrics())
-        metrics.update(self.phases.metrics())
-        tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
-        seconds = sum(self.phases.seconds.get(name, 0.0) for name in ("generate", "grade", "wait", "train"))
-        metrics["train/tokens_per_sec"] = Sum(tokens / max(seconds, 1e-9))  # the job's: summed over ranks
-        return metrics
+        counters = [self.judge] if self.reward_terms is None else [self.judge, self.reward_terms]
+        return step_metrics(rollouts, rewards, valid, grades, version, self.hparams.group_size, self.phases, counters)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.phases.reset()

@@ -7,14 +7,16 @@
 - `clients`: `OpenAIJudgeClient` (any OpenAI-compatible endpoint, chat or responses API); `engine_client`:
   `EngineJudgeClient` (a local rollout engine as the judge).
 - `cache`: the optional on-disk grade cache.
-- `judge`: `RubricJudge` (stage-2 reward) and `ProofBenchJudge` (IMO-ProofBench grading).
+- `judge`: `BaseJudge` (concurrency, grade cache, circuit breaker, failure policy); `judges`: `RubricJudge` (the
+  RL reward) and `ProofBenchJudge` (IMO-ProofBench grading) on it.
 
 For tests and CPU demos, `qed_lightning.testing.ScriptedJudgeClient` stands in for a real judge.
 """
 
 from qed_lightning.rewards.cache import GradeCache, grade_cache_key
 from qed_lightning.rewards.clients import JudgeClient, JudgeError, OpenAIJudgeClient
-from qed_lightning.rewards.judge import BaseJudge, JudgeDownError, JudgeFailuresError, ProofBenchJudge, RubricJudge
+from qed_lightning.rewards.judge import BaseJudge, JudgeDownError, JudgeFailuresError
+from qed_lightning.rewards.judges import ProofBenchJudge, RubricJudge
 from qed_lightning.rewards.parsing import band_score, extract_proof, parse_points, parse_score, strip_self_evaluation
 from qed_lightning.data.rubric import render_rubric, rubric_total
 from qed_lightning.rewards.templates import JudgePrompt, load_prompt
